@@ -1,0 +1,144 @@
+"""Checkpoints: atomic full-state files, a ``latest`` pointer, and ``load_checkpoint``.
+
+A checkpoint is a dict saved with ``torch.save``: ``format_version``, ``step``, ``config``
+(the resolved config as a plain dict, so sampling needs nothing else), ``model``, ``ema``,
+``optimizer`` state dicts, ``rng`` and version strings. Run folders keep them under
+``checkpoints/ckpt_{step:08d}.pt`` with a text file ``checkpoints/latest`` naming the newest.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+
+
+def atomic_torch_save(obj, path: Union[str, Path]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``,
+    so a kill at any moment leaves either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:08d}.pt"
+
+
+def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int) -> Path:
+    """Save ``state`` (which must hold ``step``), point ``latest`` at it, prune old ones."""
+    ckpt_dir = Path(ckpt_dir)
+    state = {"format_version": FORMAT_VERSION, **state}
+    path = ckpt_dir / checkpoint_name(state["step"])
+    atomic_torch_save(state, path)
+    atomic_write_text(ckpt_dir / LATEST, path.name + "\n")
+    old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-1]
+    for stale in old[: max(0, len(old) - keep_last)]:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A checkpoint file, or a run folder / checkpoints folder (→ its newest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        pointer = ckpt_dir / LATEST
+        if pointer.is_file():
+            target = ckpt_dir / pointer.read_text().strip()
+            if target.is_file():
+                return target
+        found = sorted(ckpt_dir.glob("ckpt_*.pt"))
+        if not found:
+            raise UserError(f"no checkpoint found in {path}")
+        return found[-1]
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
+    """Load a checkpoint dict, turning unreadable or foreign files into one clear error."""
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises several types for truncated/corrupt zips
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
+        raise UserError(f"{path} is not an s2dm checkpoint")
+    if state["format_version"] > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has checkpoint format {state['format_version']}, newer than this s2dm "
+            f"understands ({FORMAT_VERSION}); upgrade s2dm"
+        )
+    return state
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What ``load_checkpoint`` returns: ready-to-call modules and the run's config."""
+
+    model: nn.Module
+    ema: Optional[nn.Module]
+    config: "object"  # s2dm.config.Config
+    step: int
+    path: Path
+    state: dict  # the raw dict (optimizer state, rng, versions)
+
+
+def load_state_strict(module: nn.Module, weights: dict, what: str, path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"{path}: {what} weights do not fit the model its config describes: {first}") from None
+
+
+def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedCheckpoint:
+    """Load an s2dm checkpoint (a file or a run folder) into UNet modules in eval mode.
+
+    >>> ck = s2dm.load_checkpoint("runs/digits")          # newest checkpoint of a run
+    >>> eps = ck.ema(x_t, t)                                # EMA weights, ready to call
+    """
+    from .config import config_from_dict
+    from .unet import build_model
+
+    path = resolve_checkpoint(path)
+    state = read_checkpoint(path)
+    config = config_from_dict(state["config"])
+    model = build_model(config)
+    load_state_strict(model, state["model"], "model", path)
+    ema = None
+    if state.get("ema") is not None:
+        ema = build_model(config)
+        load_state_strict(ema, state["ema"], "EMA", path)
+        ema = ema.to(device).eval().requires_grad_(False)
+    return LoadedCheckpoint(model.to(device).eval(), ema, config, int(state["step"]), path, state)

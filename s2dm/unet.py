@@ -1,0 +1,209 @@
+"""The DDPM UNet (Ho et al. 2020, as in the DDIM repository's ``Model``).
+
+ch_mult (1,2,2,2), 2 res blocks per level, attention at 16×16, ch 128 gives the CIFAR10 model
+(35.7 M parameters). Attention uses PyTorch's fused scaled-dot-product kernel. Module names
+follow the DDIM repository so its checkpoints map by name.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [sin | cos] with frequencies 10000^(−i/(half−1)) (DDPM's)."""
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1))
+    )
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    # 32 groups as in DDPM; toy widths that 32 does not divide fall back to 8 groups.
+    return nn.GroupNorm(32 if channels % 32 == 0 else 8, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float):
+        super().__init__()
+        self.norm1 = norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_ch, out_ch)
+        self.norm2 = norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm = norm(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+        # (B, 1 head, HW, C) for the fused kernel; its default scale is 1/√C as in DDPM.
+        q, k, v = (m(hn).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(2, 3).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # TF "SAME" padding for stride 2, as DDPM
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int, with_conv: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1) if with_conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class UNet(nn.Module):
+    """ε-prediction UNet: ``forward(x, t)`` with x (B, C, H, W) and t (B,) timesteps."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        ch: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        resamp_with_conv: bool = True,
+        image_size: int = 32,
+    ):
+        super().__init__()
+        self.ch, self.in_channels = ch, in_channels
+        self.out_channels = out_channels or in_channels
+        self.image_size = image_size
+        temb_ch = ch * 4
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+
+        res, block_in = image_size, ch
+        skip_chs = [ch]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(ch_mult):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks):
+                stage.block.append(ResnetBlock(block_in, ch * mult, temb_ch, dropout))
+                block_in = ch * mult
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(block_in))
+                skip_chs.append(block_in)
+            if level != len(ch_mult) - 1:
+                stage.downsample = Downsample(block_in, resamp_with_conv)
+                res //= 2
+                skip_chs.append(block_in)
+            self.down.append(stage)
+
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, dropout)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, dropout)
+
+        ups = []
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                stage.block.append(ResnetBlock(block_in + skip_chs.pop(), ch * mult, temb_ch, dropout))
+                block_in = ch * mult
+                if res in attn_resolutions:
+                    stage.attn.append(AttnBlock(block_in))
+            if level != 0:
+                stage.upsample = Upsample(block_in, resamp_with_conv)
+                res *= 2
+            ups.insert(0, stage)  # stored in level order, like the DDIM repo
+        self.up = nn.ModuleList(ups)
+
+        self.norm_out = norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, self.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = timestep_embedding(t, self.ch)
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+
+        hs = [self.conv_in(x)]
+        for stage in self.down:
+            for i, block in enumerate(stage.block):
+                h = block(hs[-1], temb)
+                if len(stage.attn):
+                    h = stage.attn[i](h)
+                hs.append(h)
+            if hasattr(stage, "downsample"):
+                hs.append(stage.downsample(hs[-1]))
+
+        h = hs[-1]
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+
+        for stage in reversed(self.up):
+            for i, block in enumerate(stage.block):
+                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                if len(stage.attn):
+                    h = stage.attn[i](h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_model(config) -> UNet:
+    """The UNet a config describes (a ``Config``, a dict from a checkpoint, or a YAML path)."""
+    from .config import as_config
+
+    cfg = as_config(config)
+    m = cfg.model
+    return UNet(
+        in_channels=cfg.data.channels,
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        resamp_with_conv=m.resamp_with_conv,
+        image_size=cfg.data.image_size,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

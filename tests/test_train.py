@@ -1,0 +1,148 @@
+import hashlib
+
+import pytest
+import torch
+
+from conftest import read_log, tiny_args
+from s2dm import load_checkpoint
+from s2dm.cli import main
+from s2dm.config import load_config
+from s2dm.errors import UserError
+from s2dm.unet import UNet
+
+
+def test_short_run_lowers_loss_writes_everything(tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 40)) == 0
+    log = [r for r in read_log(out) if "loss" in r]
+    assert [r["step"] for r in log] == list(range(5, 41, 5))
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
+    for key in ("l0", "lskip", "loss_t_q1", "loss_t_q4", "grad_norm", "steps_per_s", "lr"):
+        assert key in log[-1]
+    assert (out / "config.yaml").is_file() and (out / "samples" / "grid_00000040.png").is_file()
+    ck = load_checkpoint(out)
+    assert ck.step == 40 and isinstance(ck.model, UNet) and isinstance(ck.ema, UNet)
+    assert ck.config == load_config(out / "config.yaml")
+    assert ck.config.loss.type == "s2" and ck.config.train.steps == 40
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    assert ck.ema(x, t).shape == x.shape
+    assert not torch.equal(ck.ema.conv_out.weight, ck.model.conv_out.weight)
+    # keep_last=2 older checkpoints besides the newest
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.pt")) == [
+        "ckpt_00000020.pt", "ckpt_00000030.pt", "ckpt_00000040.pt"]
+
+
+def _digest(module):
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(tiny_args(straight, 20)) == 0
+    assert main(tiny_args(split, 10)) == 0
+    assert main(tiny_args(split, 20)) == 0  # resumes from step 10
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert _digest(a.model) == _digest(b.model) and _digest(a.ema) == _digest(b.ema)
+    steps = [r["step"] for r in read_log(split) if "loss" in r]
+    assert steps == [5, 10, 15, 20]
+    assert [r["loss"] for r in read_log(split) if "loss" in r] == [r["loss"] for r in read_log(straight) if "loss" in r]
+
+
+def test_resume_refuses_a_changed_loss(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 10)) == 0
+    capsys.readouterr()
+    assert main(tiny_args(out, 20, "loss.tau=0.5")) == 2
+    assert capsys.readouterr().err.startswith("error: loss.tau:")
+    assert main(tiny_args(out, 10) + ["--resume", "never"]) == 2
+
+
+def test_baseline_and_s2_see_identical_inputs(tmp_path, monkeypatch):
+    """Same seed ⇒ same initial weights, data order, t and ε whatever loss.type is."""
+    import s2dm.train as train_mod
+
+    seen = {}
+    original = train_mod.compute_loss
+
+    def recording(cfg, model, x0, draws, schedule):
+        def spy(x_t, t):
+            seen.setdefault(cfg.loss.type, []).append((x_t.detach().clone(), t.clone()))
+            return model(x_t, t)
+        if cfg.loss.type not in seen:
+            seen[cfg.loss.type + "_init"] = _digest(model)
+        return original(cfg, spy, x0, draws, schedule)
+
+    monkeypatch.setattr(train_mod, "compute_loss", recording)
+    assert main(tiny_args(tmp_path / "base", 4, "loss.type=l0")) == 0
+    assert main(tiny_args(tmp_path / "s2", 4, "loss.type=s2")) == 0
+    assert seen["l0_init"] == seen["s2_init"]
+    assert len(seen["l0"]) == len(seen["s2"]) == 4
+    for (xa, ta), (xb, tb) in zip(seen["l0"], seen["s2"]):
+        assert torch.equal(ta, tb) and torch.equal(xa, xb)
+
+
+def test_antithetic_t_pairs():
+    from s2dm.train import draw_step
+
+    cfg = load_config("configs/digits.yaml")
+    d = draw_step(cfg, 7, (32, 1, 8, 8))
+    assert torch.equal(d.t[:16] + d.t[16:], torch.full((16,), 999))
+    assert d.skip_noise is not None and not torch.equal(d.skip_noise, d.noise)
+    d2 = draw_step(load_config("configs/digits.yaml", ["loss.type=l0"]), 7, (32, 1, 8, 8))
+    assert torch.equal(d.noise, d2.noise) and d2.skip_noise is None
+
+
+def test_data_order_covers_each_epoch_once():
+    from s2dm.train import PlannedBatches
+
+    plan = PlannedBatches(10, 4, seed=3, start_step=0, end_step=5)
+    flat = [i for batch in plan for i in batch]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    assert PlannedBatches(10, 4, 3, 2, 5).indices(2) == plan.indices(2)
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    assert main(tiny_args(tmp_path / "a", 5, "loss.tauu=1")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: loss.tauu: unknown key") and err.count("\n") == 1
+    missing = tmp_path / "nowhere"
+    args = tiny_args(tmp_path / "b", 5, "data.dataset=cifar10", f"data.root={missing}", "data.channels=3",
+                     "data.image_size=32")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR10" in err and str(missing) in err and err.count("\n") == 1
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch, capsys):
+    import s2dm.train as train_mod
+
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 10)) == 0
+    ckpt = out / "checkpoints" / "ckpt_00000010.pt"
+    before = ckpt.read_bytes()
+    original = train_mod.compute_loss
+
+    def poisoned(cfg, model, x0, draws, schedule):
+        loss, terms = original(cfg, model, x0, draws, schedule)
+        return loss * float("nan"), terms
+
+    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    capsys.readouterr()
+    assert main(tiny_args(out, 30, "train.max_nonfinite=3")) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: loss was non-finite for 3 steps") and "ckpt_00000010.pt" in err
+    assert ckpt.read_bytes() == before and sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [ckpt.name]
+    assert sum(r.get("event") == "nonfinite_skipped" for r in read_log(out)) == 3
+
+
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
+    bad = tmp_path / "ckpt_00000001.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_checkpoint(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
