@@ -118,10 +118,11 @@ def skip_step_loss(
     }
 
 
-def shrink_factor(schedule: NoiseSchedule, t: torch.Tensor, skip: int, tau: float) -> torch.Tensor:
+def shrink_factor(schedule: NoiseSchedule, t, skip: int, tau: float) -> torch.Tensor:
     """τ/(τ + (1−τ)·c_t²): the optimum of the independent-ε′ loss relative to E[ε|x_t]
-    (1 where t < skip, where the loss is plain L0). float64 on the CPU."""
-    t = torch.as_tensor(t).long().cpu()
-    c2 = skip_coefficient(schedule, t, skip).square()
-    factor = tau / (tau + (1.0 - tau) * c2)
+    (METHOD §2), 1 where t < skip (the loss is plain L0 there). Fractional t use the
+    piecewise-linear ᾱ. float64, on t's device."""
+    t = torch.as_tensor(t)
+    a_skip = schedule.skip_alpha(t, skip)
+    factor = tau / (tau + (1.0 - tau) * (1.0 - a_skip) / a_skip)
     return torch.where(t >= skip, factor, torch.ones_like(factor))

@@ -104,7 +104,7 @@ def sample_to_folder(
     """Write ``{seed:06d}.png`` for every seed (skipping existing files), ``metadata.json``
     and ``grid.png``; returns the metadata."""
     from . import __version__
-    from .samplers import parse_eps_scale
+    from .samplers import check_options, parse_eps_scale
     from .train import pick_device
 
     dev = pick_device(device)
@@ -117,6 +117,7 @@ def sample_to_folder(
     options = dict(sampler=sampler, steps=steps, grid=grid, eta=eta, order=order,
                    eps_scale=parse_eps_scale(eps_scale) if isinstance(eps_scale, str) else eps_scale,
                    legacy_pndm_index=legacy_pndm_index)
+    info = check_options(schedule, **options)  # fail on a bad option before any work
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,6 @@ def sample_to_folder(
 
     todo = [s for s in seeds if not (out / f"{s:06d}.png").exists()]
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    info = {}
     bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), desc="sample", unit="img", dynamic_ncols=True)
     for i in range(0, len(todo), batch_size):
         batch = todo[i:i + batch_size]
@@ -143,8 +143,6 @@ def sample_to_folder(
             save_png(img, out / f"{seed:06d}.png")
         bar.update(len(batch))
     bar.close()
-    if not info:  # everything existed: still report the grid walked and NFE
-        _, info = generate(model, schedule, seeds[:1], image_shape=shape, device=dev, **options)
 
     meta = {
         "settings": settings,

@@ -87,8 +87,13 @@ class NoiseSchedule:
         """α_skip(t) = ᾱ_t / ᾱ_{t−skip}: the skip-step forward kernel's coefficient.
 
         Only meaningful for t ≥ skip; smaller t clamp the denominator index to −1 (ᾱ = 1).
+        Fractional t (PNDM mid-points) use the piecewise-linear ᾱ.
         """
-        t = torch.as_tensor(t).long()
+        t = torch.as_tensor(t)
+        if t.is_floating_point() and not bool((t == t.round()).all()):
+            t = t.to(torch.float64)
+            return self.alpha_bar_continuous(t) / self.alpha_bar_continuous((t - skip).clamp(min=-1))
+        t = t.round().long() if t.is_floating_point() else t.long()
         return self.alpha_bar(t) / self.alpha_bar((t - skip).clamp(min=-1))
 
     def to_model_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -132,7 +137,10 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
         else:
             raise UserError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)} or pass a list")
     else:
-        points = [int(p) for p in grid]
+        raw = [float(p) for p in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
+        if any(p != int(p) for p in raw):
+            raise UserError(f"timestep grid points must be integers, got {raw}")
+        points = [int(p) for p in raw]
         if len(points) != len(set(points)):
             raise UserError(f"timestep grid has duplicate points: {points}")
     points = sorted(points, reverse=True)

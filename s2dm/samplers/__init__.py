@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from ..errors import UserError
+from ..losses import shrink_factor
 from ..schedule import GRIDS, timestep_grid, validate_grid
 from .ddim import ddim, ddim_coefficients, step_alphas, walked_grid
 from .ddpm import ddpm
@@ -119,22 +120,8 @@ def describe_eps_scale(norm) -> Optional[str]:
     return f"skip-shrink:skip={norm[1]},tau={norm[2]:g}"
 
 
-def skip_shrink_factor(schedule, t, skip: int, tau: float) -> torch.Tensor:
-    """τ/(τ + (1−τ)·c_t²) with c_t² = (1−α_skip)/α_skip, α_skip = ᾱ_t/ᾱ_{t−skip}; 1 for t < skip.
-
-    The optimum of τ·L0 + (1−τ)·L_skip with an independent ε′ (METHOD §2). Fractional t
-    (PNDM mid-points) use the piecewise-linear ᾱ at t and t − skip. float64, t's device.
-    """
-    t = torch.as_tensor(t)
-    if t.is_floating_point():
-        t = t.to(torch.float64)
-        lo = (t - skip).clamp(min=-1)
-        alpha_skip = schedule.alpha_bar_continuous(t) / schedule.alpha_bar_continuous(lo)
-    else:
-        alpha_skip = schedule.skip_alpha(t, skip)
-    c2 = (1 - alpha_skip) / alpha_skip
-    factor = tau / (tau + (1 - tau) * c2)
-    return torch.where(t >= skip, factor, torch.ones_like(factor))
+# The per-t factor is the loss's own optimum; one implementation, in losses.py.
+skip_shrink_factor = shrink_factor
 
 
 def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from s2dm.cli import main
+from s2dm.errors import UserError
+from s2dm.sample import parse_seeds, sample_to_folder
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("[0-9]*.png"))}
+
+
+@pytest.mark.parametrize("options", [dict(sampler="ddim"), dict(sampler="ddim", eta=1.0), dict(sampler="ddpm")])
+def test_images_depend_only_on_their_seed(tiny_run, tmp_path, options):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    sample_to_folder(tiny_run, a, seeds=list(range(6)), steps=5, batch_size=6, **options)
+    sample_to_folder(tiny_run, b, seeds=list(range(6)), steps=5, batch_size=4, **options)
+    sample_to_folder(tiny_run, c, seeds=[4, 5], steps=5, batch_size=1, **options)
+    fa, fb, fc = files(a), files(b), files(c)
+    assert len(fa) == 6 and fa == fb
+    assert fc == {k: fa[k] for k in ("000004.png", "000005.png")}
+    assert len(set(fa.values())) == 6  # different seeds, different images
+
+
+def test_resume_skips_existing_and_gives_same_images(tiny_run, tmp_path):
+    out = tmp_path / "s"
+    sample_to_folder(tiny_run, out, seeds=list(range(5)), steps=5, batch_size=2)
+    before = files(out)
+    kept = out / "000000.png"
+    mtime = kept.stat().st_mtime_ns
+    (out / "000001.png").unlink()
+    (out / "000003.png").unlink()
+    meta = sample_to_folder(tiny_run, out, seeds=list(range(5)), steps=5, batch_size=2)
+    assert files(out) == before and kept.stat().st_mtime_ns == mtime
+    assert meta["n_images"] == 5 and meta["nfe"] == 5 and meta["timesteps"][-1] == -1
+    with pytest.raises(UserError, match="steps"):
+        sample_to_folder(tiny_run, out, seeds=list(range(5)), steps=7)
+
+
+def test_cli_sample_writes_metadata_and_grid(tiny_run, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["sample", "--ckpt", str(tiny_run), "--out", str(out), "--sampler", "pndm", "--steps", "5",
+                 "--n", "4", "--eps-scale", "skip:9,tau:0.99"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["nfe"] == 5 + 9 and meta["settings"]["sampler"] == "pndm"
+    assert meta["eps_scale"].startswith("skip-shrink") and meta["config"]["loss"]["type"] == "s2"
+    assert (out / "grid.png").is_file() and len(files(out)) == 4
+    assert "NFE 14" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--sampler", "euler"], "unknown sampler"),
+    (["--steps", "2000"], "exceeds"),
+    (["--grid", "cosine"], "unknown grid"),
+    (["--seeds", "5-2"], "empty"),
+])
+def test_cli_sample_user_errors(tiny_run, tmp_path, capsys, args, msg):
+    code = main(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "x"), "--n", "2"] + args)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-3,7", None) == [0, 1, 2, 3, 7]
+    assert parse_seeds(None, 3) == [0, 1, 2]
+    assert parse_seeds("10-19", 2) == [10, 11]
+    for bad in ("a-b", "3-1", "1,1"):
+        with pytest.raises(UserError):
+            parse_seeds(bad, None)
