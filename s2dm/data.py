@@ -425,11 +425,12 @@ def _celeba(root: Optional[Path], size: int) -> CelebAImages:
 # ---------------------------------------------------------------- folder
 
 def _folder(root: Optional[Path], size: int, channels: int) -> MemoryImages:
-    """Any folder of same-sized square images, converted to ``channels``, resized to
-    image_size when needed; held in memory as uint8."""
+    """Any folder of square images of exactly image_size, converted to ``channels``; held in
+    memory as uint8. A different size is an error rather than a silent resize: a folder is
+    often a set of samples or a prepared data set, whose size the user should know."""
     if root is None:
         raise UserError("data.dataset folder needs data.root: the folder of images")
     if channels not in (1, 3):
         raise UserError(f"data.channels must be 1 or 3 for an image folder, not {channels}")
-    arr = load_folder(root, channels=channels, resize_to=size)  # (N, H, W, C)
+    arr = load_folder(root, channels=channels, size=size)  # (N, H, W, C)
     return MemoryImages(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), 255, "folder")

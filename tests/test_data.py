@@ -362,9 +362,10 @@ def test_folder_round_trip(tmp_path):
     assert torch.equal(dataset_tensor(ds), torch.from_numpy(imgs).permute(0, 3, 1, 2))
 
 
-def test_folder_resize_and_gray(tmp_path):
+def test_folder_size_must_match_and_gray(tmp_path):
     _png_folder(tmp_path)
-    assert load_dataset(cfg("folder", tmp_path, image_size=8, channels=3))[0].shape == (3, 8, 8)
+    with pytest.raises(UserError, match="16x16"):
+        load_dataset(cfg("folder", tmp_path, image_size=8, channels=3))
     assert load_dataset(cfg("folder", tmp_path, image_size=16, channels=1))[0].shape == (1, 16, 16)
     with pytest.raises(UserError, match="channels must be 1 or 3"):
         load_dataset(cfg("folder", tmp_path, image_size=16, channels=4))
