@@ -345,7 +345,8 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False) -> 
     nonfinite_in_row = nonfinite_total = 0
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {out.name}", unit="step",
                dynamic_ncols=True)
-    with open(log_path, "a") as log, StopRequest() as stop:
+    # The bar closes before any error line is printed, so that line stays the last one.
+    with bar, open(log_path, "a") as log, StopRequest() as stop:
         def write(record: dict) -> None:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -361,7 +362,6 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False) -> 
                 write({"step": state.step + 1, "event": "nonfinite_skipped", "loss": loss_value,
                        "grad_norm": grad_norm})
                 if nonfinite_in_row >= cfg.train.max_nonfinite:
-                    bar.close()
                     raise UserError(
                         f"loss was non-finite for {nonfinite_in_row} steps in a row (step {state.step + 1}); "
                         f"stopped without saving. Last checkpoint: {last_ckpt or 'none'}"
@@ -385,11 +385,9 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False) -> 
             if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.signal:
                 last_ckpt = save(state, cfg, ckpt_dir)
             if stop.signal:
-                bar.close()
                 write({"step": done, "event": "stopped", "signal": int(stop.signal)})
                 raise Interrupted(f"stopped by signal {int(stop.signal)} at step {done}; saved {last_ckpt}",
                                   128 + int(stop.signal))
-    bar.close()
     return last_ckpt
 
 
