@@ -1,8 +1,8 @@
 """``s2dm train``: the training loop (Adam, grad clipping, EMA, JSONL log, checkpoints, grids).
 
-Reproducibility: every random draw of step k comes from seeds derived from
-(train.seed, stream, k) (see seeds.py), so resuming at step k continues exactly, and runs that
-differ only in ``loss`` see the same x_t at every step.
+Reproducibility: every random draw of step k comes from (train.seed, stream, k) — see
+draws.py — so resuming at step k continues exactly, and runs that differ only in ``loss`` see
+the same x_t at every step.
 """
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import shutil
 import signal
 import sys
 import threading
-import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,9 +25,11 @@ from . import seeds
 from .checkpoint import load_state_strict, read_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import load_dataset
+from .draws import PlannedBatches, StepDraws, draw_step
 from .ema import make_ema, update_ema
 from .errors import Interrupted, UserError
 from .losses import l0_loss, skip_step_loss
+from .runlog import Window, truncate_log
 from .schedule import NoiseSchedule
 from .unet import build_model, count_parameters
 
@@ -47,63 +47,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# -- data order ----------------------------------------------------------------------------
-class PlannedBatches(torch.utils.data.Sampler):
-    """Batch k = positions [kB, (k+1)B) of an endless chain of per-epoch permutations,
-    permutation e drawn from (seed, DATA_ORDER, e): the data order is a function of the step."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, end_step: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.start_step, self.end_step = start_step, end_step
-        self._epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = torch.randperm(self.n, generator=seeds.generator(self.seed, seeds.DATA_ORDER, epoch))
-        return self._perm
-
-    def indices(self, step: int) -> List[int]:
-        out = []
-        for pos in range(step * self.batch_size, (step + 1) * self.batch_size):
-            out.append(int(self._permutation(pos // self.n)[pos % self.n]))
-        return out
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for step in range(self.start_step, self.end_step):
-            yield self.indices(step)
-
-    def __len__(self) -> int:
-        return self.end_step - self.start_step
-
-
-@dataclass
-class StepDraws:
-    """Everything random in one training step, drawn on the CPU from the step's seeds."""
-
-    flip: Optional[torch.Tensor]
-    t: torch.Tensor
-    noise: torch.Tensor
-    skip_noise: Optional[torch.Tensor]
-
-
-def draw_step(cfg: Config, step: int, shape) -> StepDraws:
-    g = seeds.generator(cfg.train.seed, seeds.STEP, step)
-    B, T = shape[0], cfg.diffusion.num_timesteps
-    flip = torch.rand(B, generator=g) < 0.5 if cfg.data.random_flip else None
-    if cfg.loss.t_sampling == "antithetic":
-        half = torch.randint(0, T, ((B + 1) // 2,), generator=g)
-        t = torch.cat([half, T - 1 - half])[:B]
-    else:
-        t = torch.randint(0, T, (B,), generator=g)
-    noise = torch.randn(shape, generator=g)
-    skip_noise = None
-    if cfg.loss.type == "s2" and cfg.loss.variant == "independent":
-        # Its own stream, so adding L_skip does not shift any draw the baseline makes.
-        skip_noise = torch.randn(shape, generator=seeds.generator(cfg.train.seed, seeds.SKIP_NOISE, step))
-    return StepDraws(flip, t, noise, skip_noise)
-
-
 def compute_loss(cfg: Config, model, x0, draws: StepDraws, schedule: NoiseSchedule):
     dev = x0.device
     t, noise = draws.t.to(dev), draws.noise.to(dev)
@@ -114,56 +57,6 @@ def compute_loss(cfg: Config, model, x0, draws: StepDraws, schedule: NoiseSchedu
         skip_noise=None if draws.skip_noise is None else draws.skip_noise.to(dev),
         variant=cfg.loss.variant, reduction=cfg.loss.reduction, return_terms=True,
     )
-
-
-# -- logging ------------------------------------------------------------------------------
-class Window:
-    """Accumulates per-sample loss terms between two log lines, split by t quartile."""
-
-    def __init__(self, T: int):
-        self.T = T
-        self.reset()
-
-    def reset(self):
-        self.sums, self.counts = defaultdict(float), defaultdict(int)
-        self.steps, self.t0 = 0, time.perf_counter()
-
-    def add(self, t: torch.Tensor, terms: dict, grad_norm: float):
-        t = t.cpu()
-        q = (t * 4 // self.T).clamp(max=3)
-        for name in ("loss", "l0", "lskip"):
-            v = terms[name].float().cpu()
-            self.sums[name] += float(v.sum())
-            self.counts[name] += len(v)
-        for i in range(4):
-            mask = q == i
-            self.sums[f"loss_t_q{i + 1}"] += float(terms["loss"].float().cpu()[mask].sum())
-            self.counts[f"loss_t_q{i + 1}"] += int(mask.sum())
-        self.sums["grad_norm"] += grad_norm
-        self.counts["grad_norm"] += 1
-        self.steps += 1
-
-    def summary(self, batch_size: int) -> dict:
-        dt = time.perf_counter() - self.t0
-        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
-        out["steps_per_s"] = self.steps / dt if dt > 0 else float("nan")
-        out["images_per_s"] = out["steps_per_s"] * batch_size
-        return out
-
-
-def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines past the checkpoint being resumed, so the log has no duplicate steps."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if rec.get("step", 0) <= last_step:
-            keep.append(line)
-    path.write_text("".join(k + "\n" for k in keep))
 
 
 # -- the run ---------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_baseline_and_s2_see_identical_inputs(tmp_path, monkeypatch):
 
 
 def test_antithetic_t_pairs():
-    from s2dm.train import draw_step
+    from s2dm.draws import draw_step
 
     cfg = load_config("configs/digits.yaml")
     d = draw_step(cfg, 7, (32, 1, 8, 8))
@@ -97,7 +97,7 @@ def test_antithetic_t_pairs():
 
 
 def test_data_order_covers_each_epoch_once():
-    from s2dm.train import PlannedBatches
+    from s2dm.draws import PlannedBatches
 
     plan = PlannedBatches(10, 4, seed=3, start_step=0, end_step=5)
     flat = [i for batch in plan for i in batch]

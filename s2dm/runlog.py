@@ -1,0 +1,60 @@
+"""The training log: per-window loss summaries (split by t quartile) and JSONL hygiene."""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+class Window:
+    """Accumulates per-sample loss terms between two log lines, split by t quartile."""
+
+    def __init__(self, T: int):
+        self.T = T
+        self.reset()
+
+    def reset(self):
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self.steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, t: torch.Tensor, terms: dict, grad_norm: float):
+        t = t.cpu()
+        q = (t * 4 // self.T).clamp(max=3)
+        for name in ("loss", "l0", "lskip"):
+            v = terms[name].float().cpu()
+            self.sums[name] += float(v.sum())
+            self.counts[name] += len(v)
+        for i in range(4):
+            mask = q == i
+            self.sums[f"loss_t_q{i + 1}"] += float(terms["loss"].float().cpu()[mask].sum())
+            self.counts[f"loss_t_q{i + 1}"] += int(mask.sum())
+        self.sums["grad_norm"] += grad_norm
+        self.counts["grad_norm"] += 1
+        self.steps += 1
+
+    def summary(self, batch_size: int) -> dict:
+        dt = time.perf_counter() - self.t0
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
+        out["steps_per_s"] = self.steps / dt if dt > 0 else float("nan")
+        out["images_per_s"] = out["steps_per_s"] * batch_size
+        return out
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines past the checkpoint being resumed, so the log has no duplicate steps."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if rec.get("step", 0) <= last_step:
+            keep.append(line)
+    path.write_text("".join(k + "\n" for k in keep))
+
+
