@@ -7,8 +7,6 @@ A checkpoint is a dict saved with ``torch.save``: ``format_version``, ``step``, 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -17,36 +15,15 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .fileio import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 LATEST = "latest"
 
 
 def atomic_torch_save(obj, path: Union[str, Path]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``,
-    so a kill at any moment leaves either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through a temporary file, fsync and rename (see fileio.atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -59,7 +36,7 @@ def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int)
     state = {"format_version": FORMAT_VERSION, **state}
     path = ckpt_dir / checkpoint_name(state["step"])
     atomic_torch_save(state, path)
-    atomic_write_text(ckpt_dir / LATEST, path.name + "\n")
+    atomic_write_text(ckpt_dir / LATEST, path.name + "\n", fsync=True)
     old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-1]
     for stale in old[: max(0, len(old) - keep_last)]:
         stale.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ def cmd_sample(args) -> int:
         batch_size=args.batch_size, device=args.device, legacy_pndm_index=args.legacy_pndm_index,
     )
     print(f"{meta['n_images']} images in {args.out} (sampler {args.sampler}, {args.steps} steps, "
-          f"NFE {meta['nfe']}); grid: {Path(args.out) / 'grid.png'}")
+          f"NFE {meta['nfe']}); grid: {Path(args.out) / 'preview' / 'grid.png'}")
     return 0
 
 
@@ -173,12 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dims", type=int, choices=(64, 192, 768, 2048), default=None,
                    help="Inception block as pytorch-fid's --dims (default 2048 = FID; others are "
                         "labelled FD-inception<d>)")
-    f.add_argument("--batch-size", type=int, default=50)
+    f.add_argument("--batch-size", type=int, default=50, help="Inception batch size (default 50)")
     _inception_args(f)
     f.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     f.set_defaults(func=cmd_fid)
 
-    e = sub.add_parser("eval", help="FID of checkpoints x samplers x steps into results.csv/.md/.png")
+    e = sub.add_parser(
+        "eval", help="FID of checkpoints x samplers x steps into results.csv/.md/.png",
+        description="Sample every (checkpoint, sampler, steps) cell with seeds offset..offset+n-1 (the same "
+                    "seeds in every cell), score it against --ref, write results.csv, results.md and "
+                    "fid_vs_nfe.png. Rerunning skips finished cells.")
     e.add_argument("--ckpt", nargs="+", required=True, help="checkpoint files or run folders")
     e.add_argument("--samplers", default="ddim,pndm,deis", help="comma-separated (default ddim,pndm,deis)")
     e.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
+from .fileio import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -164,20 +164,7 @@ def from_uint8(x: Union[torch.Tensor, np.ndarray]) -> torch.Tensor:
 def _atomic_save(pil: Image.Image, path: PathLike) -> Path:
     """Write a PNG via a temp file in the same folder + os.replace: readers never see a
     half-written file, even if we are killed mid-write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pil.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda f: pil.save(f, format="PNG"))
 
 
 def _hwc_uint8(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:

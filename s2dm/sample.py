@@ -11,14 +11,20 @@ import re
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint
+from .dist import pick_device
 from .errors import UserError
 from .images import make_grid_png, save_png
 from .schedule import NoiseSchedule
 from .seeds import PerSeedNoise
+
+# The preview grid goes in a subfolder: tools that read only the top level (python -m
+# pytorch_fid) then see nothing but the per-seed samples.
+PREVIEW_DIR = "preview"
 
 
 def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
@@ -102,10 +108,9 @@ def sample_to_folder(
     grid_images: int = 64,
 ) -> dict:
     """Write ``{seed:06d}.png`` for every seed (skipping existing files), ``metadata.json``
-    and ``grid.png``; returns the metadata."""
+    and ``preview/grid.png``; returns the metadata."""
     from . import __version__
     from .samplers import check_options, parse_eps_scale
-    from .train import pick_device
 
     dev = pick_device(device)
     ck = load_checkpoint(ckpt, device=dev)
@@ -159,8 +164,8 @@ def sample_to_folder(
     from .images import load_image
 
     grid_imgs = torch.stack([
-        torch.from_numpy(load_image(out / f"{s:06d}.png", mode="L" if shape[0] == 1 else "RGB")).permute(2, 0, 1)
+        torch.from_numpy(np.array(load_image(out / f"{s:06d}.png", mode="L" if shape[0] == 1 else "RGB"))).permute(2, 0, 1)
         for s in first
     ]).float() / 127.5 - 1.0
-    make_grid_png(grid_imgs, out / "grid.png")
+    make_grid_png(grid_imgs, out / PREVIEW_DIR / "grid.png")
     return meta

@@ -25,6 +25,7 @@ from . import seeds
 from .checkpoint import load_state_strict, read_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import load_dataset
+from .dist import pick_device
 from .draws import PlannedBatches, StepDraws, draw_step
 from .ema import make_ema, update_ema
 from .errors import Interrupted, UserError
@@ -37,14 +38,6 @@ from .unet import build_model, count_parameters
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
                      "train.sample_every", "train.keep_last", "train.device", "data.num_workers",
                      "data.root", "train.max_nonfinite"}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device: {name} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def compute_loss(cfg: Config, model, x0, draws: StepDraws, schedule: NoiseSchedule):

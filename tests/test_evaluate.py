@@ -1,0 +1,203 @@
+"""``s2dm eval``: checkpoints x samplers x steps → results.csv / results.md / fid_vs_nfe.png,
+scored with FD-pixels against a digits reference; resumable cell by cell."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from s2dm import evaluate as ev
+from s2dm.cli import main
+from s2dm.samplers import expected_nfe
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "digits_pixels.npz"
+    assert main(["fid", "ref", "--config", "configs/digits.yaml", "--features", "pixels", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Two checkpoints of one 2-step run of a tiny UNet: the run folder (newest, step 2) and
+    step 1's file."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    sets = ["train.steps=2", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+            "train.batch_size=16", "sample.steps=2", "sample.grid_images=4", "train.checkpoint_every=1",
+            "train.sample_every=1000"]
+    args = ["train", "--config", "configs/digits.yaml", "--out", str(run)]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 0
+    older = sorted((run / "checkpoints").glob("ckpt_*.pt"))[0]
+    assert older.name == "ckpt_00000001.pt"
+    return [str(run), str(older)]
+
+
+def eval_args(ckpts, ref, out, *extra):
+    return ["eval", "--ckpt", *ckpts, "--samplers", "ddim,deis", "--steps", "2,4", "--n", "32",
+            "--ref", str(ref), "--out", str(out), "--features", "pixels", "--batch-size", "32", *extra]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def evaluated(ckpts, ref, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert main(eval_args(ckpts, ref, out)) == 0
+    return out
+
+
+def pixel_fd(folder, seeds, ref):
+    """FD-pixels recomputed here from the PNGs with numpy + pytorch-fid's distance."""
+    import warnings
+
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    x = np.stack([np.asarray(Image.open(Path(folder) / f"{s:06d}.png"), np.float64).reshape(-1) / 255.0
+                  for s in seeds])
+    with np.load(ref) as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy: singular product (N=32 < D=64), `disp` deprecation
+        return calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), f["mu"], f["sigma"])
+
+
+def test_results_csv(evaluated, ckpts, ref):
+    rows = read_csv(evaluated / "results.csv")
+    assert len(rows) == 8
+    assert [(r["label"], r["sampler"], r["steps"]) for r in rows] == [
+        (label, s, k) for label in ("tiny", "ckpt_00000001") for s in ("ddim", "deis") for k in ("2", "4")]
+    for r in rows:
+        assert r["metric"] == "FD-pixels-32" and r["features"] == "pixels"
+        assert r["n"] == "32" and r["seeds"] == "0-31" and r["grid"] == "uniform" and float(r["eta"]) == 0
+        assert int(r["nfe"]) == expected_nfe(r["sampler"], int(r["steps"]))
+        assert r["ref"] == str(ref) and r["ref_n"] == "1797"
+        assert float(r["value"]) > 0
+    assert {r["checkpoint_step"] for r in rows} == {"2", "1"}
+    assert rows[0]["checkpoint"].endswith("ckpt_00000002.pt") and rows[4]["checkpoint"] == str(Path(ckpts[1]).resolve())
+    # a cell's value is the distance of exactly its 32 PNGs (seeds 0..31) to the reference
+    folder = evaluated / "samples" / "ckpt_00000001" / "deis-4"
+    assert float(rows[7]["value"]) == pytest.approx(pixel_fd(folder, range(32), ref), rel=1e-9)
+    # paired design: every cell holds the same seeds
+    for label in ("tiny", "ckpt_00000001"):
+        for cell in ("ddim-2", "ddim-4", "deis-2", "deis-4"):
+            names = sorted(p.name for p in (evaluated / "samples" / label / cell).glob("[0-9]*.png"))
+            assert names == [f"{s:06d}.png" for s in range(32)]
+    # different checkpoints give different values (the table compares something real)
+    assert rows[0]["value"] != rows[4]["value"]
+
+
+def test_results_markdown_and_plot(evaluated):
+    rows = read_csv(evaluated / "results.csv")
+    md = (evaluated / "results.md").read_text()
+    assert "| sampler | steps | NFE | tiny | ckpt_00000001 | Δ ckpt_00000001 (%) |" in md
+    assert "FD-pixels-32" in md and "n = 32" in md
+    by = {(r["label"], r["sampler"], r["steps"]): float(r["value"]) for r in rows}
+    for s, k, nfe in (("ddim", "2", 2), ("deis", "4", expected_nfe("deis", 4))):
+        a, b = by[("tiny", s, k)], by[("ckpt_00000001", s, k)]
+        line = f"| {s} | {k} | {nfe} | {a:.4f} | {b:.4f} | {100 * (b - a) / a:+.2f} |"
+        assert line in md, md
+    png = evaluated / "fid_vs_nfe.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_rerun_recomputes_nothing_and_a_deleted_cell_is_redone(evaluated, ckpts, ref, monkeypatch, capsys):
+    before = (evaluated / "results.csv").read_text()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(ev, "frechet_distance", fail)
+    monkeypatch.setattr("s2dm.sample.sample_to_folder", fail)
+    assert main(eval_args(ckpts, ref, evaluated)) == 0
+    assert (evaluated / "results.csv").read_text() == before
+    monkeypatch.undo()
+
+    calls = []
+    real = ev.frechet_distance
+
+    def counting(a, b):
+        calls.append(a.source)
+        return real(a, b)
+
+    monkeypatch.setattr(ev, "frechet_distance", counting)
+    (evaluated / "cells" / "tiny" / "deis-2.json").unlink()
+    assert main(eval_args(ckpts, ref, evaluated)) == 0
+    assert calls == [str(evaluated / "samples" / "tiny" / "deis-2")]
+    assert (evaluated / "results.csv").read_text() == before  # same images, same value
+    capsys.readouterr()
+
+
+def test_no_keep_samples_and_changed_settings(ckpts, ref, tmp_path, capsys):
+    args = ["eval", "--ckpt", ckpts[0], "--samplers", "ddim", "--steps", "2", "--n", "8", "--ref", str(ref),
+            "--out", str(tmp_path), "--no-keep-samples"]
+    assert main(args) == 0
+    cell = tmp_path / "samples" / "tiny" / "ddim-2"
+    assert not list(cell.glob("[0-9]*.png")) and (cell / "metadata.json").is_file()
+    first = read_csv(tmp_path / "results.csv")
+    assert len(first) == 1 and first[0]["metric"] == "FD-pixels-8" and first[0]["nfe"] == "2"
+    # another n is another measurement: the cell is recomputed (images regenerated)
+    assert main(args[:-3] + ["--n", "10", "--out", str(tmp_path), "--keep-samples"]) == 0
+    second = read_csv(tmp_path / "results.csv")
+    assert second[0]["n"] == "10" and second[0]["metric"] == "FD-pixels-10"
+    assert len(list(cell.glob("[0-9]*.png"))) == 10
+    record = json.loads((tmp_path / "cells" / "tiny" / "ddim-2.json").read_text())
+    assert record["key"]["n"] == 10 and record["row"]["value"] == float(second[0]["value"])
+    capsys.readouterr()
+
+
+def test_plot_is_skipped_without_matplotlib(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import fails
+    rows = [{"label": "a", "sampler": "ddim", "nfe": 2, "value": 1.0, "metric": "FD-pixels-8", "n": 8,
+             "grid": "uniform"}]
+    assert ev.plot_fid_vs_nfe(rows, tmp_path / "p.png") is False
+    assert not (tmp_path / "p.png").exists()
+
+
+def expect_error(capsys, args, *words):
+    rc = main([str(a) for a in args])
+    _, err = capsys.readouterr()
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err, err
+    for w in words:
+        assert w in last, last
+
+
+def test_bad_eval_input(ckpts, ref, tmp_path, capsys):
+    base = ["eval", "--ckpt", ckpts[0], "--n", "8", "--out", tmp_path / "o"]
+    expect_error(capsys, base + ["--ref", tmp_path], "--ref must be a .npz")
+    expect_error(capsys, base + ["--ref", ref, "--samplers", "ddim,foo"], "unknown sampler 'foo'")
+    expect_error(capsys, base + ["--ref", ref, "--steps", "2,x"], "--steps")
+    expect_error(capsys, base + ["--ref", ref, "--features", "inception"], "holds pixels statistics")
+    expect_error(capsys, ["eval", "--ckpt", ckpts[0], ckpts[0], "--n", "8", "--ref", ref, "--out", tmp_path],
+                 "given twice")
+    # pixel statistics of 16x16 images cannot score 8x8 digits: refused before sampling
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8), mode="L").save(folder / f"{i}.png")
+    assert main(["fid", "ref", str(folder), "--features", "pixels", "--out", str(tmp_path / "big.npz")]) == 0
+    expect_error(capsys, base + ["--ref", tmp_path / "big.npz"], "1x8x8", "1x16x16")
+    assert not (tmp_path / "o" / "samples").exists()
+
+
+def test_checkpoint_labels(tmp_path):
+    from s2dm.checkpoint import checkpoint_name
+
+    paths = []
+    for run in ("base", "s2"):
+        d = tmp_path / run / "checkpoints"
+        d.mkdir(parents=True)
+        (d / checkpoint_name(100)).write_bytes(b"x")
+        paths.append(str(d / checkpoint_name(100)))
+    assert ev.checkpoint_labels(paths) == ["base-ckpt_00000100", "s2-ckpt_00000100"]
+    assert ev.checkpoint_labels([str(tmp_path / "base"), paths[1]]) == ["base", "ckpt_00000100"]
