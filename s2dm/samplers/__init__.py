@@ -189,11 +189,6 @@ def check_options(
     if sampler in _DEIS:
         info["order"] = check_order(order)
     view = LegacyIndexView(schedule) if legacy_pndm_index else schedule
-    if not isinstance(grid, str):
-        # timestep_grid would int() each point; a fractional one is a mistake, not a request.
-        points = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
-        if not bool((points == points.round()).all()):
-            raise UserError(f"timestep grid points must be integers, got {points.tolist()}")
     walked = timestep_grid(grid, steps, schedule.T)
     if legacy_pndm_index and int(walked[0]) > view.T - 1:
         raise UserError(f"legacy_pndm_index pairs t with alpha_bar[t+1]: grid points must be <= {view.T - 1}")

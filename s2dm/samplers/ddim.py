@@ -116,6 +116,12 @@ def ddim(
         raise UserError(f"eta must be >= 0, got {eta}")
     walked = walked_grid(grid, schedule)
     a, b, sigma = ddim_coefficients(*step_alphas(schedule, walked), eta)
+    return gaussian_steps(eps_fn, x, walked, a, b, sigma, generator)
+
+
+def gaussian_steps(eps_fn: EpsFn, x: torch.Tensor, walked: torch.Tensor, a, b, sigma, generator) -> torch.Tensor:
+    """x ← a·x + b·ε_θ(x, t) + σ·z along the grid (DDIM and the DDPM posterior share it);
+    z is drawn only where σ > 0."""
     for t, ai, bi, si in zip(walked[:-1].tolist(), a.tolist(), b.tolist(), sigma.tolist()):
         eps = eps_fn(x, time_batch(t, x))
         x_next = x.mul(ai).add_(eps, alpha=bi)

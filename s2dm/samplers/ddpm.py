@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .ddim import EpsFn, GridLike, randn_like_from, step_alphas, time_batch, walked_grid
+from .ddim import EpsFn, GridLike, gaussian_steps, step_alphas, walked_grid
 
 
 def posterior_coefficients(abar_t: torch.Tensor, abar_s: torch.Tensor):
@@ -45,10 +45,4 @@ def ddpm(
     """
     walked = walked_grid(grid, schedule)
     a, b, sigma = posterior_coefficients(*step_alphas(schedule, walked))
-    for t, ai, bi, si in zip(walked[:-1].tolist(), a.tolist(), b.tolist(), sigma.tolist()):
-        eps = eps_fn(x, time_batch(t, x))
-        x_next = x.mul(ai).add_(eps, alpha=bi)
-        if si > 0:
-            x_next.add_(randn_like_from(x, generator), alpha=si)
-        x = x_next
-    return x
+    return gaussian_steps(eps_fn, x, walked, a, b, sigma, generator)
