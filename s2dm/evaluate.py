@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -199,10 +198,7 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
 
     ordered = [rows[(label, s, k)] for label in labels for s in samplers for k in steps]
     _atomic_write(out / "results.md", results_markdown(ordered, labels, samplers, steps))
-    plot_path = out / "fid_vs_nfe.png"
-    if not plot_fid_vs_nfe(ordered, plot_path):
-        print("note: matplotlib is not installed (pip install 's2dm[plot]'); skipped "
-              f"{plot_path.name}", file=sys.stderr)
+    plot_fid_vs_nfe(ordered, out / "fid_vs_nfe.png")
     return ordered
 
 
@@ -255,14 +251,12 @@ def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence
     return "\n".join(lines) + "\n"
 
 
-def plot_fid_vs_nfe(rows: List[dict], path: Path) -> bool:
-    """Metric against NFE (log x), one line per checkpoint x sampler. False if matplotlib is
-    missing. Uses the Agg canvas directly (no pyplot, no global backend change)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
+def plot_fid_vs_nfe(rows: List[dict], path: Path) -> None:
+    """Metric against NFE (log x), one line per checkpoint x sampler. Uses the Agg canvas
+    directly (no pyplot, no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -291,4 +285,3 @@ def plot_fid_vs_nfe(rows: List[dict], path: Path) -> bool:
     ax.legend(fontsize="small")
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    return True

@@ -152,16 +152,6 @@ def test_no_keep_samples_and_changed_settings(ckpts, ref, tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_plot_is_skipped_without_matplotlib(monkeypatch, tmp_path):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # import fails
-    rows = [{"label": "a", "sampler": "ddim", "nfe": 2, "value": 1.0, "metric": "FD-pixels-8", "n": 8,
-             "grid": "uniform"}]
-    assert ev.plot_fid_vs_nfe(rows, tmp_path / "p.png") is False
-    assert not (tmp_path / "p.png").exists()
-
-
 def expect_error(capsys, args, *words):
     rc = main([str(a) for a in args])
     _, err = capsys.readouterr()
