@@ -3,6 +3,20 @@
 ch_mult (1,2,2,2), 2 res blocks per level, attention at 16×16, ch 128 gives the CIFAR10 model
 (35.7 M parameters). Attention uses PyTorch's fused scaled-dot-product kernel. Module names
 follow the DDIM repository so its checkpoints map by name.
+
+The network computes exactly the DDPM function (the same as diffusers' ``UNet2DModel`` in the
+DDPM layout, see tests/test_unet_equivalence.py); a few evaluation shortcuts, identical up to
+float round-off, make it cheaper (scripts/bench_train.py measures them):
+
+* ``Upsample``: 2× nearest upsampling followed by a 3×3 convolution is evaluated as ONE
+  stride-2 transposed convolution whose 4×4 kernel sums the 3×3 taps that land on the same
+  low-resolution pixel. 2.25× fewer multiply-adds than convolving the upsampled image, and
+  the 4× larger upsampled tensor is never built.
+* ``AttnBlock``: the q, k, v weights are concatenated at call time into one (B·HW × C)·(C × 3C)
+  product laid out as the attention kernel wants it, and the output projection is a batched
+  GEMM that writes the residual stream's layout: no transposing copies.
+* ``ResnetBlock``: SiLU(temb) is computed once per forward instead of once per block, and the
+  time-embedding and residual additions write into the convolution outputs.
 """
 from __future__ import annotations
 
@@ -44,10 +58,16 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.forward_act(x, F.silu(temb))
+
+    def forward_act(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        """``forward`` with SiLU(temb) already applied (the UNet computes it once)."""
+        # A convolution's backward needs its input and weight, not its output: the two
+        # additions below write into the conv outputs instead of allocating new tensors.
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h.add_(self.temb_proj(temb_act)[:, :, None, None])
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -63,12 +83,22 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        hn = self.norm(x)
-        # (B, 1 head, HW, C) for the fused kernel; its default scale is 1/√C as in DDPM.
-        q, k, v = (m(hn).reshape(b, 1, c, h * w).transpose(2, 3) for m in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        hn = self.norm(x).reshape(b, c, h * w)
+        # q, k, v as ONE product (B, HW, C)·(C, 3C): each of q, k, v comes out (B, HW, C)
+        # with unit stride over C, the layout the fused kernel takes without copying.
+        w_qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight]).reshape(3 * c, c)
+        b_qkv = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        qkv = torch.baddbmm(b_qkv, hn.transpose(1, 2), w_qkv.t().expand(b, c, 3 * c))
+        q, k, v = qkv[:, None].split(c, dim=3)  # (B, 1 head, HW, C) each
+        # Default scale 1/√C as in DDPM.
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
+        # proj_out(out) as one batched GEMM that writes x's memory layout directly.
+        w_out = self.proj_out.weight.reshape(c, c)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            y = torch.baddbmm(self.proj_out.bias, out, w_out.t().expand(b, c, c))  # (B, HW, C)
+            return x + y.view(b, h, w, c).permute(0, 3, 1, 2)
+        y = torch.baddbmm(self.proj_out.bias[:, None], w_out.expand(b, c, c), out.transpose(1, 2))  # (B, C, HW)
+        return x + y.view(b, c, h, w)
 
 
 class Downsample(nn.Module):
@@ -82,18 +112,43 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # TF "SAME" padding for stride 2, as DDPM
 
 
+def upsample_conv_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """The (I, O, 4, 4) kernel of the stride-2, padding-1 transposed convolution that equals
+    a 3×3, padding-1 convolution with ``weight`` (O, I, 3, 3) applied after 2× nearest
+    upsampling.
+
+    Along one axis, output row 2i reads the upsampled rows 2i−1, 2i, 2i+1 = input rows i−1,
+    i, i, so it sees input row i−1 through w₀ and row i through w₁+w₂; output row 2i+1 sees
+    row i through w₀+w₁ and row i+1 through w₂. A transposed convolution writes input row i
+    to output row 2i+k−1 with its tap k, hence taps k = 0..3 are [w₂, w₁+w₂, w₀+w₁, w₀].
+    """
+
+    def fold(w: torch.Tensor, dim: int) -> torch.Tensor:
+        w0, w1, w2 = w.unbind(dim)
+        return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+    return fold(fold(weight.transpose(0, 1), 2), 3)  # built contiguous in (I, O, 4, 4)
+
+
 class Upsample(nn.Module):
     def __init__(self, ch: int, with_conv: bool):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1) if with_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return x if self.conv is None else self.conv(x)
+        if self.conv is None:
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        # conv3×3(nearest×2(x)) as one transposed convolution (see upsample_conv_kernel).
+        return F.conv_transpose2d(x, upsample_conv_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
 
 class UNet(nn.Module):
     """ε-prediction UNet: ``forward(x, t)`` with x (B, C, H, W) and t (B,) timesteps."""
+
+    #: Without autograd on the CPU (sampling), run the activations channels-last (NHWC): the
+    #: oneDNN forward kernels then need no layout reorders. Not in training, where NHWC
+    #: measured slower (its weight-gradient kernel is). See scripts/bench_train.py --parts ablation.
+    cpu_inference_channels_last: bool = True
 
     def __init__(
         self,
@@ -162,11 +217,15 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         temb = timestep_embedding(t, self.ch)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
+        temb_act = F.silu(temb)  # every ResnetBlock projects SiLU(temb): computed once
 
+        nhwc = self.cpu_inference_channels_last and x.device.type == "cpu" and not torch.is_grad_enabled()
+        if nhwc:  # every op below keeps the layout of its input
+            x = x.contiguous(memory_format=torch.channels_last)
         hs = [self.conv_in(x)]
         for stage in self.down:
             for i, block in enumerate(stage.block):
-                h = block(hs[-1], temb)
+                h = block.forward_act(hs[-1], temb_act)
                 if len(stage.attn):
                     h = stage.attn[i](h)
                 hs.append(h)
@@ -174,17 +233,18 @@ class UNet(nn.Module):
                 hs.append(stage.downsample(hs[-1]))
 
         h = hs[-1]
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, temb)), temb)
+        h = self.mid.block_2.forward_act(self.mid.attn_1(self.mid.block_1.forward_act(h, temb_act)), temb_act)
 
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):
-                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                h = block.forward_act(torch.cat([h, hs.pop()], dim=1), temb_act)
                 if len(stage.attn):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return out.contiguous() if nhwc else out
 
 
 def build_model(config) -> UNet:
