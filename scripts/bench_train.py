@@ -333,7 +333,7 @@ def part_compile(args, rows):
             f"**{paired_ratio(res, 'eager', 'compiled', 'wall'):.3f}×**",
             f"{paired_ratio(res, 'eager', 'compiled', 'cpu'):.3f}×", f"{first:.0f}",
         ])
-        print(f"  compile/{mode}: done", file=sys.stderr, flush=True)
+        print(f"  compile/{mode}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
 
 
 def table(header, rows) -> str:
