@@ -26,7 +26,7 @@ separate-q/k/v attention code s2dm had before.
 ``--parts compile`` (not in the default run: compiling costs 20–70 s here): the CIFAR10 UNet's
 training step and forward with ``torch.compile`` against eager.
 
-    .venv/bin/python scripts/bench_train.py                       # ~3–4 min on 2 idle CPU cores
+    .venv/bin/python scripts/bench_train.py                       # ~4–5 min on 2 CPU cores
     .venv/bin/python scripts/bench_train.py --parts diffusers --repeats 11 --batch-cifar 32
 """
 from __future__ import annotations
