@@ -205,15 +205,16 @@ def train_all(study: Study, out: Path) -> Dict[str, float]:
         for seed in run.seeds:
             name = model_name(run.name, seed)
             folder = out / "runs" / name
-            cost = folder / "study_seconds.json"
+            cost = folder / "study_done.json"
             cfg = run_config(study, run, seed)
+            done = json.loads(cost.read_text()) if cost.is_file() else {}
+            if done.get("config") == cfg.to_dict() and (folder / "checkpoints").is_dir():
+                seconds[name] = done["seconds"]  # trained with this very config: not touched again
+                continue
             t0 = time.time()
-            train(cfg, folder, resume="auto")
-            spent = time.time() - t0
-            before = json.loads(cost.read_text())["seconds"] if cost.is_file() else 0.0
-            if spent > 5 or not cost.is_file():  # a no-op resume adds nothing worth recording
-                atomic_write_text(cost, json.dumps({"seconds": before + spent}))
-            seconds[name] = json.loads(cost.read_text())["seconds"]
+            train(cfg, folder, resume="auto")  # resumes a half-done run; refuses a changed config
+            seconds[name] = done.get("seconds", 0.0) + time.time() - t0
+            atomic_write_text(cost, json.dumps({"seconds": seconds[name], "config": cfg.to_dict()}))
     return seconds
 
 
@@ -235,17 +236,21 @@ class Cell:
 
 
 def plan_cells(study: Study) -> List[Cell]:
+    """Every cell to score, cheapest step count first (so an interrupted study has whole
+    columns of the table, not whole models), runs in config order within a column."""
     cells = []
-    for run in study.runs.values():
-        for seed in run.seeds:
-            for sampler in study.samplers:
-                for steps in study.steps:
+    for steps in sorted(study.steps):
+        for sampler in study.samplers:
+            for run in study.runs.values():
+                for seed in run.seeds:
                     cells.append(Cell(run.name, seed, sampler, steps, n=study.n))
                     if run.name == study.noise_draw and seed == run.seeds[0]:
                         cells.append(Cell(run.name, seed, sampler, steps, draw="noise", n=study.n))
-            if study.fid_n > 0:
-                for sampler in study.fid_samplers or study.samplers:
-                    for steps in study.fid_steps:
+    if study.fid_n > 0:
+        for steps in study.fid_steps:
+            for sampler in study.fid_samplers or study.samplers:
+                for run in study.runs.values():
+                    for seed in run.seeds:
                         cells.append(Cell(run.name, seed, sampler, steps, metric="inception", n=study.fid_n))
     return cells
 
@@ -270,8 +275,8 @@ def reference(study: Study, out: Path, features: str):
     if path.is_file():
         return Stats.load(path)
     sets = [f"{k}={json.dumps(v)}" for k, v in study.overrides.items()]
-    stats = reference_stats(study.train_config, path, features=features, overrides=sets, device="cpu",
-                            progress=False)
+    stats = reference_stats(study.train_config, path, features=features, overrides=sets,
+                            device="cpu" if features == "pixels" else "auto", progress=False)
     return Stats.load(stats.path)
 
 
@@ -283,7 +288,7 @@ def _cell_settings(study: Study, cell: Cell, ckpt: Path, step: int, run: Run, re
             "ref": str(ref.path), "ref_n": ref.n}
 
 
-def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, ref, shape) -> dict:
+def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, ref, shape, device) -> dict:
     """Sample the cell's image seeds in memory, quantise as a PNG would be, score against ref."""
     from .fid import frechet_distance, metric_label
     from .images import to_uint8
@@ -297,8 +302,8 @@ def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, r
     def batches():
         for i in range(0, len(seeds), study.batch_size):
             images, _ = generate(model, schedule, seeds[i:i + study.batch_size], image_shape=shape,
-                                 batch_size=study.batch_size, sampler=cell.sampler, steps=cell.steps,
-                                 order=study.order, eps_scale=eps_scale)
+                                 batch_size=study.batch_size, device=device, sampler=cell.sampler,
+                                 steps=cell.steps, order=study.order, eps_scale=eps_scale)
             yield to_uint8(images)
 
     stats = extractor.stats_of_uint8(batches(), len(seeds), f"{run.name} {cell.key}")
@@ -311,9 +316,11 @@ def evaluate_all(study: Study, out: Path, progress: bool = True) -> List[dict]:
     from tqdm.auto import tqdm
 
     from .checkpoint import load_checkpoint
+    from .dist import pick_device
     from .fid import FeatureExtractor
     from .schedule import NoiseSchedule
 
+    device = pick_device("auto")
     cells = plan_cells(study)
     refs = {"pixels": reference(study, out, "pixels")}
     extractors = {"pixels": FeatureExtractor("pixels", device="cpu", progress=False)}
@@ -326,10 +333,9 @@ def evaluate_all(study: Study, out: Path, progress: bool = True) -> List[dict]:
         run = study.runs[cell.run]
         ckpt = _checkpoint_of(study, out, run, cell.seed)
         path = out / "cells" / model_name(cell.run, cell.seed) / f"{cell.key}.json"
-        key = (str(ckpt), cell.seed)
+        key = str(ckpt)
         if key not in loaded:
-            loaded.clear()  # one model in memory at a time
-            loaded[key] = load_checkpoint(ckpt)
+            loaded[key] = load_checkpoint(ckpt, device=device)  # every model once (a study's are small)
         ck = loaded[key]
         settings = _cell_settings(study, cell, ckpt, ck.step, run, refs[cell.metric])
         if path.is_file():
@@ -341,7 +347,7 @@ def evaluate_all(study: Study, out: Path, progress: bool = True) -> List[dict]:
         cfg = ck.config
         shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         scored = score_cell(ck.ema, NoiseSchedule.from_config(cfg.diffusion), study, cell, run,
-                            extractors[cell.metric], refs[cell.metric], shape)
+                            extractors[cell.metric], refs[cell.metric], shape, device)
         rec = {"run": cell.run, "seed": cell.seed, "sampler": cell.sampler, "steps": cell.steps,
                "draw": cell.draw, "metric_kind": cell.metric, **scored, "settings": settings}
         atomic_write_text(path, json.dumps(rec, indent=2))
@@ -352,6 +358,7 @@ def evaluate_all(study: Study, out: Path, progress: bool = True) -> List[dict]:
 def write_grids(study: Study, out: Path) -> None:
     """A 10×10 grid per run (its first seed's model, DDIM at ``grid_steps``, image seeds 0..99)."""
     from .checkpoint import load_checkpoint
+    from .dist import pick_device
     from .images import make_grid_png
     from .sample import generate
     from .samplers import parse_eps_scale
@@ -361,11 +368,12 @@ def write_grids(study: Study, out: Path) -> None:
         path = out / "grids" / f"{run.name}.png"
         if path.is_file():
             continue
-        ck = load_checkpoint(_checkpoint_of(study, out, run, run.seeds[0]))
+        device = pick_device("auto")
+        ck = load_checkpoint(_checkpoint_of(study, out, run, run.seeds[0]), device=device)
         cfg = ck.config
         images, _ = generate(ck.ema, NoiseSchedule.from_config(cfg.diffusion), range(100),
                              image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                             batch_size=100, sampler="ddim", steps=study.grid_steps,
+                             batch_size=100, device=device, sampler="ddim", steps=study.grid_steps,
                              eps_scale=parse_eps_scale(run.eps_scale) if run.eps_scale else None)
         make_grid_png(images, path)
 

@@ -1,0 +1,156 @@
+"""s2dm study: files, resume, and the report's statistics against a hand computation."""
+import csv
+import math
+
+import pytest
+import yaml
+
+from s2dm import studyreport
+from s2dm.cli import main
+from s2dm.errors import UserError
+from s2dm.study import load_study, plan_cells
+
+from conftest import ROOT
+
+TOY = {
+    "train_config": str(ROOT / "configs" / "digits.yaml"),
+    "set": {"model.ch": 16, "train.steps": 12, "train.batch_size": 32, "train.checkpoint_every": 12,
+            "train.sample_every": 1000, "train.log_every": 4, "optim.warmup": 0, "sample.grid_images": 4,
+            "sample.steps": 3},
+    "runs": {"baseline": {"set": {"loss.type": "l0"}, "seeds": [0]},
+             "s2dm": {"set": {"loss.type": "s2"}, "seeds": [0]}},
+    "baseline": "baseline",
+    "effect": "s2dm",
+    "eval": {"samplers": ["ddim", "deis"], "steps": [4], "n": 48, "batch_size": 32, "noise_draw": "baseline",
+             "grid_steps": 3},
+    "quick": {"samplers": ["ddim"]},
+}
+
+
+def write_study(tmp_path, data=TOY, name="toy.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_study_writes_everything_and_resumes(tmp_path):
+    cfg, out = write_study(tmp_path), tmp_path / "out"
+    assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 2 runs x 2 cells, plus the baseline's second draw in both cells
+    assert len(rows) == 6
+    assert sorted((r["run"], r["sampler"], r["draw"]) for r in rows) == sorted(
+        [(run, s, "main") for run in ("baseline", "s2dm") for s in ("ddim", "deis")]
+        + [("baseline", s, "noise") for s in ("ddim", "deis")])
+    assert all(r["metric"] == "FD-pixels-48" and float(r["value"]) > 0 for r in rows)
+    noise = {r["sampler"]: r for r in rows if r["draw"] == "noise"}
+    assert noise["ddim"]["image_seeds"] == "1000000-1000047"
+    main_rows = {(r["run"], r["sampler"]): r for r in rows if r["draw"] == "main"}
+    assert main_rows[("s2dm", "ddim")]["image_seeds"] == main_rows[("baseline", "ddim")]["image_seeds"] == "0-47"
+    # an independent draw of the same model gives a different value: the metric has noise
+    assert float(noise["ddim"]["value"]) != float(main_rows[("baseline", "ddim")]["value"])
+    report = (out / "report.md").read_text()
+    assert "s2dm − baseline" in report and "metric noise" in report and "## Reading, cell by cell" in report
+    for png in ("fd_vs_nfe.png", "grids/baseline.png", "grids/s2dm.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # resume: nothing is retrained or re-sampled
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".json", ".jsonl", ".ckpt", ".pt")}
+    before = (out / "results.csv").read_text()
+    assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / "results.csv").read_text() == before
+
+    # a deleted cell is redone, and gives the same number (per-seed noise, fixed weights)
+    cell = out / "cells" / "s2dm-s0" / "deis-4.json"
+    cell.unlink()
+    assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
+    assert cell.is_file()
+
+    def values(text):  # every column but the cell's wall time
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(text.splitlines())]
+
+    assert values((out / "results.csv").read_text()) == values(before)
+
+
+def test_quick_preset_and_plan(tmp_path):
+    study = load_study(write_study(tmp_path), quick=True)
+    assert study.quick and study.samplers == ["ddim"]
+    cells = plan_cells(study)
+    assert [(c.run, c.sampler, c.steps, c.draw) for c in cells] == [
+        ("baseline", "ddim", 4, "main"), ("baseline", "ddim", 4, "noise"), ("s2dm", "ddim", 4, "main")]
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
+    (lambda d: d["runs"]["baseline"].update(steps=3), "runs.baseline: unknown key 'steps'"),
+    (lambda d: d["runs"].update(ctl={"weights_of": "nope", "eps_scale": "skip:9", "seeds": [0]}), "not a trained run"),
+    (lambda d: d["eval"].update(samplers=["euler"]), "unknown sampler 'euler'"),
+    (lambda d: d.update(baseline="missing"), "baseline 'missing'"),
+    (lambda d: d.pop("quick"), "no `quick:` preset"),
+])
+def test_bad_study_configs_fail_clearly(tmp_path, change, words, capsys):
+    data = yaml.safe_load(yaml.safe_dump(TOY))
+    change(data)
+    path = write_study(tmp_path, data)
+    quick = "quick" in words
+    with pytest.raises(UserError, match=words.replace("(", r"\(")):
+        load_study(path, quick=quick)
+    assert main(["study", "--config", str(path), "--out", str(tmp_path / "o")] + ["--quick"] * quick) == 2
+    assert words in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- statistics by hand
+
+def _row(run, seed, value, draw="main", sampler="ddim", steps=10):
+    return {"run": run, "seed": seed, "sampler": sampler, "steps": steps, "nfe": steps, "draw": draw,
+            "metric": "FD-pixels-5k", "value": value}
+
+
+TABLE = ([_row("baseline", s, v) for s, v in enumerate([10.0, 12.0, 11.0])]
+         + [_row("s2dm", s, v) for s, v in enumerate([9.5, 11.0, 10.9])]
+         + [_row("control", s, v) for s, v in enumerate([9.8, 12.1, 10.9])]
+         + [_row("skip49", 0, 10.6)]
+         + [_row("baseline", 0, 10.4, draw="noise")])
+
+
+def test_cell_statistics_equal_a_hand_computation():
+    (c,) = studyreport.cell_statistics(TABLE, "baseline")
+    assert (c.sampler, c.steps, c.nfe, c.metric) == ("ddim", 10, 10, "FD-pixels-5k")
+    assert c.runs["baseline"].mean == pytest.approx(11.0)
+    assert c.runs["baseline"].std == pytest.approx(1.0)  # deviations -1, 1, 0 → var 2/2
+    d = c.diffs["s2dm"]  # -0.5, -1.0, -0.1
+    assert d.values == pytest.approx([-0.5, -1.0, -0.1])
+    mean = -1.6 / 3
+    sd = math.sqrt(((-0.5 - mean) ** 2 + (-1.0 - mean) ** 2 + (-0.1 - mean) ** 2) / 2)
+    assert d.mean == pytest.approx(mean) and d.std == pytest.approx(sd)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, df=2)
+    assert d.ci95 == pytest.approx((mean - half, mean + half))
+    assert c.baseline_mean["s2dm"] == pytest.approx(11.0)
+    # a one-seed ablation is paired on seed 0 only and has no interval
+    assert c.diffs["skip49"].values == pytest.approx([0.6]) and c.diffs["skip49"].ci95 is None
+    assert c.baseline_mean["skip49"] == pytest.approx(10.0)
+    assert c.noise == pytest.approx(0.4) and c.noise_run == "baseline"
+    assert studyreport.noise_sd(c.noise) == pytest.approx(0.4 / math.sqrt(2))
+
+
+def test_reading_and_report_text():
+    (c,) = studyreport.cell_statistics(TABLE, "baseline")
+    text = studyreport.reading(c, "baseline", "s2dm", "control")
+    assert "s2dm − baseline = -0.533 (-4.8 %)" in text
+    assert "the 95 % interval includes 0" in text  # [-1.653, +0.587]
+    # control − baseline: -0.2, 0.1, -0.1 → mean -0.0667, 12.5 % of -0.533
+    assert "control moves the baseline by -0.067, 12 % of the s2dm difference" in text
+    assert "does not exceed twice the metric's own draw-to-draw std (0.283)" in text
+    assert studyreport.diff_text(c.diffs["s2dm"], 11.0).startswith("-0.533 [-1.653, +0.587] (-4.8 %)")
+
+
+def test_csv_round_trip(tmp_path):
+    rec = {"run": "baseline", "seed": 0, "sampler": "ddim", "steps": 10, "nfe": 10, "draw": "main",
+           "metric": "FD-pixels-5k", "value": 1.23456789, "seconds": 3.14159,
+           "settings": {"n": 5000, "image_seeds": "0-4999", "eps_scale": None, "checkpoint_step": 1200}}
+    rows = studyreport.rows_from_records([rec])
+    (tmp_path / "r.csv").write_text(studyreport.csv_text(rows))
+    back = studyreport.read_csv(tmp_path / "r.csv")
+    assert back[0]["value"] == pytest.approx(1.234568) and back[0]["steps"] == 10 and back[0]["eps_scale"] == ""
