@@ -227,7 +227,7 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path) -> str:
     lines += ["", overall_reading(cells, study.baseline, effect, control), ""]
 
     lines += ["## Every run, every cell", "",
-              "mean ± std over training seeds (seeds in brackets); then the paired difference against "
+              "mean ± std over training seeds (number of seeds in brackets); then the paired difference against "
               f"{study.baseline}.", ""]
     head = ["sampler", "steps", "NFE"] + [f"{r} ({len(study.runs[r].seeds)})" for r in runs]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -241,6 +241,20 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path) -> str:
             diff_text(c.diffs[r], c.baseline_mean[r]) if r in c.diffs else "—"
             for r in runs if r != study.baseline) + " |")
 
+    fid_cells = cell_statistics(rows, study.baseline, metric="FID")
+    if fid_cells:
+        lines += ["", "## Inception FID", "", "| sampler | steps | NFE | metric | " +
+                  " | ".join(f"{r}" for r in runs) + " | " + " | ".join(f"{r} − {study.baseline}" for r in runs if r != study.baseline) + " |",
+                  "|---|---|---|---|" + "---|" * (2 * len(runs) - 1)]
+        for c in fid_cells:
+            lines.append(f"| {c.sampler} | {c.steps} | {c.nfe} | {c.metric} | " +
+                         " | ".join(mean_std_text(c.runs[r]) if r in c.runs else "—" for r in runs) + " | " +
+                         " | ".join(diff_text(c.diffs[r], c.baseline_mean[r]) if r in c.diffs else "—"
+                                    for r in runs if r != study.baseline) + " |")
+    else:
+        lines += ["", "Inception FID: not computed (`eval.fid.n` is 0 in this study; on a CPU the "
+                  "Inception network scores about 11 images/s, METHOD §4)."]
+
     lines += ["", "## Reading, cell by cell", ""]
     for c in cells:
         lines.append(f"- **{c.sampler}, {c.steps} steps (NFE {c.nfe})**: {reading(c, study.baseline, effect, control)}")
@@ -250,14 +264,14 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path) -> str:
         what = (f"weights of `{r.weights_of}`, sampled with eps_scale `{r.eps_scale}`" if not r.trained
                 else ", ".join(f"`{k}={v}`" for k, v in r.overrides.items()) or "the base config")
         lines.append(f"- `{r.name}` (training seeds {', '.join(map(str, r.seeds))}): {what}")
-    lines += ["", f"Every run: `{Path(study.train_config).name}` with "
-              + ", ".join(f"`{k}={v}`" for k, v in study.overrides.items()) + ". Grids: `grids/<run>.png` "
+    common = ", ".join(f"`{k}={v}`" for k, v in study.overrides.items())
+    lines += ["", f"Every run: `{Path(study.train_config).name}`" + (f" with {common}" if common else "") + ". Grids: `grids/<run>.png` "
               f"(DDIM, {study.grid_steps} steps, image seeds 0–99, first training seed).", ""]
     lines += ["## Cost and versions", "",
               f"- training: {cost['train_seconds'] / 60:.1f} min; sampling and scoring: "
-              f"{cost['eval_seconds'] / 60:.1f} min (CPU seconds as measured wall time of each part; "
+              f"{cost['eval_seconds'] / 60:.1f} min (wall time of each part, summed over invocations; "
               f"this invocation: {cost['this_invocation_seconds'] / 60:.1f} min)",
-              f"- s2dm {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads",
+              f"- s2dm {__version__}, torch {torch.__version__}",
               "- `results.csv`: one row per model × cell (draw `noise` = the second, independent draw); "
               "`fd_vs_nfe.png`: mean ± std over seeds", ""]
     return "\n".join(lines)
