@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--order", type=int, default=3, help="DEIS order (0-3)")
     s.add_argument("--eps-scale", default=None,
                    help="ε-scaling control: a constant s (divide ε by s) or skip:9,tau:0.99")
-    s.add_argument("--n", type=int, default=None, help="number of images (seeds 0..n-1)")
+    s.add_argument("--n", "--num-images", type=int, default=None, help="number of images (seeds 0..n-1); spell it --num-images after torchrun, whose parser would claim --n")
     s.add_argument("--seeds", default=None, help="seed range, e.g. 0-49999")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fid ref: config override, e.g. --set data.root=/data (repeatable)")
     f.add_argument("--out", help="fid ref: the .npz to write")
     f.add_argument("--force", action="store_true", help="fid ref: overwrite --out")
-    f.add_argument("--n", type=int, default=None, help="use only the first N images of each folder / data set")
+    f.add_argument("--n", "--num-images", type=int, default=None, help="use only the first N images of each folder / data set; spell it --num-images after torchrun, whose parser would claim --n")
     f.add_argument("--features", choices=("inception", "pixels"), default=None,
                    help="inception (FID, default) or pixels (FD-pixels, raw pixels in [0, 1]); "
                         "default: what an .npz argument holds")
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ckpt", nargs="+", required=True, help="checkpoint files or run folders")
     e.add_argument("--samplers", default="ddim,pndm,deis", help="comma-separated (default ddim,pndm,deis)")
     e.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
-    e.add_argument("--n", type=int, required=True, help="samples per cell (seeds offset..offset+n-1)")
+    e.add_argument("--n", "--num-images", type=int, required=True, help="samples per cell (seeds offset..offset+n-1); spell it --num-images after torchrun, whose parser would claim --n")
     e.add_argument("--ref", required=True, help="reference statistics from `s2dm fid ref` (.npz)")
     e.add_argument("--out", required=True, help="output folder (resumable)")
     e.add_argument("--features", choices=("inception", "pixels"), default=None,
@@ -207,16 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from . import dist
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with dist.session():  # under torchrun: join the process group, print results once
+            return args.func(args)
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if dist.error_text(exc) is not None:
+            print(f"error: {dist.error_text(exc)}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(str(exc), file=sys.stderr)
+        if dist.error_text(exc) is not None:
+            print(dist.error_text(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

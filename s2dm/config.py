@@ -77,7 +77,10 @@ class TrainConfig:
     sample_every: int = 10_000
     keep_last: int = 2  # older checkpoints kept besides the newest
     max_nonfinite: int = 10  # stop after this many non-finite losses in a row (each is skipped)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's own GPU)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the training forward (slow start, faster steps)
 
 
 @dataclass
@@ -183,6 +186,7 @@ _CHOICES = {
     "loss.variant": ("independent", "shared"),
     "loss.reduction": ("mean", "sum"),
     "loss.t_sampling": ("antithetic", "uniform"),
+    "train.precision": ("fp32", "bf16", "fp16"),
 }
 
 

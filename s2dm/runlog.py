@@ -35,6 +35,18 @@ class Window:
         self.counts["grad_norm"] += 1
         self.steps += 1
 
+    KEYS = ("loss", "l0", "lskip", "loss_t_q1", "loss_t_q2", "loss_t_q3", "loss_t_q4", "grad_norm")
+
+    def all_reduce(self, reduce_sum) -> None:
+        """Sum the window over ranks (``reduce_sum``: a float64 array → its sum over ranks), so
+        that the summary is over the global batch. Every rank calls it at the same step. The
+        grad norm, equal on all ranks, is added W times and counted W times: its mean is kept."""
+        keys = self.KEYS
+        total = reduce_sum([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0) for k in keys])
+        for i, k in enumerate(keys):
+            if total[len(keys) + i] > 0:
+                self.sums[k], self.counts[k] = float(total[i]), int(total[len(keys) + i])
+
     def summary(self, batch_size: int) -> dict:
         dt = time.perf_counter() - self.t0
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}

@@ -3,9 +3,22 @@
 Reproducibility: every random draw of step k comes from (train.seed, stream, k) — see
 draws.py — so resuming at step k continues exactly, and runs that differ only in ``loss`` see
 the same x_t at every step.
+
+Several GPUs: under ``torchrun --nproc_per_node W`` the model is wrapped in
+DistributedDataParallel. ``train.batch_size`` is the GLOBAL batch; each rank takes its
+contiguous B/W rows of the global batch of step k (data indices, flips, t, ε, ε′ are drawn
+for the whole batch on every rank, then sliced). DDP averages the per-rank mean gradients,
+which with equal per-rank batches is the gradient of the global mean loss: W ranks reproduce
+one process with the same global batch up to float reduction order (tests/test_dist.py). The
+one per-rank random stream is dropout, seeded from (train.seed, DROPOUT, step, rank) (a mask
+over the global batch cannot be sliced). Weights start equal on all ranks (the same INIT
+seed; DDP also broadcasts rank 0's), gradients are all-reduced, so the EMA stays identical on
+every rank. A non-finite loss on any rank, and a stop signal on any rank, are agreed on by
+all ranks (one all-reduce per step). Only rank 0 writes the log, grids and checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -15,13 +28,13 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import seeds
+from . import dist, seeds
 from .checkpoint import load_state_strict, read_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import load_dataset
@@ -30,14 +43,18 @@ from .draws import PlannedBatches, StepDraws, draw_step
 from .ema import make_ema, update_ema
 from .errors import Interrupted, UserError
 from .losses import l0_loss, skip_step_loss
+from .precision import autocast, check_supported, make_scaler, to_channels_last
 from .runlog import Window, truncate_log
 from .schedule import NoiseSchedule
 from .unet import build_model, count_parameters
 
-# Keys that may differ when a run is resumed (they change cadence or length, not the math).
+# Keys that may differ when a run is resumed (they change cadence, length or speed, not the
+# model or the loss). precision may change too (e.g. back to fp32 after fp16 trouble); the
+# run then no longer continues bit-exactly, which is the user's explicit choice.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
                      "train.sample_every", "train.keep_last", "train.device", "data.num_workers",
-                     "data.root", "train.max_nonfinite"}
+                     "data.root", "train.max_nonfinite", "train.precision", "train.channels_last",
+                     "train.compile"}
 
 
 def compute_loss(cfg: Config, model, x0, draws: StepDraws, schedule: NoiseSchedule):
@@ -73,17 +90,22 @@ def check_resumable(cfg: Config, saved: dict) -> None:
 
 @dataclass
 class RunState:
-    """What a checkpoint restores: the modules, the optimiser and the step counter."""
+    """What a checkpoint restores: the modules, the optimiser (and fp16 GradScaler) and the
+    step counter. ``net`` is what the training forward calls: ``model`` itself, or ``model``
+    wrapped in DDP and/or torch.compile (``wrap_for_training``)."""
 
     model: torch.nn.Module
     ema: torch.nn.Module
     opt: torch.optim.Optimizer
     step: int = 0
+    scaler: Optional[torch.amp.GradScaler] = None
+    net: Optional[torch.nn.Module] = None
 
     def to_checkpoint(self, cfg: Config) -> dict:
         return {
             "step": self.step, "config": cfg.to_dict(), "model": self.model.state_dict(),
             "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             # Every draw is derived from (seed, step), so these are not needed to resume;
             # they are kept so that a run's full RNG state at the checkpoint is on record.
             "rng": rng_states(), "data_position": self.step * cfg.train.batch_size,
@@ -99,12 +121,30 @@ def rng_states() -> dict:
 
 
 def new_state(cfg: Config, device: torch.device) -> RunState:
-    """Fresh weights from (train.seed, INIT), whatever loss.type is."""
+    """Fresh weights from (train.seed, INIT), whatever loss.type is (the same on every rank)."""
+    device = torch.device(device)
+    check_supported(cfg.train.precision, device)
     torch.manual_seed(seeds.derive_seed(cfg.train.seed, seeds.INIT))
     model = build_model(cfg).to(device)
+    if cfg.train.channels_last:
+        model = to_channels_last(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    return RunState(model, make_ema(model), opt)
+    return RunState(model, make_ema(model), opt, scaler=make_scaler(cfg.train.precision, device))
+
+
+def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module the training forward calls: DDP under torchrun, then torch.compile if asked."""
+    net = model
+    if dist.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every parameter gets a gradient every step (no find_unused_parameters); the UNet
+        # has no buffers, so DDP's buffer sync costs nothing.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return net
 
 
 def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Path]:
@@ -115,14 +155,17 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
         try:
             saved = read_checkpoint(path, map_location=device)
         except UserError as exc:
-            print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
+            if dist.is_main():
+                print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
             continue
         check_resumable(cfg, saved["config"])
         load_state_strict(state.model, saved["model"], "model", path)
         load_state_strict(state.ema, saved["ema"], "EMA", path)
         state.opt.load_state_dict(saved["optimizer"])
+        if state.scaler is not None and saved.get("scaler"):
+            state.scaler.load_state_dict(saved["scaler"])  # fp16: the loss scale continues
         state.step = int(saved["step"])
-        if path != candidates[0]:
+        if path != candidates[0] and dist.is_main():
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
     raise UserError(f"no readable checkpoint in {ckpt_dir}; use --resume never --force to start over")
@@ -168,30 +211,92 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def train_step(cfg: Config, state: RunState, x0: torch.Tensor, schedule: NoiseSchedule, device):
-    """One optimiser step (skipped if the loss or gradient is non-finite).
-    Returns (finite, loss value, grad norm, t, per-sample terms)."""
+class StepResult(NamedTuple):
+    """What one training step reports. ``finite``: the loss (on every rank) and, without a
+    GradScaler, the gradient norm were finite, and the step was taken. ``overflow``: fp16
+    only, the loss was finite but the scaled gradients overflowed, so the GradScaler skipped
+    the step and lowered its scale (its normal way of finding a scale; not counted as a
+    non-finite loss). ``stop``: some rank received SIGTERM/SIGINT. ``loss``: the mean over the
+    global batch; ``t`` and ``terms``: this rank's rows."""
+
+    finite: bool
+    loss: float
+    grad_norm: float
+    t: torch.Tensor
+    terms: dict
+    overflow: bool = False
+    stop: bool = False
+
+
+def rank_rows(cfg: Config) -> tuple:
+    """[a, b): this rank's rows of the global batch (all rows in a plain process)."""
+    per_rank = dist.per_rank_batch(cfg.train.batch_size)
+    return dist.rank() * per_rank, (dist.rank() + 1) * per_rank
+
+
+def dropout_seed(cfg: Config, step: int) -> int:
+    """Dropout masks are drawn by the layers over the batch a rank holds, so they cannot be
+    sliced from a global draw: each rank has its own stream (seed, DROPOUT, step, rank). One
+    process keeps (seed, DROPOUT, step), the stream runs made before torchrun support used."""
+    if dist.world_size() == 1:
+        return seeds.derive_seed(cfg.train.seed, seeds.DROPOUT, step)
+    return seeds.derive_seed(cfg.train.seed, seeds.DROPOUT, step, dist.rank())
+
+
+def train_step(cfg: Config, state: RunState, x0: torch.Tensor, schedule: NoiseSchedule, device,
+               stop_requested: bool = False) -> StepResult:
+    """One optimiser step on this rank's rows ``x0`` of the global batch (skipped if the
+    loss or gradient is non-finite). Under torchrun every rank must call it (it all-reduces)."""
+    device = torch.device(device)
     step = state.step
+    net = state.net if state.net is not None else state.model
     state.model.train()
-    draws = draw_step(cfg, step, x0.shape)
+    a, b = rank_rows(cfg)
+    if x0.shape[0] != b - a:
+        raise ValueError(f"batch of {x0.shape[0]} rows, expected {b - a} (train.batch_size / ranks)")
+    draws = draw_step(cfg, step, (cfg.train.batch_size, *x0.shape[1:]))
+    if (a, b) != (0, cfg.train.batch_size):
+        draws = draws.rows(a, b)
     if draws.flip is not None:
         x0 = torch.where(draws.flip[:, None, None, None], x0.flip(3), x0)
     x0 = x0.to(device, non_blocking=True)
-    torch.manual_seed(seeds.derive_seed(cfg.train.seed, seeds.DROPOUT, step))
+    if cfg.train.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(dropout_seed(cfg, step))
     lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup) if cfg.optim.warmup else cfg.optim.lr
     for group in state.opt.param_groups:
         group["lr"] = lr
-    loss, terms = compute_loss(cfg, state.model, x0, draws, schedule)
+    with autocast(cfg.train.precision, device):
+        loss, terms = compute_loss(cfg, net, x0, draws, schedule)
     state.opt.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler = state.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(state.opt)  # clip the true gradients
+    else:
+        loss.backward()
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    # After DDP's all-reduce the gradients, hence this norm, are the same on every rank.
     grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
     loss_value = loss.item()
-    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-    if finite:
+    loss_bad, stop = not math.isfinite(loss_value), bool(stop_requested)
+    if dist.world_size() > 1:  # every rank must take (or skip) the step, and stop, together
+        bad_count, loss_sum, stops = dist.all_reduce_sum([float(loss_bad), 0.0 if loss_bad else loss_value,
+                                                          float(stop)])
+        loss_bad, stop = bad_count > 0, stops > 0
+        loss_value = float("nan") if loss_bad else float(loss_sum) / dist.world_size()
+    grad_bad = not math.isfinite(grad_norm)
+    overflow = scaler is not None and grad_bad and not loss_bad
+    finite = not loss_bad and not grad_bad
+    if scaler is not None:
+        if finite:
+            scaler.step(state.opt)  # unscaled already; it steps because the gradients are finite
+        scaler.update()  # a skipped (overflowed) step lowers the scale
+    elif finite:
         state.opt.step()
+    if finite:
         update_ema(state.ema, state.model, cfg.train.ema_decay)
-    return finite, loss_value, grad_norm, draws.t, terms
+    return StepResult(finite, loss_value, grad_norm, draws.t, terms, overflow, stop)
 
 
 def save(state: RunState, cfg: Config, ckpt_dir: Path) -> Path:
@@ -203,78 +308,107 @@ def save(state: RunState, cfg: Config, ckpt_dir: Path) -> Path:
 
 
 def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False) -> Path:
-    """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path."""
+    """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path.
+    Under torchrun every rank calls it; rank 0 alone writes into ``out``."""
     out = Path(out)
     ckpt_dir, grid_dir, log_path = out / "checkpoints", out / "samples", out / "log.jsonl"
-    resuming = prepare_folder(out, resume, force)
+    main_rank, world = dist.is_main(), dist.world_size()
+    per_rank = dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
+    resuming = dist.run0(lambda: prepare_folder(out, resume, force))
     device = pick_device(cfg.train.device)
     dataset = load_dataset(cfg.data)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     state = new_state(cfg, device)
     last_ckpt = restore(state, cfg, ckpt_dir, device) if resuming else None
-    if last_ckpt:
-        truncate_log(log_path, state.step)
-        print(f"resuming {out} from step {state.step}")
-    else:
-        log_path.unlink(missing_ok=True)
-    cfg.dump(out / "config.yaml")
+    if main_rank:
+        if last_ckpt:
+            truncate_log(log_path, state.step)
+            print(f"resuming {out} from step {state.step}")
+        else:
+            log_path.unlink(missing_ok=True)
+        cfg.dump(out / "config.yaml")
     if state.step >= cfg.train.steps:
-        print(f"{out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
+        dist.print0(f"{out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
         return last_ckpt
+    if world > 1:
+        dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
+                    f"= {world} ranks x {per_rank} per rank")
+    state.net = wrap_for_training(cfg, state.model, device)
 
+    rows = rank_rows(cfg) if world > 1 else None
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=PlannedBatches(len(dataset), cfg.train.batch_size, cfg.train.seed,
-                                              state.step, cfg.train.steps),
+                                              state.step, cfg.train.steps, rows=rows),
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
     )
     window = Window(cfg.diffusion.num_timesteps)
-    nonfinite_in_row = nonfinite_total = 0
+    nonfinite_in_row = nonfinite_total = overflow_total = 0
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {out.name}", unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not main_rank)
+    log_file = open(log_path, "a") if main_rank else contextlib.nullcontext()
     # The bar closes before any error line is printed, so that line stays the last one.
-    with bar, open(log_path, "a") as log, StopRequest() as stop:
+    with bar, log_file as log, StopRequest() as stop:
         def write(record: dict) -> None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if main_rank:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
 
         if state.step == 0:
             write({"step": 0, "event": "start", "parameters": count_parameters(state.model),
-                   "dataset_size": len(dataset), "device": str(device), "batch_size": cfg.train.batch_size})
+                   "dataset_size": len(dataset), "device": str(device), "batch_size": cfg.train.batch_size,
+                   "world_size": world, "batch_per_rank": per_rank, "backend": dist.backend(),
+                   "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
+                   "compile": cfg.train.compile})
         for x0 in loader:
-            finite, loss_value, grad_norm, t, terms = train_step(cfg, state, x0, schedule, device)
-            if not finite:
+            res = train_step(cfg, state, x0, schedule, device, stop_requested=stop.signal is not None)
+            if res.overflow:  # fp16: the GradScaler skipped the step and lowered its scale
+                overflow_total += 1
+                state.step += 1
+                bar.update(1)
+            elif not res.finite:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
-                write({"step": state.step + 1, "event": "nonfinite_skipped", "loss": loss_value,
-                       "grad_norm": grad_norm})
+                write({"step": state.step + 1, "event": "nonfinite_skipped", "loss": res.loss,
+                       "grad_norm": res.grad_norm})
                 if nonfinite_in_row >= cfg.train.max_nonfinite:
-                    raise UserError(
+                    err = UserError(
                         f"loss was non-finite for {nonfinite_in_row} steps in a row (step {state.step + 1}); "
                         f"stopped without saving. Last checkpoint: {last_ckpt or 'none'}"
                     )
+                    err.all_ranks = True  # every rank agreed on every skip and raises this
+                    raise err
                 state.step += 1  # the step is spent: its batch and draws are not reused
                 bar.update(1)
-                continue
-            nonfinite_in_row = 0
-            state.step += 1
-            window.add(t, terms, grad_norm)
-            bar.update(1)
+            else:
+                nonfinite_in_row = 0
+                state.step += 1
+                window.add(res.t, res.terms, res.grad_norm)
+                bar.update(1)
             done = state.step
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                if world > 1:  # the window's means over the global batch
+                    window.all_reduce(dist.all_reduce_sum)
                 rec = {"step": done, **window.summary(cfg.train.batch_size),
                        "lr": state.opt.param_groups[0]["lr"], "nonfinite_skipped": nonfinite_total}
+                if state.scaler is not None:
+                    rec.update(loss_scale=state.scaler.get_scale(), fp16_overflow_skipped=overflow_total)
                 write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
+                if "loss" in rec:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
                 window.reset()
-            if done % cfg.train.sample_every == 0 or done == cfg.train.steps:
-                write_grid(state.ema, cfg, schedule, grid_dir / f"grid_{done:08d}.png", device)
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.signal:
-                last_ckpt = save(state, cfg, ckpt_dir)
-            if stop.signal:
-                write({"step": done, "event": "stopped", "signal": int(stop.signal)})
-                raise Interrupted(f"stopped by signal {int(stop.signal)} at step {done}; saved {last_ckpt}",
-                                  128 + int(stop.signal))
-    return last_ckpt
+            with dist.same_outcome():  # a failed save on rank 0 stops every rank
+                if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
+                    write_grid(state.ema, cfg, schedule, grid_dir / f"grid_{done:08d}.png", device)
+                if main_rank and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or res.stop):
+                    last_ckpt = save(state, cfg, ckpt_dir)
+            if res.stop:
+                signum = int(stop.signal or signal.SIGTERM)
+                write({"step": done, "event": "stopped", "signal": signum})
+                last_ckpt = dist.broadcast_object(last_ckpt)
+                exc = Interrupted(f"stopped by signal {signum} at step {done}; saved {last_ckpt}", 128 + signum)
+                exc.all_ranks = True
+                raise exc
+    return dist.broadcast_object(last_ckpt)
 
 
 def write_grid(ema, cfg: Config, schedule: NoiseSchedule, path: Path, device) -> None:
