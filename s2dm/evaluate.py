@@ -7,6 +7,11 @@ same initial noise, in every cell: a paired design), scores them against referen
 whose record matches the requested settings is not recomputed; delete its json to redo it.
 After every cell ``results.csv`` is rewritten; at the end ``results.md`` (a paper-style table
 with the relative change of each checkpoint against the first) and ``fid_vs_nfe.png``.
+
+Under torchrun every rank runs every cell: the seeds are split across ranks for sampling
+(``sample_to_folder``) and the images for feature extraction (``FeatureExtractor``), the
+statistics are summed across ranks in float64, and rank 0 alone decides which cells are
+done and writes records, tables and the plot — the numbers equal one process's.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from . import dist
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_text
 from .fid import FeatureExtractor, Stats, frechet_distance, metric_label, parse_kind
@@ -150,7 +156,8 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
 
     cells = [(ck, f, label, s, k) for ck, f, label in zip(ckpts, files, labels) for s in samplers for k in steps]
     rows: Dict[tuple, dict] = {}
-    bar = tqdm(total=len(cells), desc="eval cells", unit="cell", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(total=len(cells), desc="eval cells", unit="cell", dynamic_ncols=True,
+               disable=not (progress and dist.is_main()))
     try:
         for ck, f, label, sampler, k in cells:
             key = {
@@ -160,14 +167,7 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
                 "features": ref_stats.features,
             }
             record_path = out / "cells" / label / f"{sampler}-{k}.json"
-            record = None
-            if record_path.is_file():
-                try:
-                    record = json.loads(record_path.read_text())
-                except (OSError, ValueError):
-                    record = None
-                if not isinstance(record, dict) or record.get("key") != key:
-                    record = None
+            record = dist.run0(lambda: _read_record(record_path, key))  # every rank: the same choice
             if record is None:
                 extractor.load()  # Inception weights: fail before sampling, not after
                 folder = out / "samples" / label / f"{sampler}-{k}"
@@ -176,7 +176,7 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
                                         batch_size=batch_size, device=device)
                 pngs = [folder / f"{s:06d}.png" for s in seeds]
                 stats = extractor.stats_of_files(pngs, str(folder))
-                value = frechet_distance(stats, ref_stats)
+                value = dist.run0(lambda: frechet_distance(stats, ref_stats))
                 row = {
                     "checkpoint": str(f), "label": label, "checkpoint_step": meta["settings"]["checkpoint_step"],
                     "sampler": sampler, "grid": grid, "steps": k, "nfe": meta["nfe"], "eta": eta,
@@ -186,20 +186,39 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
                     "weights_sha256": stats.weights_sha256 or "",
                 }
                 record = {"key": key, "row": row}
-                _atomic_write(record_path, json.dumps(record, indent=2))
-                if not keep_samples:
-                    for p in pngs:
-                        p.unlink(missing_ok=True)
+                if dist.is_main():
+                    _atomic_write(record_path, json.dumps(record, indent=2))
+                    if not keep_samples:
+                        for p in pngs:
+                            p.unlink(missing_ok=True)
             rows[(label, sampler, k)] = record["row"]
-            _atomic_write(out / "results.csv", _csv_text(list(rows.values())))
+            if dist.is_main():
+                _atomic_write(out / "results.csv", _csv_text(list(rows.values())))
             bar.update(1)
     finally:
         bar.close()
 
     ordered = [rows[(label, s, k)] for label in labels for s in samplers for k in steps]
-    _atomic_write(out / "results.md", results_markdown(ordered, labels, samplers, steps))
-    plot_fid_vs_nfe(ordered, out / "fid_vs_nfe.png")
+
+    def finish():
+        _atomic_write(out / "results.md", results_markdown(ordered, labels, samplers, steps))
+        plot_fid_vs_nfe(ordered, out / "fid_vs_nfe.png")
+
+    dist.run0(finish)  # the other ranks return once the files exist
     return ordered
+
+
+def _read_record(path: Path, key: dict) -> Optional[dict]:
+    """A finished cell's record if it matches ``key``, else None (redo the cell)."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key:
+        return None
+    return record
 
 
 def _csv_text(rows: List[dict]) -> str:

@@ -20,6 +20,11 @@ too); pytorch-fid's own download only with ``allow_download``.
 
 Statistics files keep pytorch-fid's ``mu``/``sigma`` keys and add ``n``, ``features``,
 ``metric``, ``weights_sha256``, ``source`` and (pixels) ``shape``, so mixing is detected.
+
+Under torchrun the images are split into contiguous parts on batch boundaries (every batch is
+the batch one process would run), each rank accumulates the float64 moments of its part, and
+the parts are summed across ranks in float64 (``all_reduce_moments``): the statistics equal
+one process's up to float64 rounding. Rank 0 writes any file; every rank gets the result.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from . import dist
 from .dist import pick_device
 from .errors import UserError
 from .fidstats import (  # noqa: F401  (FEATURES, FULL_N: re-exported, the fid API)
@@ -42,6 +48,8 @@ from .fidstats import (  # noqa: F401  (FEATURES, FULL_N: re-exported, the fid A
 from .images import list_images, load_image
 from .inception import load_inception, resolve_inception_weights, sha256_file
 from .sample import PREVIEW_DIR
+
+_REEXPORTED = (FEATURES, FULL_N)  # part of the fid API (s2dm.fid.FULL_N), defined in fidstats
 
 PathLike = Union[str, os.PathLike]
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
@@ -163,7 +171,9 @@ class FeatureExtractor:
         """Resolve, hash and load the Inception weights (no-op for pixels or when loaded)."""
         if self.features != "inception" or self._model is not None:
             return
-        path, how = resolve_inception_weights(self.weights_arg, allow_download=self.allow_download)
+        # Rank 0 finds (and may convert or download) the weights; then every rank loads them.
+        path, how = dist.run0(lambda: resolve_inception_weights(self.weights_arg,
+                                                                allow_download=self.allow_download))
         self.weights_sha256 = sha256_file(path)
         self._model = load_inception(path, self.dims).to(self.device)
         self.weights_path, self.weights_how = path, how
@@ -186,18 +196,22 @@ class FeatureExtractor:
 
         self.load()
         moments = RunningMoments()
-        bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not self.progress)
+        world = dist.world_size()
+        bar = tqdm(total=total, desc=desc if world == 1 else f"{desc} (rank 0 of {world})", unit="img",
+                   dynamic_ncols=True, disable=not (self.progress and dist.is_main()))
         try:
-            for batch in batches:
-                if isinstance(batch, str):
-                    raise UserError(batch)
-                moments.update(self._features(batch))
-                bar.update(batch.shape[0])
+            with dist.same_outcome():  # a bad file on one rank stops every rank with its message
+                for batch in batches:
+                    if isinstance(batch, str):
+                        raise UserError(batch)
+                    moments.update(self._features(batch))
+                    bar.update(batch.shape[0])
         finally:
             bar.close()
         return moments
 
     def _stats(self, moments: RunningMoments, source: str, shape) -> Stats:
+        moments, shape = all_reduce_moments(moments, shape)
         mu, sigma = moments.finalize()
         inception = self.features == "inception"
         return Stats(mu, sigma, moments.n, self.kind, self.weights_sha256 if inception else None, source,
@@ -207,10 +221,11 @@ class FeatureExtractor:
     def stats_of_images(self, images: ImageSet) -> Stats:
         """Statistics of validated image files (see ``scan_images``)."""
         mode = "L" if self.features == "pixels" and images.gray else "RGB"
+        a, b = batch_aligned_shard(len(images.files), self.batch_size)  # this rank's files
         loader = torch.utils.data.DataLoader(
-            _FileImages(images.files, mode), batch_size=self.batch_size, shuffle=False,
+            _FileImages(images.files[a:b], mode), batch_size=self.batch_size, shuffle=False,
             num_workers=self.num_workers, collate_fn=_collate)
-        moments = self._run(loader, len(images.files), f"{self.metric} {Path(images.source).name or 'images'}")
+        moments = self._run(loader, b - a, f"{self.metric} {Path(images.source).name or 'images'}")
         shape = (1 if mode == "L" else 3, *images.size)
         return self._stats(moments, images.source, shape)
 
@@ -218,7 +233,8 @@ class FeatureExtractor:
         return self.stats_of_images(scan_images(files, source))
 
     def stats_of_uint8(self, batches: Iterable[torch.Tensor], total: int, source: str) -> Stats:
-        """Statistics of uint8 (B, C, H, W) batches (a data set's images)."""
+        """Statistics of uint8 (B, C, H, W) batches (a data set's images). Under torchrun each
+        rank passes the batches of its own part (see ``batch_aligned_shard``)."""
         shape = []
 
         def checked():
@@ -231,6 +247,36 @@ class FeatureExtractor:
 
         moments = self._run(checked(), total, f"{self.metric} {source}")
         return self._stats(moments, source, shape)
+
+
+# ---------------------------------------------------------------- several ranks
+
+def batch_aligned_shard(n: int, batch_size: int) -> Tuple[int, int]:
+    """[a, b): this rank's items of n, whole batches of ``batch_size`` each (the last batch of
+    all may be short), so every rank's batches are batches one process would run."""
+    n_batches = -(-n // batch_size)
+    first, stop = dist.shard_bounds(n_batches)
+    return min(n, first * batch_size), min(n, stop * batch_size)
+
+
+def all_reduce_moments(moments: RunningMoments, shape=()) -> Tuple[RunningMoments, tuple]:
+    """Every rank's moments summed in float64, about one common shift (the first non-empty
+    rank's, so rank 0's sums are those one process accumulates); also the image shape, which
+    a rank without images did not see. A plain process gets its arguments back."""
+    if dist.world_size() == 1:
+        return moments, shape
+    seen = dist.all_gather_object((moments.n, moments.shift, tuple(shape)))
+    donor = next((i for i, (n, _, _) in enumerate(seen) if n > 0), None)
+    if donor is None:
+        return moments, shape
+    shift, dim = np.asarray(seen[donor][1], dtype=np.float64), len(seen[donor][1])
+    n, s, ss = moments.sums_about(shift) if moments.n else (0, np.zeros(dim), np.zeros((dim, dim)))
+    total = RunningMoments()
+    total.shift = shift
+    total.n = int(round(float(dist.all_reduce_sum([n])[0])))
+    total.s = dist.all_reduce_sum(s)
+    total.ss = dist.all_reduce_sum(ss)
+    return total, tuple(seen[donor][2])
 
 
 # ---------------------------------------------------------------- sources
@@ -361,17 +407,19 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
 
 
 def _dataset_batches(ds, limit: Optional[int], batch_size: int, num_workers: int):
-    """uint8 (B, C, H, W) batches of a data set, mapped as ``data.dataset_tensor`` maps them."""
+    """uint8 (B, C, H, W) batches of a data set, mapped as ``data.dataset_tensor`` maps them
+    (under torchrun: this rank's batches)."""
     from .data import dataset_tensor
     from .images import to_uint8
 
     n = len(ds) if limit is None else min(limit, len(ds))
+    a, b = batch_aligned_shard(n, batch_size)
     if hasattr(ds, "uint8_images"):  # in-memory sets: one cheap tensor
         x = dataset_tensor(ds, n)
-        for i in range(0, n, batch_size):
-            yield x[i:i + batch_size]
+        for i in range(a, b, batch_size):
+            yield x[i:min(i + batch_size, b)]
         return
-    sub = torch.utils.data.Subset(ds, range(n))
+    sub = torch.utils.data.Subset(ds, range(a, b))
     for batch in torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=num_workers):
         yield to_uint8(batch)
 
@@ -406,12 +454,13 @@ def reference_stats(source: PathLike, out: PathLike, *, features: str = "incepti
         if total < 2:
             raise UserError(f"the {cfg.data.dataset} training set has {total} image(s); statistics need at least 2")
         label = f"{cfg.data.dataset} train {cfg.data.image_size}x{cfg.data.image_size} ({src})"
-        stats = ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), total, label)
+        a, b = batch_aligned_shard(total, batch_size)
+        stats = ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), b - a, label)
     elif not src.exists():
         raise UserError(f"not found: {src}")
     else:
         raise UserError(f"{src} is neither a YAML config nor an image folder")
-    stats.save(out)
+    dist.run0(lambda: stats.save(out))
     stats.path = str(out)
     return stats
 

@@ -23,6 +23,8 @@ _NOTED = set()
 
 
 def _note(msg: str, once: bool = False) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank computes the same: say it once
+        return
     if once:
         if msg in _NOTED:
             return
@@ -187,6 +189,15 @@ class RunningMoments:
         self.s += y.sum(axis=0)
         self.ss += y.T @ y
         self.n += x.shape[0]
+
+    def sums_about(self, shift: np.ndarray) -> Tuple[int, np.ndarray, np.ndarray]:
+        """(n, Σy, Σyyᵀ) with y = x − ``shift`` instead of x − self.shift (exact algebra:
+        y' = y + d, d = self.shift − shift), to add the moments of several ranks."""
+        d = self.shift - np.asarray(shift, dtype=np.float64)
+        if not d.any():
+            return self.n, self.s.copy(), self.ss.copy()
+        ss = self.ss + np.outer(d, self.s) + np.outer(self.s, d) + self.n * np.outer(d, d)
+        return self.n, self.s + self.n * d, ss
 
     def finalize(self) -> Tuple[np.ndarray, np.ndarray]:
         if self.n < 2:

@@ -3,6 +3,11 @@
 Image i is generated from x_T drawn by seed i's own generator (and, for stochastic samplers,
 per-seed noise at every step), so it does not depend on the batch size or on which other
 seeds are drawn in the same call.
+
+Under torchrun the seeds still to do are split into contiguous parts, one per rank
+(``dist.shard``); each rank writes its own PNGs, and rank 0 alone checks the folder's
+settings, writes ``metadata.json`` and the preview grid once every rank is done. Since an
+image depends only on its seed, W ranks write the same files as one process.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint
+from . import dist
 from .dist import pick_device
 from .errors import UserError
 from .images import make_grid_png, save_png
@@ -108,8 +114,8 @@ def sample_to_folder(
     grid_images: int = 64,
 ) -> dict:
     """Write ``{seed:06d}.png`` for every seed (skipping existing files), ``metadata.json``
-    and ``preview/grid.png``; returns the metadata."""
-    from . import __version__
+    and ``preview/grid.png``; returns the metadata. Under torchrun every rank calls it and
+    gets the metadata; the seeds are split across ranks."""
     from .samplers import check_options, parse_eps_scale
 
     dev = pick_device(device)
@@ -124,31 +130,47 @@ def sample_to_folder(
                    legacy_pndm_index=legacy_pndm_index)
     info = check_options(schedule, **options)  # fail on a bad option before any work
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
     settings = _settings({**options, "eps_scale": eps_scale, "ema": bool(use_ema)}, ck)
     meta_path = out / "metadata.json"
-    if meta_path.is_file():
-        before = json.loads(meta_path.read_text()).get("settings", {})
-        for key, value in settings.items():
-            if before.get(key) != value:
-                raise UserError(f"{out} holds images made with {key}={before.get(key)!r}, not {value!r}; "
-                                "use another --out")
 
-    todo = [s for s in seeds if not (out / f"{s:06d}.png").exists()]
+    def prepare() -> List[int]:  # rank 0: the folder, its settings, the seeds still to do
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
+        if meta_path.is_file():
+            before = json.loads(meta_path.read_text()).get("settings", {})
+            for key, value in settings.items():
+                if before.get(key) != value:
+                    raise UserError(f"{out} holds images made with {key}={before.get(key)!r}, not {value!r}; "
+                                    "use another --out")
+        return [s for s in seeds if not (out / f"{s:06d}.png").exists()]
+
+    todo = dist.run0(prepare)
+    mine = dist.shard(todo)  # this rank's part (all of it in a plain process)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), desc="sample", unit="img", dynamic_ncols=True)
-    for i in range(0, len(todo), batch_size):
-        batch = todo[i:i + batch_size]
-        images, info = generate(model, schedule, batch, image_shape=shape, batch_size=batch_size,
-                                device=dev, **options)
-        for seed, img in zip(batch, images):
-            save_png(img, out / f"{seed:06d}.png")
-        bar.update(len(batch))
+    world = dist.world_size()
+    bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), unit="img", dynamic_ncols=True,
+               desc="sample" if world == 1 else f"sample ({world} ranks, rank 0 shown x{world})",
+               disable=not dist.is_main())
+    with dist.same_outcome():
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i:i + batch_size]
+            images, info = generate(model, schedule, batch, image_shape=shape, batch_size=batch_size,
+                                    device=dev, **options)
+            for seed, img in zip(batch, images):
+                save_png(img, out / f"{seed:06d}.png")
+            bar.update(min(len(batch) * world, bar.total - bar.n))
     bar.close()
+    return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, grid_images, shape))
 
+
+def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, grid_images: int,
+            shape) -> dict:
+    """metadata.json and the preview grid, once every image is on disk (rank 0)."""
+    from . import __version__
+
+    meta_path = out / "metadata.json"
     meta = {
         "settings": settings,
         "config": cfg.to_dict(),
