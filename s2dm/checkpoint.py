@@ -7,6 +7,7 @@ A checkpoint is a dict saved with ``torch.save``: ``format_version``, ``step``, 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -119,3 +120,52 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
         load_state_strict(ema, state["ema"], "EMA", path)
         ema = ema.to(device).eval().requires_grad_(False)
     return LoadedCheckpoint(model.to(device).eval(), ema, config, int(state["step"]), path, state)
+
+
+def first_mismatch(expected: dict, got: dict) -> Optional[str]:
+    """The first key, in the model's order, where ``got`` does not fit ``expected`` (missing,
+    another shape, or not in the model at all), described; None when every tensor fits."""
+    for key, want in expected.items():
+        if key not in got:
+            return f"{key} is missing"
+        if tuple(got[key].shape) != tuple(want.shape):
+            return f"{key} has shape {tuple(got[key].shape)}, the model needs {tuple(want.shape)}"
+    extra = next((key for key in got if key not in expected), None)
+    return None if extra is None else f"{extra} is not in the model"
+
+
+_ARCHITECTURE_KEYS = (("data", "channels"), ("data", "image_size"), ("model", "ch"), ("model", "ch_mult"),
+                      ("model", "num_res_blocks"), ("model", "attn_resolutions"), ("model", "resamp_with_conv"))
+
+
+def init_weights_from(path, model: nn.Module, ema: nn.Module, cfg, resumed: bool = False) -> Optional[dict]:
+    """Start a NEW run from a checkpoint's weights (``s2dm train --init-from``): its EMA weights
+    if it has them (what published DDPM weights are, and the better network of a run), else
+    its raw ones, go into both the model and the EMA; strictly, so a wrong architecture is an
+    error naming the first mismatching key. A resumed run keeps its own weights. Returns the
+    provenance for the run log (path, sha256, size, which weights, source step)."""
+    from .fileio import sha256_file
+
+    if path is None:
+        return None
+    if resumed:
+        print(f"note: resuming the run folder; --init-from {path} is ignored (its checkpoints hold the weights)",
+              file=sys.stderr)
+        return None
+    try:
+        path = resolve_checkpoint(path)
+        state = read_checkpoint(path)
+    except UserError as exc:
+        raise UserError(f"--init-from: {exc} (convert published weights first: s2dm convert)") from None
+    which = "ema" if state.get("ema") is not None else "model"
+    bad = first_mismatch(model.state_dict(), state[which])
+    if bad:
+        saved = state.get("config") or {}
+        hint = next((f"; {a}.{b} is {saved[a][b]!r} there but {getattr(getattr(cfg, a), b)!r} in this config"
+                     for a, b in _ARCHITECTURE_KEYS
+                     if b in saved.get(a, {}) and saved[a][b] != getattr(getattr(cfg, a), b)), "")
+        raise UserError(f"--init-from {path}: its weights do not fit this config's model: {bad}{hint}")
+    model.load_state_dict(state[which])
+    ema.load_state_dict(state[which])
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size,
+            "weights": which, "step": int(state["step"]), "source": state.get("source")}

@@ -19,9 +19,29 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    ckpt = train(cfg, out, resume=args.resume, force=args.force)
+    ckpt = train(cfg, out, resume=args.resume, force=args.force, init_from=args.init_from)
     print(f"done: {ckpt}")
     print(f"samples: {out / 'samples'}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    res = convert(args.layout, args.source, args.out, config=args.config, overrides=args.set,
+                  image_size=args.image_size, force=args.force)
+    m, d = res["config"].model, res["config"].data
+    print(f"{res['out']}: s2dm UNet ch {m.ch}, ch_mult {m.ch_mult}, {m.num_res_blocks} res blocks, attention at "
+          f"{m.attn_resolutions}, {d.channels}x{d.image_size}x{d.image_size}, {res['parameters'] / 1e6:.1f} M "
+          f"parameters (from {args.layout}: {res['source']['path']})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    res = export(args.ckpt, args.out, to=args.to, use_ema=args.ema, force=args.force)
+    print(f"{res['out']}: {args.to} layout, {res['weights']} weights of step {res['step']}")
     return 0
 
 
@@ -132,7 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", choices=("auto", "never"), default="auto",
                    help="auto: continue from the run folder's newest checkpoint (default)")
     t.add_argument("--force", action="store_true", help="with --resume never: overwrite an existing run")
+    t.add_argument("--init-from", metavar="CKPT",
+                   help="start a new run from these weights (an s2dm checkpoint, e.g. from s2dm convert; its "
+                        "EMA weights seed both the model and the EMA)")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser(
+        "convert", help="published DDPM weights (diffusers or DDIM-repository layout) -> s2dm checkpoint",
+        description="Map a diffusers UNet2DModel (a folder with config.json and diffusion_pytorch_model."
+                    "safetensors/.bin, a pipeline folder with unet/, or the weights file) or a DDIM-repository "
+                    "state dict (e.g. model-790000.ckpt) onto s2dm's UNet and write an s2dm checkpoint. "
+                    "Local files only.")
+    c.add_argument("source", metavar="DIR|FILE", help="the published weights")
+    c.add_argument("--from", dest="layout", required=True, choices=("diffusers", "ddim"), help="their layout")
+    c.add_argument("--out", required=True, help="the s2dm checkpoint to write, e.g. model.ckpt")
+    c.add_argument("--config", help="YAML whose data/diffusion/loss/... sections the checkpoint takes; its model "
+                                    "section must match the weights (default: read off the weights)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    c.add_argument("--image-size", type=int, help="--from ddim: the image size (32 CIFAR10, 64 CelebA), "
+                                                  "unless --config gives it")
+    c.add_argument("--force", action="store_true", help="overwrite --out")
+    c.set_defaults(func=cmd_convert)
+
+    x = sub.add_parser("export", help="s2dm checkpoint -> diffusers DDPMPipeline folder or DDIM-layout file")
+    x.add_argument("--to", required=True, choices=("diffusers", "ddim"))
+    x.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    x.add_argument("--out", required=True, help="diffusers: the pipeline folder; ddim: the .ckpt file")
+    x.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the EMA weights (default) or the raw ones (--no-ema)")
+    x.add_argument("--force", action="store_true", help="overwrite --out")
+    x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("sample", help="write per-seed PNG samples from a checkpoint")
     s.add_argument("--ckpt", required=True, help="checkpoint file or run folder")

@@ -28,3 +28,14 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str, fsync: bool = False) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()), fsync=fsync)
+
+
+def sha256_file(path: Union[str, os.PathLike]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (provenance of weights a run starts from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import dist, seeds
-from .checkpoint import load_state_strict, read_checkpoint, save_run_checkpoint
+from .checkpoint import init_weights_from, load_state_strict, read_checkpoint, save_run_checkpoint
 from .config import Config
 from .data import load_dataset
 from .dist import pick_device
@@ -307,7 +307,7 @@ def save(state: RunState, cfg: Config, ckpt_dir: Path) -> Path:
                         f"{exc.strerror or exc}; earlier checkpoints are intact") from None
 
 
-def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False) -> Path:
+def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, init_from=None) -> Path:
     """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path.
     Under torchrun every rank calls it; rank 0 alone writes into ``out``."""
     out = Path(out)
@@ -320,6 +320,7 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False) -> 
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     state = new_state(cfg, device)
     last_ckpt = restore(state, cfg, ckpt_dir, device) if resuming else None
+    init = init_weights_from(init_from, state.model, state.ema, cfg, resumed=bool(last_ckpt))  # new runs only
     if main_rank:
         if last_ckpt:
             truncate_log(log_path, state.step)
@@ -358,7 +359,7 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False) -> 
                    "dataset_size": len(dataset), "device": str(device), "batch_size": cfg.train.batch_size,
                    "world_size": world, "batch_per_rank": per_rank, "backend": dist.backend(),
                    "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
-                   "compile": cfg.train.compile})
+                   "compile": cfg.train.compile, "init_from": init})
         for x0 in loader:
             res = train_step(cfg, state, x0, schedule, device, stop_requested=stop.signal is not None)
             if res.overflow:  # fp16: the GradScaler skipped the step and lowered its scale

@@ -2,141 +2,25 @@
 layout (weights copied across by name), and the same function as a plainly written DDPM
 forward (the optimised evaluation in s2dm/unet.py changes only float round-off).
 
-The key mapping here (``s2dm_key_to_diffusers`` / ``diffusers_key_to_s2dm``) is general over
-levels, res blocks per level, attention levels and resamplers, for reuse by a converter.
+The key mapping (``s2dm_key_to_diffusers`` / ``diffusers_key_to_s2dm``, in s2dm/layouts.py and
+re-exported by s2dm.convert) is general over levels, res blocks per level, attention levels
+and resamplers; tests/test_convert.py checks the converter built on it.
 """
 from __future__ import annotations
 
 import math
-import re
-from typing import Dict, Optional, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from s2dm.convert import (diffusers_to_s2dm_state_dict, diffusers_unet_kwargs, s2dm_key_to_diffusers,
+                          s2dm_to_diffusers_state_dict)
 from s2dm.unet import Upsample, UNet, timestep_embedding, upsample_conv_kernel
 
-# ---------------------------------------------------------------------------------------
-# s2dm (DDIM-repository names) <-> diffusers UNet2DModel names
-# ---------------------------------------------------------------------------------------
-_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
-           "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
-_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_TOP = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-        "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
-_MID = {"mid.block_1": "mid_block.resnets.0", "mid.block_2": "mid_block.resnets.1",
-        "mid.attn_1": "mid_block.attentions.0"}
-
-
-def _sub(table: Dict[str, str], key: str) -> Optional[str]:
-    """Replace the longest dotted prefix of ``key`` found in ``table``."""
-    for src in sorted(table, key=len, reverse=True):
-        if key == src or key.startswith(src + "."):
-            return table[src] + key[len(src):]
-    return None
-
-
-def s2dm_key_to_diffusers(key: str, num_levels: int) -> str:
-    """An s2dm UNet state-dict key → the UNet2DModel key holding the same tensor.
-
-    down.L.block.i → down_blocks.L.resnets.i, down.L.attn.i → down_blocks.L.attentions.i,
-    down.L.downsample.conv → down_blocks.L.downsamplers.0.conv; the up path is stored by
-    level in s2dm and in walking order in diffusers: up.L.* → up_blocks.(num_levels−1−L).*,
-    up.L.upsample.conv → up_blocks.(num_levels−1−L).upsamplers.0.conv. Inside a res block
-    temb_proj → time_emb_proj and nin_shortcut → conv_shortcut; inside attention norm →
-    group_norm, q/k/v → to_q/to_k/to_v, proj_out → to_out.0.
-    """
-    top = _sub(_TOP, key)
-    if top is not None:
-        return top
-    m = re.fullmatch(r"(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)\.(weight|bias)", key)
-    if m:
-        path, level, kind, i, mod, param = m.groups()
-        level = int(level) if path == "down" else num_levels - 1 - int(level)
-        table, group = (_RESNET, "resnets") if kind == "block" else (_ATTN, "attentions")
-        return f"{path}_blocks.{level}.{group}.{i}.{table[mod]}.{param}"
-    m = re.fullmatch(r"(down|up)\.(\d+)\.(downsample|upsample)\.conv\.(weight|bias)", key)
-    if m:
-        path, level, kind, param = m.groups()
-        level = int(level) if path == "down" else num_levels - 1 - int(level)
-        return f"{path}_blocks.{level}.{kind}rs.0.conv.{param}"
-    m = re.fullmatch(r"(mid\.\w+)\.(\w+)\.(weight|bias)", key)
-    if m:
-        block, mod, param = m.groups()
-        table = _ATTN if block == "mid.attn_1" else _RESNET
-        return f"{_MID[block]}.{table[mod]}.{param}"
-    raise KeyError(f"no diffusers name for s2dm key {key!r}")
-
-
-def diffusers_key_to_s2dm(key: str, num_levels: int) -> str:
-    """The inverse of ``s2dm_key_to_diffusers``."""
-    inv = lambda table: {v: k for k, v in table.items()}  # noqa: E731
-    top = _sub(inv(_TOP), key)
-    if top is not None:
-        return top
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.([\w.]+)\.(weight|bias)", key)
-    if m:
-        path, level, group, i, mod, param = m.groups()
-        level = int(level) if path == "down" else num_levels - 1 - int(level)
-        table, kind = (inv(_RESNET), "block") if group == "resnets" else (inv(_ATTN), "attn")
-        return f"{path}.{level}.{kind}.{i}.{table[mod]}.{param}"
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(downsample|upsample)rs\.0\.conv\.(weight|bias)", key)
-    if m:
-        path, level, kind, param = m.groups()
-        level = int(level) if path == "down" else num_levels - 1 - int(level)
-        return f"{path}.{level}.{kind}.conv.{param}"
-    m = re.fullmatch(r"(mid_block\.(?:resnets|attentions)\.\d+)\.([\w.]+)\.(weight|bias)", key)
-    if m:
-        block, mod, param = m.groups()
-        s2dm_block = inv(_MID)[block]
-        table = inv(_ATTN) if s2dm_block == "mid.attn_1" else inv(_RESNET)
-        return f"{s2dm_block}.{table[mod]}.{param}"
-    raise KeyError(f"no s2dm name for diffusers key {key!r}")
-
-
-def _is_attn_projection(s2dm_key: str) -> bool:
-    return bool(re.search(r"(attn\.\d+|attn_1)\.(q|k|v|proj_out)\.weight$", s2dm_key))
-
-
-def s2dm_to_diffusers_state_dict(sd: Dict[str, torch.Tensor], num_levels: int) -> Dict[str, torch.Tensor]:
-    """Rename, and turn the attention 1×1 convolution weights (C, C, 1, 1) into Linear (C, C)."""
-    out = {}
-    for key, value in sd.items():
-        out[s2dm_key_to_diffusers(key, num_levels)] = value[:, :, 0, 0] if _is_attn_projection(key) else value
-    return out
-
-
-def diffusers_to_s2dm_state_dict(sd: Dict[str, torch.Tensor], num_levels: int) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sd.items():
-        new = diffusers_key_to_s2dm(key, num_levels)
-        out[new] = value[:, :, None, None] if _is_attn_projection(new) else value
-    return out
-
-
-def diffusers_unet_kwargs(in_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2),
-                          num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,),
-                          dropout: float = 0.1, image_size: int = 32, out_channels: Optional[int] = None) -> dict:
-    """``UNet2DModel`` arguments for the network ``UNet(...)`` builds from the same arguments
-    (the google/ddpm-cifar10-32 layout for the defaults). diffusers has one GroupNorm group
-    count and only convolutional resamplers, so every width must be a multiple of 32."""
-    widths = [ch * m for m in ch_mult]
-    if any(w % 32 for w in [ch] + widths):
-        raise ValueError("diffusers' UNet2DModel uses 32 groups everywhere: widths must be multiples of 32")
-    res = [image_size // 2 ** i for i in range(len(ch_mult))]
-    attn = [r in attn_resolutions for r in res]
-    return dict(
-        sample_size=image_size, in_channels=in_channels, out_channels=out_channels or in_channels,
-        block_out_channels=tuple(widths), layers_per_block=num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6, act_fn="silu",
-        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, time_embedding_type="positional",
-        dropout=dropout, resnet_time_scale_shift="default", add_attention=True,
-    )
-
-
+# -------------------------------------------------------------------------------------
+# s2dm <-> diffusers UNet2DModel
+# -------------------------------------------------------------------------------------
 LAYOUTS = [
     dict(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(8,), image_size=16),
     dict(in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8, 2), image_size=8),
