@@ -129,6 +129,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    out = run_study(args.config, args.out, quick=args.quick)
+    report = (out / "report.md").read_text()
+    print(report.split("\n## ")[0].rstrip())  # the headline section
+    print(f"report: {out / 'report.md'}; table: {out / 'results.csv'}; plot: {out / 'fd_vs_nfe.png'}")
+    return 0
+
+
 def _inception_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="image-loading processes (default 0)")
@@ -252,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the sample PNGs after scoring (default) or delete them")
     _inception_args(e)
     e.set_defaults(func=cmd_eval)
+
+    st = sub.add_parser(
+        "study", help="train and evaluate a paired study (runs x seeds x cells) into report.md",
+        description="Train every run x seed of a study YAML, evaluate every model in every "
+                    "(sampler, steps) cell with the same image seeds, and write results.csv, report.md "
+                    "(paired differences, 95%% intervals, metric noise) and fd_vs_nfe.png. Resumable.")
+    st.add_argument("--config", required=True, help="study YAML, e.g. configs/study_digits.yaml")
+    st.add_argument("--out", help="output folder (default runs/<config name>[-quick])")
+    st.add_argument("--quick", action="store_true", help="the YAML's quick preset (fewer runs, seeds, cells)")
+    st.set_defaults(func=cmd_study)
     return p
 
 
