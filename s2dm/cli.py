@@ -132,7 +132,7 @@ def cmd_eval(args) -> int:
 def cmd_study(args) -> int:
     from .study import run_study
 
-    out = run_study(args.config, args.out, quick=args.quick)
+    out = run_study(args.config, args.out, quick=args.quick, report_only=args.report_only)
     report = (out / "report.md").read_text()
     print(report.split("\n## ")[0].rstrip())  # the headline section
     print(f"report: {out / 'report.md'}; table: {out / 'results.csv'}; plot: {out / 'fd_vs_nfe.png'}")
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--config", required=True, help="study YAML, e.g. configs/study_digits.yaml")
     st.add_argument("--out", help="output folder (default runs/<config name>[-quick])")
     st.add_argument("--quick", action="store_true", help="the YAML's quick preset (fewer runs, seeds, cells)")
+    st.add_argument("--report-only", action="store_true",
+                    help="no training or sampling: write the report of the cells scored so far")
     st.set_defaults(func=cmd_study)
     return p
 

@@ -194,8 +194,9 @@ def run_config(study: Study, run: Run, seed: int):
     return load_config(study.train_config, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
-def train_all(study: Study, out: Path) -> Dict[str, float]:
-    """Train (or resume) every run × seed; returns the seconds each model's training took."""
+def train_all(study: Study, out: Path, train_missing: bool = True) -> Dict[str, float]:
+    """Train (or resume) every run × seed; returns the seconds each model's training took.
+    ``train_missing=False`` only reads the record of the runs already trained."""
     from .train import train
 
     seconds = {}
@@ -210,6 +211,8 @@ def train_all(study: Study, out: Path) -> Dict[str, float]:
             done = json.loads(cost.read_text()) if cost.is_file() else {}
             if done.get("config") == cfg.to_dict() and (folder / "checkpoints").is_dir():
                 seconds[name] = done["seconds"]  # trained with this very config: not touched again
+                continue
+            if not train_missing:
                 continue
             t0 = time.time()
             train(cfg, folder, resume="auto")  # resumes a half-done run; refuses a changed config
@@ -311,8 +314,9 @@ def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, r
             "nfe": expected_nfe(cell.sampler, cell.steps), "seconds": time.time() - t0}
 
 
-def evaluate_all(study: Study, out: Path, progress: bool = True) -> List[dict]:
-    """Score every planned cell not already recorded; returns every cell's record."""
+def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = True) -> List[dict]:
+    """Score every planned cell not already recorded; returns every cell's record.
+    ``score=False`` only collects the records there are (a report of a study in progress)."""
     from tqdm.auto import tqdm
 
     from .checkpoint import load_checkpoint
@@ -331,8 +335,12 @@ def evaluate_all(study: Study, out: Path, progress: bool = True) -> List[dict]:
     bar = tqdm(cells, desc="study cells", unit="cell", dynamic_ncols=True, disable=not progress)
     for cell in bar:
         run = study.runs[cell.run]
-        ckpt = _checkpoint_of(study, out, run, cell.seed)
         path = out / "cells" / model_name(cell.run, cell.seed) / f"{cell.key}.json"
+        if not score:
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
+            continue
+        ckpt = _checkpoint_of(study, out, run, cell.seed)
         key = str(ckpt)
         if key not in loaded:
             loaded[key] = load_checkpoint(ckpt, device=device)  # every model once (a study's are small)
@@ -366,7 +374,8 @@ def write_grids(study: Study, out: Path) -> None:
 
     for run in study.runs.values():
         path = out / "grids" / f"{run.name}.png"
-        if path.is_file():
+        source = out / "runs" / model_name(run.weights_of or run.name, run.seeds[0])
+        if path.is_file() or not (source / "study_done.json").is_file():
             continue
         device = pick_device("auto")
         ck = load_checkpoint(_checkpoint_of(study, out, run, run.seeds[0]), device=device)
@@ -378,21 +387,23 @@ def write_grids(study: Study, out: Path) -> None:
         make_grid_png(images, path)
 
 
-def run_study(config, out=None, quick: bool = False, progress: bool = True) -> Path:
-    """The whole study: train, evaluate, grids, results.csv, report.md, fd_vs_nfe.png."""
+def run_study(config, out=None, quick: bool = False, progress: bool = True, report_only: bool = False) -> Path:
+    """The whole study: train, evaluate, grids, results.csv, report.md, fd_vs_nfe.png.
+    ``report_only``: no training or sampling, the report of the cells scored so far."""
     from . import studyreport
 
     study = load_study(config, quick=quick)
     out = Path(out) if out else Path("runs") / (Path(config).stem + ("-quick" if quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    train_seconds = train_all(study, out)
-    records = evaluate_all(study, out, progress=progress)
+    train_seconds = train_all(study, out, train_missing=not report_only)
+    records = evaluate_all(study, out, progress=progress, score=not report_only)
     write_grids(study, out)
     rows = studyreport.rows_from_records(records)
     atomic_write_text(out / "results.csv", studyreport.csv_text(rows))
     studyreport.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png")
     cost = {"train_seconds": sum(train_seconds.values()), "eval_seconds": sum(r["seconds"] for r in records),
-            "this_invocation_seconds": time.time() - t0}
+            "this_invocation_seconds": time.time() - t0, "cells_planned": len(plan_cells(study)),
+            "cells_scored": len(records)}
     atomic_write_text(out / "report.md", studyreport.report_markdown(rows, study, cost, out))
     return out

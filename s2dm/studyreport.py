@@ -205,6 +205,10 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path) -> str:
     effect = study.effect
     metric = cells[0].metric if cells else "FD-pixels"
     lines = [f"# Study: {Path(study.path).name}{' (quick preset)' if study.quick else ''}", ""]
+    planned, scored = cost.get("cells_planned"), cost.get("cells_scored")
+    if planned and scored is not None and scored < planned:
+        lines += [f"**Incomplete: {scored} of {planned} cells scored.** Run the same `s2dm study` command "
+                  "again to finish; nothing done is redone.", ""]
     lines += [f"Metric: **{metric}** (Fréchet distance on raw pixels in [0, 1] of {study.n:,} samples per cell, "
               "image seeds 0..n−1 for every model, against the full training set; not FID). "
               f"Lower is better. Paired differences are run − {study.baseline} at the same training seed, "

@@ -65,7 +65,13 @@ def test_study_writes_everything_and_resumes(tmp_path):
     # a deleted cell is redone, and gives the same number (per-seed noise, fixed weights)
     cell = out / "cells" / "s2dm-s0" / "deis-4.json"
     cell.unlink()
+    # --report-only reports what is there and scores nothing
+    assert main(["study", "--config", str(cfg), "--out", str(out), "--report-only"]) == 0
+    assert not cell.exists()
+    assert "**Incomplete: 5 of 6 cells scored.**" in (out / "report.md").read_text()
+    assert len(list(csv.DictReader((out / "results.csv").read_text().splitlines()))) == 5
     assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
+    assert "Incomplete" not in (out / "report.md").read_text()
     assert cell.is_file()
 
     def values(text):  # every column but the cell's wall time
