@@ -25,7 +25,7 @@ from .errors import UserError
 from .fileio import atomic_write_text
 
 STUDY_KEYS = {"train_config", "set", "runs", "baseline", "effect", "eval", "quick"}
-RUN_KEYS = {"set", "seeds", "weights_of", "eps_scale"}
+RUN_KEYS = {"set", "seeds", "weights_of", "eps_scale", "samplers"}
 EVAL_KEYS = {"samplers", "steps", "n", "features", "order", "batch_size", "noise_draw", "noise_seed_offset",
              "fid", "grid_steps"}
 FID_KEYS = {"n", "steps", "samplers"}
@@ -39,6 +39,7 @@ class Run:
     overrides: Dict[str, object] = field(default_factory=dict)
     weights_of: Optional[str] = None  # a control: sample this run's weights
     eps_scale: Optional[str] = None
+    samplers: Optional[List[str]] = None  # a subset of the study's samplers (None: all)
 
     @property
     def trained(self) -> bool:
@@ -111,7 +112,7 @@ def load_study(path, quick: bool = False) -> Study:
         if "seeds" not in spec:
             raise UserError(f"{where}: missing key 'seeds'")
         run = Run(name, _int_list(spec["seeds"], f"{where}.seeds"), dict(spec.get("set") or {}),
-                  spec.get("weights_of"), spec.get("eps_scale"))
+                  spec.get("weights_of"), spec.get("eps_scale"), spec.get("samplers"))
         if run.eps_scale is not None:
             parse_eps_scale(str(run.eps_scale))
         runs[name] = run
@@ -172,6 +173,12 @@ def _validate(study: Study, samplers) -> None:
         study.effect = None  # e.g. dropped by a quick preset
     if study.noise_draw is not None and study.noise_draw not in study.runs:
         raise UserError(f"{where}: eval.noise_draw names unknown run {study.noise_draw!r}")
+    for run in study.runs.values():
+        if run.samplers is not None:
+            bad = [s for s in run.samplers if s not in samplers]
+            if bad:
+                raise UserError(f"{where}: runs.{run.name}.samplers: unknown sampler {bad[0]!r}")
+            run.samplers = [s for s in run.samplers if s in study.samplers]  # a quick preset may drop some
     for s in list(study.samplers) + list(study.fid_samplers or []):
         if s not in samplers:
             raise UserError(f"{where}: unknown sampler {s!r}; choose from {', '.join(samplers)}")
@@ -245,6 +252,8 @@ def plan_cells(study: Study) -> List[Cell]:
     for steps in sorted(study.steps):
         for sampler in study.samplers:
             for run in study.runs.values():
+                if run.samplers is not None and sampler not in run.samplers:
+                    continue
                 for seed in run.seeds:
                     cells.append(Cell(run.name, seed, sampler, steps, n=study.n))
                     if run.name == study.noise_draw and seed == run.seeds[0]:
