@@ -2,7 +2,8 @@
 
 A checkpoint is a dict saved with ``torch.save``: ``format_version``, ``step``, ``config``
 (the resolved config as a plain dict, so sampling needs nothing else), ``model``, ``ema``,
-``optimizer`` state dicts, ``rng`` and version strings. Run folders keep them under
+``optimizer`` state dicts, ``scaler`` (the fp16 GradScaler's state, restored on resume; None
+for fp32/bf16; absent in older files), ``rng`` and version strings. Run folders keep them under
 ``checkpoints/ckpt_{step:08d}.pt`` with a text file ``checkpoints/latest`` naming the newest.
 """
 from __future__ import annotations

@@ -397,12 +397,18 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
                 if "loss" in rec:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
                 window.reset()
+            # Ranks stop at the step they agreed on in train_step's all-reduce; one process
+            # also honours a signal that arrived during this step's bookkeeping.
+            due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
             with dist.same_outcome():  # a failed save on rank 0 stops every rank
                 if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
                     write_grid(state.ema, cfg, schedule, grid_dir / f"grid_{done:08d}.png", device)
-                if main_rank and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or res.stop):
+                stopping = res.stop or (world == 1 and stop.signal is not None)
+                if main_rank and (due or stopping):
                     last_ckpt = save(state, cfg, ckpt_dir)
-            if res.stop:
+            if world == 1 and due and stop.signal is not None:
+                stopping = True  # it arrived while this step's checkpoint was written: stop here
+            if stopping:
                 signum = int(stop.signal or signal.SIGTERM)
                 write({"step": done, "event": "stopped", "signal": signum})
                 last_ckpt = dist.broadcast_object(last_ckpt)
