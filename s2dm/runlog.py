@@ -47,6 +47,17 @@ class Window:
             if total[len(keys) + i] > 0:
                 self.sums[k], self.counts[k] = float(total[i]), int(total[len(keys) + i])
 
+    def clear(self) -> None:
+        """Drop the sums and counts (keep the timing)."""
+        self.sums, self.counts = defaultdict(float), defaultdict(int)
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.sums.update(d["sums"])
+        self.counts.update(d["counts"])
+
     def summary(self, batch_size: int) -> dict:
         dt = time.perf_counter() - self.t0
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}

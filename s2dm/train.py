@@ -100,12 +100,16 @@ class RunState:
     step: int = 0
     scaler: Optional[torch.amp.GradScaler] = None
     net: Optional[torch.nn.Module] = None
+    # The log window's sums since the last log line (global over ranks, on rank 0), so that a
+    # run stopped between two log lines logs the same numbers after resuming.
+    log_window: Optional[dict] = None
 
     def to_checkpoint(self, cfg: Config) -> dict:
         return {
             "step": self.step, "config": cfg.to_dict(), "model": self.model.state_dict(),
             "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "log_window": self.log_window,
             # Every draw is derived from (seed, step), so these are not needed to resume;
             # they are kept so that a run's full RNG state at the checkpoint is on record.
             "rng": rng_states(), "data_position": self.step * cfg.train.batch_size,
@@ -165,6 +169,7 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
         if state.scaler is not None and saved.get("scaler"):
             state.scaler.load_state_dict(saved["scaler"])  # fp16: the loss scale continues
         state.step = int(saved["step"])
+        state.log_window = saved.get("log_window")
         if path != candidates[0] and dist.is_main():
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
@@ -343,6 +348,8 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
     )
     window = Window(cfg.diffusion.num_timesteps)
+    if state.log_window and main_rank:
+        window.load_state_dict(state.log_window)
     nonfinite_in_row = nonfinite_total = overflow_total = 0
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {out.name}", unit="step",
                dynamic_ncols=True, disable=not main_rank)
@@ -400,10 +407,16 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
             # Ranks stop at the step they agreed on in train_step's all-reduce; one process
             # also honours a signal that arrived during this step's bookkeeping.
             due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+            stopping = res.stop or (world == 1 and stop.signal is not None)
+            if due or stopping:  # every rank agrees on both
+                if world > 1:  # rank 0 keeps the global partial sums, the others start afresh
+                    window.all_reduce(dist.all_reduce_sum)
+                    if not main_rank:
+                        window.clear()
+                state.log_window = window.state_dict()
             with dist.same_outcome():  # a failed save on rank 0 stops every rank
                 if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
                     write_grid(state.ema, cfg, schedule, grid_dir / f"grid_{done:08d}.png", device)
-                stopping = res.stop or (world == 1 and stop.signal is not None)
                 if main_rank and (due or stopping):
                     last_ckpt = save(state, cfg, ckpt_dir)
             if world == 1 and due and stop.signal is not None:

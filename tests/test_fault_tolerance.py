@@ -126,6 +126,28 @@ def test_sigterm_saves_then_resume_is_exact(tmp_path, reference):
     finish_and_compare(out, reference)
 
 
+# SIGTERM arrives inside step 5, between two log lines (log_every 2): the saved log window makes
+# the resumed run's step-6 line average steps 5 and 6, as the uninterrupted run's does.
+TERM_DURING_STEP_5 = """
+import os, signal, s2dm.train as tr
+_step = tr.train_step
+def step(cfg, state, *a, **k):
+    if state.step == 4:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _step(cfg, state, *a, **k)
+tr.train_step = step
+"""
+
+
+def test_sigterm_between_log_lines_resumes_with_the_same_log(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = spawn(out, TERM_DURING_STEP_5)
+    assert proc.wait(timeout=240) == 128 + signal.SIGTERM, proc.stderr.read()[-2000:]
+    stopped = [r for r in read_log(out) if r.get("event") == "stopped"]
+    assert [r["step"] for r in stopped] == [5] and load_checkpoint(out).step == 5
+    finish_and_compare(out, reference)
+
+
 # -- bad input: one line, exit 2, nothing lost ---------------------------------------------
 def snapshot(folder):
     return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
