@@ -15,8 +15,6 @@ done and writes records, tables and the plot — the numbers equal one process's
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 from . import dist
 from .errors import UserError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, csv_text
 from .fid import FeatureExtractor, Stats, frechet_distance, metric_label, parse_kind
 from .inception import sha256_file
 
@@ -193,7 +191,7 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
                             p.unlink(missing_ok=True)
             rows[(label, sampler, k)] = record["row"]
             if dist.is_main():
-                _atomic_write(out / "results.csv", _csv_text(list(rows.values())))
+                _atomic_write(out / "results.csv", csv_text(list(rows.values()), CSV_COLUMNS))
             bar.update(1)
     finally:
         bar.close()
@@ -219,15 +217,6 @@ def _read_record(path: Path, key: dict) -> Optional[dict]:
     if not isinstance(record, dict) or record.get("key") != key:
         return None
     return record
-
-
-def _csv_text(rows: List[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    return buf.getvalue()
 
 
 def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence[str],

@@ -39,3 +39,16 @@ def sha256_file(path: Union[str, os.PathLike]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def csv_text(rows, columns) -> str:
+    """Rows (dicts) as CSV text with ``columns`` in order; a missing or None value is empty."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return buf.getvalue()

@@ -8,7 +8,6 @@ sample draws of one model (|a − b|, and the implied std of one value |a − b|
 from __future__ import annotations
 
 import csv
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,9 @@ def rows_from_records(records: Sequence[dict]) -> List[dict]:
 
 
 def csv_text(rows: Sequence[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: (f"{row[k]:.6f}" if k == "value" else row[k]) for k in CSV_COLUMNS})
-    return buf.getvalue()
+    from .fileio import csv_text as to_csv
+
+    return to_csv([{**r, "value": f"{r['value']:.6f}"} for r in rows], CSV_COLUMNS)
 
 
 def read_csv(path) -> List[dict]:
