@@ -176,7 +176,8 @@ def reading(c: CellStats, baseline: str, effect: Optional[str], control: Optiona
         parts.append(f"{effect} − {baseline} = {_signed(d.mean)} ({100 * d.mean / c.baseline_mean[effect]:+.1f} %); {verdict}.")
         if sd is not None:
             size = "exceeds" if abs(d.mean) > 2 * sd else "does not exceed"
-            parts.append(f"The mean difference {size} twice the metric's own draw-to-draw std ({_f(sd)}).")
+            parts.append(f"The mean difference {size} twice the metric's own draw-to-draw std ({_f(sd)}); "
+                         "the paired runs share x_T, so most of that draw noise cancels in the difference.")
         if control in c.diffs:
             cd = c.diffs[control]
             share = cd.mean / d.mean if d.mean != 0 else None
@@ -293,14 +294,21 @@ def overall_reading(cells: Sequence[CellStats], baseline: str, effect: Optional[
     noises = [c.noise for c in cells if c.noise is not None]
     if noises:
         big = sum(1 for c in ds if c.noise is not None and abs(c.diffs[effect].mean) > 2 * noise_sd(c.noise))
-        text += (f" The metric's own draw-to-draw std (|a−b|/√2) is {min(noises) / math.sqrt(2):.3f}–"
-                 f"{max(noises) / math.sqrt(2):.3f}; the mean difference exceeds twice it in {big} of {len(ds)} cells.")
+        text += (f" The metric's own draw-to-draw std (|a−b|/√2, two independent sample draws of one model) is "
+                 f"{min(noises) / math.sqrt(2):.3f}–{max(noises) / math.sqrt(2):.3f}; the mean difference exceeds "
+                 f"twice it in {big} of {len(ds)} cells. Unpaired, with this many samples, the effect would be lost "
+                 "in that noise; paired (same x_T per image seed), the draw noise largely cancels and the "
+                 "interval over training seeds is the test.")
     if control:
         cs = [c for c in ds if control in c.diffs]
         if cs:
             crel = [100 * c.diffs[control].mean / c.baseline_mean[control] for c in cs]
-            text += (f" The ε-scaling control (the baseline's weights, ε rescaled) changes FD by "
-                     f"{min(crel):+.1f} % to {max(crel):+.1f} % (mean {sum(crel) / len(crel):+.1f} %).")
+            shares = [c.diffs[control].mean / c.diffs[effect].mean for c in cs if c.diffs[effect].mean != 0]
+            text += (f" The ε-scaling control (the baseline's own weights, ε multiplied by the predicted shrink "
+                     f"factor) changes FD by {min(crel):+.1f} % to {max(crel):+.1f} % (mean "
+                     f"{sum(crel) / len(crel):+.1f} %)")
+            text += (f", {100 * min(shares):.0f}–{100 * max(shares):.0f} % of the {effect} difference in the same "
+                     "cell." if shares else ".")
     return text
 
 
