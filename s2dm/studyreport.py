@@ -270,8 +270,8 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path) -> str:
               f"(DDIM, {study.grid_steps} steps, image seeds 0–99, first training seed).", ""]
     lines += ["## Cost and versions", "",
               f"- training: {cost['train_seconds'] / 60:.1f} min; sampling and scoring: "
-              f"{cost['eval_seconds'] / 60:.1f} min (wall time of each part, summed over invocations; "
-              f"this invocation: {cost['this_invocation_seconds'] / 60:.1f} min)",
+              f"{cost['eval_seconds'] / 60:.1f} min (wall time of each model's training and each cell, summed over "
+              "invocations; on a shared machine these include the time other jobs took)",
               f"- s2dm {__version__}, torch {torch.__version__}",
               "- `results.csv`: one row per model × cell (draw `noise` = the second, independent draw); "
               "`fd_vs_nfe.png`: mean ± std over seeds", ""]
