@@ -287,10 +287,12 @@ def overall_reading(cells: Sequence[CellStats], baseline: str, effect: Optional[
     better = sum(1 for c in ds if c.diffs[effect].ci95 and c.diffs[effect].ci95[1] < 0)
     worse = sum(1 for c in ds if c.diffs[effect].ci95 and c.diffs[effect].ci95[0] > 0)
     rel = [100 * c.diffs[effect].mean / c.baseline_mean[effect] for c in ds]
+    no_ci = sum(1 for c in ds if c.diffs[effect].ci95 is None)
     text = (f"**Reading.** Over {len(ds)} cells the paired {effect} − {baseline} difference ranges from "
-            f"{min(rel):+.1f} % to {max(rel):+.1f} % (mean {sum(rel) / len(rel):+.1f} %); its 95 % interval "
-            f"lies below 0 ({effect} better) in {better} cells, above 0 in {worse}, and includes 0 in "
-            f"{len(ds) - better - worse}.")
+            f"{min(rel):+.1f} % to {max(rel):+.1f} % (mean {sum(rel) / len(rel):+.1f} %); ")
+    text += ("with one training seed there is no interval: run the full study for one." if no_ci == len(ds) else
+             f"its 95 % interval lies below 0 ({effect} better) in {better} cells, above 0 in {worse}, and "
+             f"includes 0 in {len(ds) - better - worse - no_ci}.")
     noises = [c.noise for c in cells if c.noise is not None]
     if noises:
         big = sum(1 for c in ds if c.noise is not None and abs(c.diffs[effect].mean) > 2 * noise_sd(c.noise))
