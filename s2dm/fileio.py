@@ -14,6 +14,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file follows the umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             if fsync:
@@ -24,6 +25,13 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Union[str, os.PathLike], text: str, fsync: bool = False) -> Path:
