@@ -251,18 +251,24 @@ def test_sharded_eval_gives_the_same_fd_and_images(runs, sampled, tmp_path, caps
     proc = ok(torchrun("-m", "s2dm", *args, "--out", tmp_path / "two"))
     rows = [json.loads(next((tmp_path / d / "cells").rglob("*.json")).read_text())["row"] for d in ("one", "two")]
     assert rows[0]["n"] == rows[1]["n"] == 90
-    assert rows[1]["value"] == pytest.approx(rows[0]["value"], rel=1e-9)
+    # Not float64 rounding: the product of two singular covariances (always-black pixels) makes
+    # sqrtm ill-conditioned. Measured with scripts/fd_noise.py on 90 such samples vs the digits
+    # reference: relative spread 9e-10 under rounding-size perturbations; 1e-8 is ~10x that.
+    assert rows[1]["value"] == pytest.approx(rows[0]["value"], rel=1e-8)
     folders = [next((tmp_path / d / "samples").rglob("ddim-3")) for d in ("one", "two")]
     assert pngs(folders[0]) == pngs(folders[1]) and len(pngs(folders[0])) == 90
-    assert proc.stdout.count("1 cells:") == 1
+    assert proc.stdout.count("1 cell:") == 1
     # `s2dm fid` of two folders, sharded: the same number as one process
     fid_args = ["fid", folders[0], sampled[0], "--features", "pixels", "--json", "--batch-size", "7",
                 "--device", "cpu"]
     capsys.readouterr()
-    assert main([str(a) for a in fid_args]) == 0  # pixel features: exact whatever the thread count
+    assert main([str(a) for a in fid_args]) == 0
     v1 = json.loads(capsys.readouterr().out)["value"]
     v2 = json.loads(ok(torchrun("-m", "s2dm", *fid_args)).stdout)["value"]
-    assert v2 == pytest.approx(v1, rel=1e-9)
+    # 23 images < 64 pixels: a rank-deficient covariance. Measured (scripts/fd_noise.py, 90 vs
+    # 23 samples of a tiny run): relative spread 3.0e-8; one process with --batch-size 1..1000
+    # spreads 1.6e-8. 3e-7 is 10x the larger.
+    assert v2 == pytest.approx(v1, rel=3e-7)
 
 
 def test_moments_about_another_shift_add_up():

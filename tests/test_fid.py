@@ -2,7 +2,7 @@
 and one clear error per bad input.
 
 Inception runs use stand-in weights (pytorch-fid's FID Inception with He-normal conv weights,
-METHOD §4) placed in a temporary TORCH_HOME under the file name pytorch-fid expects, so both
+docs/method.md §8) placed in a temporary TORCH_HOME under the file name pytorch-fid expects, so both
 tools load them without a network. The CLI parity check uses pytorch-fid's ``--dims 64``
 (the full 2048-d Fréchet distance costs scipy a 2048x2048 matrix square root, 40 s and more
 on this CPU); the 2048-d path is checked on the statistics against pytorch-fid's own
@@ -166,6 +166,8 @@ def test_npz_roundtrip(ab64, folders, tmp_path, capsys, standin_home):
     assert abs(self_res["value"]) < 1e-6 and self_res["b"]["kind"] == "statistics"
     res = cli_json(capsys, "fid", stats_a, folders["b"])
     assert res["features"] == "inception-64"  # taken from the .npz
+    # the same features through the same arithmetic (an .npz holds float64 exactly), so the
+    # value is reproduced, although 6 images in 64-d make sqrtm ill-conditioned
     assert res["value"] == pytest.approx(ours["value"], rel=1e-9)
     # an existing --out is not overwritten by accident
     rc, _, err = cli(capsys, "fid", "ref", folders["a"], "--out", stats_a, "--dims", "64")
