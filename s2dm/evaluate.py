@@ -22,13 +22,16 @@ from typing import Dict, List, Optional, Sequence
 
 from . import dist
 from .errors import UserError
-from .fileio import atomic_write, atomic_write_text, csv_text
+from .fileio import atomic_write_text, csv_text
 from .fid import FeatureExtractor, Stats, frechet_distance, metric_label, parse_kind
 from .inception import sha256_file
+from .config import config_from_saved
+from .ema import describe_ema
+from .textfmt import num
 
 CSV_COLUMNS = ["checkpoint", "label", "checkpoint_step", "sampler", "grid", "steps", "nfe", "eta",
                "order", "eps_scale", "n", "seeds", "metric", "value", "features", "ref", "ref_n",
-               "weights_sha256"]
+               "weights_sha256", "weights"]
 
 
 # ---------------------------------------------------------------- small helpers
@@ -94,7 +97,7 @@ def _stamp(path: Path) -> str:
 
 
 def _fmt(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.4f}"
+    return num(value, ".4f")
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -140,10 +143,14 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
     ref_sha = sha256_file(ref_path)
     labels = checkpoint_labels(ckpts)
     files = [resolve_checkpoint(c).resolve() for c in ckpts]
+    configs = {f: config_from_saved(read_checkpoint(f)["config"]) for f in files}
+    # which weights every cell of a checkpoint samples: reports state the EMA setting
+    weights = {f: describe_ema(c.train.ema_decay, c.train.ema_warmup) if use_ema else "raw weights (no EMA)"
+               for f, c in configs.items()}
     if kind == "pixels" and ref_stats.shape:
         for f in files:  # catch a size mismatch before sampling n images
-            data = read_checkpoint(f)["config"]["data"]
-            shape = (data["channels"], data["image_size"], data["image_size"])
+            data = configs[f].data
+            shape = (data.channels, data.image_size, data.image_size)
             if tuple(shape) != tuple(ref_stats.shape):
                 raise UserError(f"{f} makes {'x'.join(map(str, shape))} images but {ref} holds pixel "
                                 f"statistics of {'x'.join(map(str, ref_stats.shape))} images")
@@ -181,7 +188,7 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
                     "order": order if sampler.startswith("deis") else "", "eps_scale": eps_scale or "",
                     "n": n, "seeds": seeds_text, "metric": metric, "value": value,
                     "features": ref_stats.features, "ref": str(ref_path), "ref_n": ref_stats.n,
-                    "weights_sha256": stats.weights_sha256 or "",
+                    "weights_sha256": stats.weights_sha256 or "", "weights": weights[f],
                 }
                 record = {"key": key, "row": row}
                 if dist.is_main():
@@ -238,7 +245,8 @@ def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence
         "",
         "Checkpoints: " + "; ".join(
             f"`{lab}` = {by[(lab, samplers[0], int(steps[0]))]['checkpoint']} (step "
-            f"{by[(lab, samplers[0], int(steps[0]))]['checkpoint_step']})" for lab in labels),
+            f"{by[(lab, samplers[0], int(steps[0]))]['checkpoint_step']}, "
+            f"{by[(lab, samplers[0], int(steps[0]))].get('weights') or 'EMA setting not recorded'})" for lab in labels),
         "",
     ]
     head = ["sampler", "steps", "NFE"] + [f"{lab}" for lab in labels] + [f"Δ {lab} (%)" for lab in labels[1:]]
@@ -254,42 +262,20 @@ def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence
                 if v is None or vals[0] is None or vals[0] == 0:
                     rel.append("—")
                 else:
-                    rel.append(f"{100.0 * (v - vals[0]) / vals[0]:+.2f}")
+                    rel.append(num(100.0 * (v - vals[0]) / vals[0], "+.2f"))
             lines.append("| " + " | ".join([s, str(k), str(nfe)] + [_fmt(v) for v in vals] + rel) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_fid_vs_nfe(rows: List[dict], path: Path) -> None:
-    """Metric against NFE (log x), one line per checkpoint x sampler. Uses the Agg canvas
-    directly (no pyplot, no global backend change)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def plot_fid_vs_nfe(rows: List[dict], path: Path):
+    """Metric against NFE (log x): one panel per sampler, one line per checkpoint in the same
+    colour and marker in every panel, one legend (``plots.plot_vs_nfe``). Returns the figure."""
+    from .plots import plot_vs_nfe
 
-    fig = Figure(figsize=(6.4, 4.4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    lines: Dict[tuple, list] = {}
+    points: dict = {}
     for r in rows:
-        lines.setdefault((r["label"], r["sampler"]), []).append((int(r["nfe"]), float(r["value"])))
-    labels = list(dict.fromkeys(k[0] for k in lines))
-    samplers = list(dict.fromkeys(k[1] for k in lines))
-    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v"]
-    for (label, sampler), pts in lines.items():  # colour = sampler, line style = checkpoint
-        pts.sort()
-        i, j = labels.index(label), samplers.index(sampler)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{j % 10}", linestyle=styles[i % 4],
-                marker=markers[i % 5], label=f"{label} · {sampler}")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    ax.set_xscale("log")
-    nfes = sorted({int(r["nfe"]) for r in rows})
-    ax.set_xticks(nfes)
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("NFE (network evaluations)")
-    ax.set_ylabel(rows[0]["metric"])
-    ax.set_title(f"{rows[0]['metric']} vs NFE (n = {rows[0]['n']}, grid {rows[0]['grid']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+        points.setdefault((r["sampler"], r["label"]), []).append((int(r["nfe"]), float(r["value"]), None))
+    first = rows[0]
+    return plot_vs_nfe(points, list(dict.fromkeys(r["sampler"] for r in rows)),
+                       list(dict.fromkeys(r["label"] for r in rows)), path, ylabel=first["metric"],
+                       title=f"{first['metric']} vs NFE (n = {first['n']}, grid {first['grid']})")

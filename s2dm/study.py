@@ -1,7 +1,7 @@
 """``s2dm study``: train every run × seed of a study YAML, evaluate every model in every
 (sampler, steps) cell, and write ``results.csv``, ``report.md`` and ``fd_vs_nfe.png``.
 
-The design is paired (METHOD §7): runs with the same training seed share initial weights,
+The design is paired (docs/method.md §7): runs with the same training seed share initial weights,
 data order, t and ε (``train.py`` derives every draw from (train.seed, step)); every model is
 sampled from the same x_T per image seed; a second, independent draw of one model per cell
 measures the metric's own noise. A control run has no training of its own: it samples another
@@ -13,6 +13,7 @@ re-sampled. Statistics and the report live in ``studyreport.py``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from .config import Config, find_config, shipped_configs
+from .ema import describe_ema
 from .errors import UserError
 from .fileio import atomic_write_text
 
@@ -30,6 +33,7 @@ EVAL_KEYS = {"samplers", "steps", "n", "features", "order", "batch_size", "noise
              "fid", "grid_steps"}
 FID_KEYS = {"n", "steps", "samplers"}
 QUICK_KEYS = {"runs", "seeds", "samplers", "steps", "n", "set"}
+TRAINING_SECTIONS = [f.name for f in dataclasses.fields(Config)]
 
 
 @dataclass
@@ -90,13 +94,12 @@ def load_study(path, quick: bool = False) -> Study:
     """Read and validate a study YAML; ``quick`` applies its ``quick:`` preset."""
     from .samplers import SAMPLERS, parse_eps_scale
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study config not found: {path}")
+    given, path = path, find_config(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({exc})") from None
+    _not_a_training_config(raw, path, given)
     _check_keys(raw, STUDY_KEYS, str(path))
     for key in ("train_config", "runs", "baseline", "eval"):
         if key not in raw:
@@ -125,13 +128,17 @@ def load_study(path, quick: bool = False) -> Study:
                 raise UserError(f"{path}: runs.{run.name}.seeds must be seeds of {run.weights_of}")
             if run.overrides:
                 raise UserError(f"{path}: runs.{run.name} samples {run.weights_of}'s weights; it cannot `set` training keys")
+    effect = raw.get("effect")
+    if effect is not None and (not isinstance(effect, str) or effect not in runs or effect == raw["baseline"]):
+        raise UserError(f"{path}: effect {effect!r} must name a run other than the baseline "
+                        f"(runs: {', '.join(runs)}), or be left out")
     ev = raw["eval"]
     _check_keys(ev, EVAL_KEYS, f"{path}: eval")
     fid = ev.get("fid") or {}
     _check_keys(fid, FID_KEYS, f"{path}: eval.fid")
     study = Study(
         path=path, train_config=train_config, overrides=dict(raw.get("set") or {}), runs=runs,
-        baseline=raw["baseline"], effect=raw.get("effect"),
+        baseline=raw["baseline"], effect=effect,
         samplers=list(ev.get("samplers", ["ddim"])), steps=_int_list(ev.get("steps", [10]), "eval.steps"),
         n=int(ev.get("n", 5000)), features=ev.get("features", "pixels"), order=int(ev.get("order", 3)),
         batch_size=int(ev.get("batch_size", 2500)), noise_draw=ev.get("noise_draw"),
@@ -143,6 +150,21 @@ def load_study(path, quick: bool = False) -> Study:
         _apply_quick(study, raw.get("quick"), path)
     _validate(study, SAMPLERS)
     return study
+
+
+def shipped_study_configs() -> List[Path]:
+    return [p for p in shipped_configs() if p.name.startswith("study_")]
+
+
+def _not_a_training_config(raw, path: Path, given) -> None:
+    """A training config given to ``s2dm study`` (an easy slip): say so, and name the study configs."""
+    if not isinstance(raw, dict) or set(raw) & STUDY_KEYS:
+        return
+    sections = [k for k in TRAINING_SECTIONS if k in raw]
+    if sections:
+        studies = [p.name for p in shipped_study_configs()]  # bare names find them from anywhere
+        raise UserError(f"{given} is a training config (it has sections {', '.join(sections)}), not a study; "
+                        f"study configs: {', '.join(studies)} (s2dm study --config {studies[0]})")
 
 
 def _apply_quick(study: Study, q, path: Path) -> None:
@@ -414,5 +436,15 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     cost = {"train_seconds": sum(train_seconds.values()), "eval_seconds": sum(r["seconds"] for r in records),
             "this_invocation_seconds": time.time() - t0, "cells_planned": len(plan_cells(study)),
             "cells_scored": len(records)}
-    atomic_write_text(out / "report.md", studyreport.report_markdown(rows, study, cost, out))
+    atomic_write_text(out / "report.md", studyreport.report_markdown(rows, study, cost, out, ema=ema_settings(study)))
     return out
+
+
+def ema_settings(study: Study) -> Dict[str, str]:
+    """Each trained run's EMA setting in words (the weights every cell samples)."""
+    settings = {}
+    for run in study.runs.values():
+        if run.trained:
+            cfg = run_config(study, run, run.seeds[0])
+            settings[run.name] = describe_ema(cfg.train.ema_decay, cfg.train.ema_warmup)
+    return settings

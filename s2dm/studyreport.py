@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .textfmt import noun, num, plural, span
+
 CSV_COLUMNS = ["run", "seed", "sampler", "steps", "nfe", "draw", "metric", "value", "n", "image_seeds",
                "eps_scale", "checkpoint_step", "seconds"]
 
@@ -32,7 +34,7 @@ def rows_from_records(records: Sequence[dict]) -> List[dict]:
 def csv_text(rows: Sequence[dict]) -> str:
     from .fileio import csv_text as to_csv
 
-    return to_csv([{**r, "value": f"{r['value']:.6f}"} for r in rows], CSV_COLUMNS)
+    return to_csv([{**r, "value": num(r["value"], ".6f")} for r in rows], CSV_COLUMNS)
 
 
 def read_csv(path) -> List[dict]:
@@ -134,23 +136,41 @@ def cell_statistics(rows: Sequence[dict], baseline: str, metric: str = "FD-pixel
 # ---------------------------------------------------------------- the report
 
 def _f(x: Optional[float], digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+    return num(x, f".{digits}f")
 
 
 def _signed(x: Optional[float], digits: int = 3) -> str:
-    return "—" if x is None else f"{x:+.{digits}f}"
+    return num(x, f"+.{digits}f")
+
+
+def _pct(x: float) -> str:
+    return num(x, "+.1f") + " %"
+
+
+def _ranges(values: Sequence[float]) -> str:
+    """Percentages over cells: "ranges from +1.0 % to +2.0 % (mean +1.4 %)", or "is +0.8 % (in
+    every cell)" when the two ends print the same."""
+    if not values:
+        return "is —"
+    lo, hi = _pct(min(values)), _pct(max(values))
+    if lo == hi:
+        return f"is {lo}" + (" in every cell" if len(values) > 1 else "")
+    return f"ranges from {lo} to {hi} (mean {_pct(sum(values) / len(values))})"
 
 
 def mean_std_text(s: Summary) -> str:
     return _f(s.mean) if s.std is None else f"{_f(s.mean)} ± {_f(s.std)}"
 
 
+def _rel(d: Summary, base_mean: float) -> str:
+    return _pct(100 * d.mean / base_mean) if base_mean else "—"
+
+
 def diff_text(d: Summary, base_mean: float) -> str:
     """``+0.012 [−0.010, +0.034] (+1.2 %)``: mean paired difference, 95 % interval, relative."""
-    rel = f"{100 * d.mean / base_mean:+.1f} %" if base_mean else "—"
     ci = d.ci95
     ci_text = f"[{_signed(ci[0])}, {_signed(ci[1])}]" if ci else "(1 seed: no interval)"
-    return f"{_signed(d.mean)} {ci_text} ({rel})"
+    return f"{_signed(d.mean)} {ci_text} ({_rel(d, base_mean)})"
 
 
 def noise_sd(noise: Optional[float]) -> Optional[float]:
@@ -158,187 +178,207 @@ def noise_sd(noise: Optional[float]) -> Optional[float]:
     return None if noise is None else noise / math.sqrt(2)
 
 
+def _resolved(d: Summary) -> bool:
+    return bool(d.ci95 and (d.ci95[0] > 0 or d.ci95[1] < 0))
+
+
+def _verdict(run: str, baseline: str, d: Summary) -> str:
+    ci = d.ci95
+    if ci is None:
+        return "with one seed there is no interval"
+    if ci[0] > 0:
+        return f"{run} is worse than {baseline} (the 95 % interval excludes 0)"
+    if ci[1] < 0:
+        return f"{run} is better than {baseline} (the 95 % interval excludes 0)"
+    return f"the 95 % interval includes 0: no difference between {run} and {baseline} is resolved"
+
+
 def reading(c: CellStats, baseline: str, effect: Optional[str], control: Optional[str]) -> str:
-    """The plain-language paragraph for one cell."""
-    parts = []
+    """The plain-language paragraph for one cell: the effect's difference (the control's when
+    the study names no effect), against the metric's noise, and the control's share of it."""
     sd = noise_sd(c.noise)
-    if effect in c.diffs:
-        d = c.diffs[effect]
-        ci = d.ci95
-        if ci is None:
-            verdict = "with one seed there is no interval"
-        elif ci[0] > 0:
-            verdict = f"{effect} is worse than {baseline} (the 95 % interval excludes 0)"
-        elif ci[1] < 0:
-            verdict = f"{effect} is better than {baseline} (the 95 % interval excludes 0)"
-        else:
-            verdict = f"the 95 % interval includes 0: no difference between {effect} and {baseline} is resolved"
-        parts.append(f"{effect} − {baseline} = {_signed(d.mean)} ({100 * d.mean / c.baseline_mean[effect]:+.1f} %); {verdict}.")
-        if sd is not None:
-            size = "exceeds" if abs(d.mean) > 2 * sd else "does not exceed"
-            parts.append(f"The mean difference {size} twice the metric's own draw-to-draw std ({_f(sd)}); "
-                         "the paired runs share x_T, so most of that draw noise cancels in the difference.")
-        if control in c.diffs:
-            cd = c.diffs[control]
-            share = cd.mean / d.mean if d.mean != 0 else None
-            share_text = "—" if share is None else f"{100 * share:.0f} %"
-            parts.append(f"The ε-scaling control moves the baseline by {_signed(cd.mean)}, "
-                         f"{share_text} of the {effect} difference"
-                         + ("" if (d.ci95 and (d.ci95[0] > 0 or d.ci95[1] < 0)) else
-                            " (a share of an unresolved difference means little)") + ".")
-    elif sd is not None:
-        parts.append(f"Metric draw-to-draw std ≈ {_f(sd)}.")
+    main = effect or control
+    if main not in c.diffs:
+        return f"Metric draw-to-draw std ≈ {_f(sd)}." if sd is not None else ""
+    d = c.diffs[main]
+    parts = [f"{main} − {baseline} = {_signed(d.mean)} ({_rel(d, c.baseline_mean[main])}); "
+             f"{_verdict(main, baseline, d)}."]
+    if sd is not None:
+        size = "exceeds" if abs(d.mean) > 2 * sd else "does not exceed"
+        parts.append(f"The mean difference {size} twice the metric's own draw-to-draw std ({_f(sd)}); "
+                     "the paired runs share x_T, so most of that draw noise cancels in the difference.")
+    if main == effect and control in c.diffs:
+        cd = c.diffs[control]
+        share_text = num(100 * cd.mean / d.mean, ".0f") + " %" if d.mean != 0 else "—"
+        parts.append(f"The ε-scaling control moves the baseline by {_signed(cd.mean)}, "
+                     f"{share_text} of the {effect} difference"
+                     + ("" if _resolved(d) else " (a share of an unresolved difference means little)") + ".")
     return " ".join(parts)
 
 
-def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path) -> str:
-    """The whole report.md; its first section is the headline the CLI prints."""
-    from . import __version__
-    import torch
+def control_of(study) -> Optional[str]:
+    """The ε-scaling control: a run sampling the baseline's weights with an eps_scale."""
+    return next((r.name for r in study.runs.values() if r.weights_of == study.baseline and r.eps_scale), None)
 
+
+def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path, ema: Optional[Dict[str, str]] = None) -> str:
+    """The whole report.md; its first section is the headline the CLI prints."""
     cells = cell_statistics(rows, study.baseline)
-    runs = list(study.runs)
-    control = next((r.name for r in study.runs.values() if r.weights_of == study.baseline and r.eps_scale), None)
-    effect = study.effect
-    metric = cells[0].metric if cells else "FD-pixels"
     lines = [f"# Study: {Path(study.path).name}{' (quick preset)' if study.quick else ''}", ""]
     planned, scored = cost.get("cells_planned"), cost.get("cells_scored")
     if planned and scored is not None and scored < planned:
-        lines += [f"**Incomplete: {scored} of {planned} cells scored.** Run the same `s2dm study` command "
-                  "again to finish; nothing done is redone.", ""]
-    lines += [f"Metric: **{metric}** (Fréchet distance on raw pixels in [0, 1] of {study.n:,} samples per cell, "
-              "image seeds 0..n−1 for every model, against the full training set; not FID). "
-              f"Lower is better. Paired differences are run − {study.baseline} at the same training seed, "
-              "mean over seeds with a 95 % Student-t interval.", ""]
-    # headline: the effect and the control per cell
-    head = ["sampler", "steps", "NFE", f"{study.baseline}"]
-    if effect:
-        head += [f"{effect} − {study.baseline}"]
-    if control:
-        head += [f"{control} − {study.baseline}"]
-    head += ["metric noise |a−b|"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in cells:
-        row = [c.sampler, str(c.steps), str(c.nfe), mean_std_text(c.runs[study.baseline])]
-        for r in (effect, control):
-            if r:
-                row.append(diff_text(c.diffs[r], c.baseline_mean[r]) if r in c.diffs else "—")
-        row.append(_f(c.noise))
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", overall_reading(cells, study.baseline, effect, control), ""]
-
-    lines += ["## Every run, every cell", "",
-              "mean ± std over training seeds (number of seeds in brackets); then the paired difference against "
-              f"{study.baseline}.", ""]
-    head = ["sampler", "steps", "NFE"] + [f"{r} ({len(study.runs[r].seeds)})" for r in runs]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in cells:
-        lines.append("| " + " | ".join([c.sampler, str(c.steps), str(c.nfe)] +
-                                       [mean_std_text(c.runs[r]) if r in c.runs else "—" for r in runs]) + " |")
-    lines += ["", "| sampler | steps | " + " | ".join(f"{r} − {study.baseline}" for r in runs if r != study.baseline) + " |",
-              "|---|---|" + "---|" * (len(runs) - 1)]
-    for c in cells:
-        lines.append(f"| {c.sampler} | {c.steps} | " + " | ".join(
-            diff_text(c.diffs[r], c.baseline_mean[r]) if r in c.diffs else "—"
-            for r in runs if r != study.baseline) + " |")
-
-    fid_cells = cell_statistics(rows, study.baseline, metric="FID")
-    if fid_cells:
-        lines += ["", "## Inception FID", "", "| sampler | steps | NFE | metric | " +
-                  " | ".join(f"{r}" for r in runs) + " | " + " | ".join(f"{r} − {study.baseline}" for r in runs if r != study.baseline) + " |",
-                  "|---|---|---|---|" + "---|" * (2 * len(runs) - 1)]
-        for c in fid_cells:
-            lines.append(f"| {c.sampler} | {c.steps} | {c.nfe} | {c.metric} | " +
-                         " | ".join(mean_std_text(c.runs[r]) if r in c.runs else "—" for r in runs) + " | " +
-                         " | ".join(diff_text(c.diffs[r], c.baseline_mean[r]) if r in c.diffs else "—"
-                                    for r in runs if r != study.baseline) + " |")
-    else:
-        lines += ["", "Inception FID: not computed (`eval.fid.n` is 0 in this study; on a CPU the "
-                  "Inception network scores about 11 images/s, METHOD §4)."]
-
+        lines += [f"**Incomplete: {scored} of {plural(planned, 'cell')} scored.** Run the same `s2dm study` "
+                  "command again to finish; nothing done is redone.", ""]
+    lines += _headline(cells, study)
+    lines += _every_run(cells, study)
+    lines += _fid_section(cell_statistics(rows, study.baseline, metric="FID"), study)
     lines += ["", "## Reading, cell by cell", ""]
     for c in cells:
-        lines.append(f"- **{c.sampler}, {c.steps} steps (NFE {c.nfe})**: {reading(c, study.baseline, effect, control)}")
+        lines.append(f"- **{c.sampler}, {c.steps} steps (NFE {c.nfe})**: "
+                     f"{reading(c, study.baseline, study.effect, control_of(study))}")
+    lines += _runs_and_cost(study, cost, ema or {})
+    return "\n".join(lines)
 
-    lines += ["", "## Runs", ""]
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _diff_cell(c: CellStats, run: str) -> str:
+    return diff_text(c.diffs[run], c.baseline_mean[run]) if run in c.diffs else "—"
+
+
+def _headline(cells: Sequence[CellStats], study) -> List[str]:
+    """The metric, the table of the effect and the control per cell, the overall reading. A
+    study without ``effect:`` has no effect column (and its reading is the control's)."""
+    base, effect, control = study.baseline, study.effect, control_of(study)
+    metric = cells[0].metric if cells else "FD-pixels"
+    lines = [f"Metric: **{metric}** (Fréchet distance on raw pixels in [0, 1] of {plural(study.n, 'sample')} "
+             "per cell, image seeds 0..n−1 for every model, against the full training set; not FID). "
+             f"Lower is better. Paired differences are run − {base} at the same training seed, "
+             "mean over seeds with a 95 % Student-t interval.", ""]
+    compared = [r for r in (effect, control) if r]
+    head = ["sampler", "steps", "NFE", base] + [f"{r} − {base}" for r in compared] + ["metric noise |a−b|"]
+    rows = [[c.sampler, str(c.steps), str(c.nfe), mean_std_text(c.runs[base]) if base in c.runs else "—"]
+            + [_diff_cell(c, r) for r in compared] + [_f(c.noise)] for c in cells]
+    return lines + _table(head, rows) + ["", overall_reading(cells, base, effect, control), ""]
+
+
+def _every_run(cells: Sequence[CellStats], study) -> List[str]:
+    runs, base = list(study.runs), study.baseline
+    others = [r for r in runs if r != base]
+    lines = ["## Every run, every cell", "",
+             "mean ± std over training seeds (number of seeds in brackets); then the paired difference against "
+             f"{base}.", ""]
+    lines += _table(["sampler", "steps", "NFE"] + [f"{r} ({len(study.runs[r].seeds)})" for r in runs],
+                    [[c.sampler, str(c.steps), str(c.nfe)] +
+                     [mean_std_text(c.runs[r]) if r in c.runs else "—" for r in runs] for c in cells])
+    lines += [""] + _table(["sampler", "steps"] + [f"{r} − {base}" for r in others],
+                           [[c.sampler, str(c.steps)] + [_diff_cell(c, r) for r in others] for c in cells])
+    return lines
+
+
+def _fid_section(fid_cells: Sequence[CellStats], study) -> List[str]:
+    if not fid_cells:
+        return ["", "Inception FID: not computed (`eval.fid.n` is 0 in this study; on a CPU the "
+                "Inception network scores about 11 images/s)."]
+    runs, base = list(study.runs), study.baseline
+    others = [r for r in runs if r != base]
+    head = ["sampler", "steps", "NFE", "metric"] + runs + [f"{r} − {base}" for r in others]
+    rows = [[c.sampler, str(c.steps), str(c.nfe), c.metric]
+            + [mean_std_text(c.runs[r]) if r in c.runs else "—" for r in runs]
+            + [_diff_cell(c, r) for r in others] for c in fid_cells]
+    return ["", "## Inception FID", ""] + _table(head, rows)
+
+
+def _runs_and_cost(study, cost: dict, ema: Dict[str, str]) -> List[str]:
+    from . import __version__
+    import torch
+
+    lines = ["", "## Runs", ""]
     for r in study.runs.values():
         what = (f"weights of `{r.weights_of}`, sampled with eps_scale `{r.eps_scale}`" if not r.trained
                 else ", ".join(f"`{k}={v}`" for k, v in r.overrides.items()) or "the base config")
-        lines.append(f"- `{r.name}` (training seeds {', '.join(map(str, r.seeds))}): {what}")
+        lines.append(f"- `{r.name}` (training {noun(len(r.seeds), 'seed')} {', '.join(map(str, r.seeds))}): {what}")
     common = ", ".join(f"`{k}={v}`" for k, v in study.overrides.items())
-    lines += ["", f"Every run: `{Path(study.train_config).name}`" + (f" with {common}" if common else "") + ". Grids: `grids/<run>.png` "
-              f"(DDIM, {study.grid_steps} steps, image seeds 0–99, first training seed).", ""]
+    lines += ["", f"Every run: `{Path(study.train_config).name}`" + (f" with {common}" if common else "")
+              + f". Grids: `grids/<run>.png` (DDIM, {study.grid_steps} steps, image seeds 0–99, first training seed).",
+              ""]
+    if len(set(ema.values())) == 1:
+        lines += [f"Every cell samples the EMA weights: {next(iter(ema.values()))}.", ""]
+    elif ema:
+        lines += ["Every cell samples the EMA weights: " + "; ".join(f"`{r}` {e}" for r, e in ema.items()) + ".", ""]
     lines += ["## Cost and versions", "",
               f"- training: {cost['train_seconds'] / 60:.1f} min; sampling and scoring: "
               f"{cost['eval_seconds'] / 60:.1f} min (wall time of each model's training and each cell, summed over "
               "invocations; on a shared machine these include the time other jobs took)",
               f"- s2dm {__version__}, torch {torch.__version__}",
               "- `results.csv`: one row per model × cell (draw `noise` = the second, independent draw); "
-              "`fd_vs_nfe.png`: mean ± std over seeds", ""]
-    return "\n".join(lines)
+              "`fd_vs_nfe.png`: mean ± std over seeds, one colour and marker per run in every panel, "
+              "each run shifted slightly along NFE so that overlapping runs stay visible", ""]
+    return lines
 
 
 def overall_reading(cells: Sequence[CellStats], baseline: str, effect: Optional[str],
                     control: Optional[str]) -> str:
-    """A one-paragraph summary over all cells."""
-    if not effect or not cells:
-        return ""
-    ds = [c for c in cells if effect in c.diffs]
-    better = sum(1 for c in ds if c.diffs[effect].ci95 and c.diffs[effect].ci95[1] < 0)
-    worse = sum(1 for c in ds if c.diffs[effect].ci95 and c.diffs[effect].ci95[0] > 0)
-    rel = [100 * c.diffs[effect].mean / c.baseline_mean[effect] for c in ds]
-    no_ci = sum(1 for c in ds if c.diffs[effect].ci95 is None)
-    text = (f"**Reading.** Over {len(ds)} cells the paired {effect} − {baseline} difference ranges from "
-            f"{min(rel):+.1f} % to {max(rel):+.1f} % (mean {sum(rel) / len(rel):+.1f} %); ")
-    text += ("with one training seed there is no interval: run the full study for one." if no_ci == len(ds) else
-             f"its 95 % interval lies below 0 ({effect} better) in {better} cells, above 0 in {worse}, and "
-             f"includes 0 in {len(ds) - better - worse - no_ci}.")
-    noises = [c.noise for c in cells if c.noise is not None]
-    if noises:
-        big = sum(1 for c in ds if c.noise is not None and abs(c.diffs[effect].mean) > 2 * noise_sd(c.noise))
+    """A one-paragraph summary over all cells of the effect (the control's when the study names
+    no effect)."""
+    main = effect or control
+    ds = [c for c in cells if main in c.diffs]
+    if not ds:
+        return ("" if effect else "**Reading.** No `effect:` run and no ε-scaling control are in this study: "
+                f"every run's paired difference against {baseline} is in the tables below.")
+    text = "**Reading.** " + ("" if effect else
+                              "No `effect:` run is in this study, so this reads the ε-scaling control. ")
+    text += f"Over {plural(len(ds), 'cell')} the paired {main} − {baseline} difference {_ranges(_rels(ds, main))}; "
+    text += _interval_counts(ds, main)
+    sds = [noise_sd(c.noise) for c in cells if c.noise is not None]
+    if sds:
+        big = sum(1 for c in ds if c.noise is not None and abs(c.diffs[main].mean) > 2 * noise_sd(c.noise))
         text += (f" The metric's own draw-to-draw std (|a−b|/√2, two independent sample draws of one model) is "
-                 f"{min(noises) / math.sqrt(2):.3f}–{max(noises) / math.sqrt(2):.3f}; the mean difference exceeds "
-                 f"twice it in {big} of {len(ds)} cells. Unpaired, with this many samples, the effect would be lost "
-                 "in that noise; paired (same x_T per image seed), the draw noise largely cancels and the "
-                 "interval over training seeds is the test.")
-    if control:
-        cs = [c for c in ds if control in c.diffs]
-        if cs:
-            crel = [100 * c.diffs[control].mean / c.baseline_mean[control] for c in cs]
-            shares = [c.diffs[control].mean / c.diffs[effect].mean for c in cs if c.diffs[effect].mean != 0]
-            text += (f" The ε-scaling control (the baseline's own weights, ε multiplied by the predicted shrink "
-                     f"factor) changes FD by {min(crel):+.1f} % to {max(crel):+.1f} % (mean "
-                     f"{sum(crel) / len(crel):+.1f} %)")
-            text += (f", {100 * min(shares):.0f}–{100 * max(shares):.0f} % of the {effect} difference in the same "
-                     "cell." if shares else ".")
+                 f"{span(_f(min(sds)), _f(max(sds)))}; the mean difference exceeds "
+                 f"twice it in {big} of {plural(len(ds), 'cell')}. Unpaired, with this many samples, the difference "
+                 "would be lost in that noise; paired (same x_T per image seed), the draw noise largely cancels and "
+                 "the interval over training seeds is the test.")
+    cs = [c for c in ds if control in c.diffs] if effect and control else []
+    if cs:
+        shares = [100 * c.diffs[control].mean / c.diffs[effect].mean for c in cs if c.diffs[effect].mean != 0]
+        text += (f" The change the ε-scaling control makes (the baseline's own weights, ε multiplied by the "
+                 f"predicted shrink factor) {_ranges(_rels(cs, control))}")
+        text += (f", {span(num(min(shares), '.0f'), num(max(shares), '.0f'))} % of the {effect} difference in "
+                 "the same cell." if shares else ".")
     return text
 
 
-def plot_fd_vs_nfe(rows: Sequence[dict], study, path: Path) -> None:
-    """One panel per sampler: each run's mean over seeds vs NFE, ± std as error bars."""
-    import matplotlib
+def _rels(cells: Sequence[CellStats], run: str) -> List[float]:
+    """The run's mean paired difference in % of the baseline mean, per cell (cells whose baseline
+    mean is 0 left out)."""
+    return [100 * c.diffs[run].mean / c.baseline_mean[run] for c in cells if c.baseline_mean[run]]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _interval_counts(ds: Sequence[CellStats], run: str) -> str:
+    cis = [c.diffs[run].ci95 for c in ds]
+    if all(ci is None for ci in cis):
+        return "with one training seed there is no interval: run the full study for one."
+    better = sum(1 for ci in cis if ci and ci[1] < 0)
+    worse = sum(1 for ci in cis if ci and ci[0] > 0)
+    unresolved = sum(1 for ci in cis if ci and ci[0] <= 0 <= ci[1])
+    return (f"its 95 % interval lies below 0 ({run} better) in {plural(better, 'cell')}, above 0 in {worse}, "
+            f"and includes 0 in {unresolved}.")
+
+
+def plot_fd_vs_nfe(rows: Sequence[dict], study, path: Path):
+    """One panel per sampler: each run's mean over seeds vs NFE, ± std as error bars; one
+    colour and marker per run in every panel, controls dashed. Returns the figure (None: no cells)."""
+    from .plots import plot_vs_nfe
 
     cells = cell_statistics(rows, study.baseline)
-    samplers = list(dict.fromkeys(c.sampler for c in cells))
-    if not samplers:
-        return
-    fig, axes = plt.subplots(1, len(samplers), figsize=(4 * len(samplers), 3.4), squeeze=False, sharey=True)
-    for ax, sampler in zip(axes[0], samplers):
-        cs = sorted((c for c in cells if c.sampler == sampler), key=lambda c: c.nfe)
-        for run in study.runs:
-            pts = [(c.nfe, c.runs[run]) for c in cs if run in c.runs]
-            if pts:
-                ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
-                            yerr=[p[1].std or 0.0 for p in pts], marker="o", ms=3, capsize=2, label=run)
-        ax.set_xscale("log")
-        ax.set_title(sampler)
-        ax.set_xlabel("NFE")
-    axes[0][0].set_ylabel(cells[0].metric)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    if not cells:
+        return None
+    points = {}
+    for c in cells:
+        for run, s in c.runs.items():
+            points.setdefault((c.sampler, run), []).append((c.nfe, s.mean, s.std))
+    controls = [r.name for r in study.runs.values() if not r.trained]
+    return plot_vs_nfe(points, list(dict.fromkeys(c.sampler for c in cells)), list(study.runs), path,
+                       ylabel=f"{cells[0].metric} (mean ± std over seeds)", dashed=controls)

@@ -5,7 +5,7 @@ import math
 import pytest
 import yaml
 
-from s2dm import studyreport
+from s2dm import studyreport, textfmt
 from s2dm.cli import main
 from s2dm.errors import UserError
 from s2dm.study import load_study, plan_cells
@@ -95,6 +95,7 @@ def test_quick_preset_and_plan(tmp_path):
     (lambda d: d["eval"].update(samplers=["euler"]), "unknown sampler 'euler'"),
     (lambda d: d.update(baseline="missing"), "baseline 'missing'"),
     (lambda d: d.pop("quick"), "no `quick:` preset"),
+    (lambda d: d.update(effect="nope"), "effect 'nope' must name a run other than the baseline"),
 ])
 def test_bad_study_configs_fail_clearly(tmp_path, change, words, capsys):
     data = yaml.safe_load(yaml.safe_dump(TOY))
@@ -105,6 +106,83 @@ def test_bad_study_configs_fail_clearly(tmp_path, change, words, capsys):
         load_study(path, quick=quick)
     assert main(["study", "--config", str(path), "--out", str(tmp_path / "o")] + ["--quick"] * quick) == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_study_without_effect_reports_the_control(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(TOY))
+    del data["effect"]
+    data["runs"]["control"] = {"weights_of": "baseline", "eps_scale": "skip:9,tau:0.99", "seeds": [0]}
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(write_study(tmp_path, data)), "--out", str(out), "--quick"]) == 0
+    report = (out / "report.md").read_text()
+    headline = report.split("\n## ")[0]
+    assert "| sampler | steps | NFE | baseline | control − baseline | metric noise |a−b| |" in headline
+    assert "No `effect:` run is in this study, so this reads the ε-scaling control. Over 1 cell " in headline
+    assert "s2dm − baseline" in report  # still in the every-run table
+    assert "control − baseline = " in report.split("## Reading, cell by cell")[1]
+
+
+def test_a_training_config_is_not_a_study(tmp_path, capsys):
+    assert main(["study", "--config", "configs/digits.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: configs/digits.yaml is a training config (it has sections data, model, "
+                          "diffusion, loss, optim, train, sample), not a study; study configs: "), err
+    assert "study_digits.yaml" in err and "(s2dm study --config study_digits.yaml)" in err
+    # the shipped study configs are named by bare name, which finds them from anywhere
+    (tmp_path / "mine.yaml").write_text((ROOT / "configs" / "digits.yaml").read_text())
+    assert main(["study", "--config", str(tmp_path / "mine.yaml")]) == 2
+    assert "not a study; study configs: study_digits.yaml" in capsys.readouterr().err
+    assert load_study("study_digits.yaml").baseline == "baseline"
+
+
+# ---------------------------------------------------------------- wording
+
+def test_counts_ranges_and_zeros_print_plainly():
+    assert [textfmt.plural(n, "cell") for n in (0, 1, 2, 5000)] == ["0 cells", "1 cell", "2 cells", "5,000 cells"]
+    assert textfmt.num(-1e-9, ".6f") == "0.000000" and textfmt.num(-0.0, "+.1f") == "0.0"
+    assert textfmt.num(-0.0123, "+.3f") == "-0.012" and textfmt.num(None) == "—"
+    assert textfmt.span("0.005", "0.005") == "0.005" and textfmt.span("1", "2") == "1–2"
+    (c,) = studyreport.cell_statistics(TABLE, "baseline")
+    text = studyreport.overall_reading([c], "baseline", "s2dm", "control")
+    assert "Over 1 cell the paired s2dm − baseline difference is -4.8 %; " in text
+    assert "includes 0 in 1." in text and "in 0 cells" in text and "twice it in 0 of 1 cell." in text
+    assert "draw-to-draw std (|a−b|/√2, two independent sample draws of one model) is 0.283;" in text
+    assert "The change the ε-scaling control makes" in text and " is -0.6 %, 12 % of the s2dm difference" in text
+    zero = [dict(r, value=r["value"] - 1e-12) for r in TABLE]  # a difference of -1e-12 is 0, not -0
+    (z,) = studyreport.cell_statistics(zero + [_row("twin", s, v - 2e-12) for s, v in enumerate([10.0, 12.0, 11.0])],
+                                       "baseline")
+    assert studyreport.diff_text(z.diffs["twin"], 11.0).startswith("0.000 [")
+    assert "-0.000" not in studyreport.diff_text(z.diffs["twin"], 11.0)
+    assert "-0.000000" not in studyreport.csv_text([{"value": -1e-9}])
+
+
+# ---------------------------------------------------------------- the plot
+
+def line_styles(fig):
+    """Per panel: {run: (colour, marker, line style)} of the plotted lines."""
+    from matplotlib.colors import to_hex
+
+    return [{ln.get_label(): (to_hex(ln.get_color()), ln.get_marker(), ln.get_linestyle())
+             for ln in ax.get_lines() if not ln.get_label().startswith("_")} for ax in fig.axes]
+
+
+def test_plot_gives_each_run_one_style_in_every_panel(tmp_path):
+    data = yaml.safe_load(yaml.safe_dump(TOY))
+    data["runs"].update(control={"weights_of": "baseline", "eps_scale": "skip:9,tau:0.99", "seeds": [0]},
+                        skip49={"set": {"loss.skip": 49}, "seeds": [0], "samplers": ["deis"]})
+    study = load_study(write_study(tmp_path, data))
+    # skip49 only in the second panel; in the first panel the runs come in another order
+    rows = [r for r in TABLE if r["run"] != "skip49"][::-1]
+    rows += [dict(r, sampler="deis", steps=s, nfe=s, value=r["value"] + s / 100) for s in (10, 20) for r in TABLE]
+    fig = studyreport.plot_fd_vs_nfe(rows, study, tmp_path / "fd.png")
+    assert (tmp_path / "fd.png").read_bytes()[:4] == b"\x89PNG"
+    first, second = line_styles(fig)[:2]
+    assert sorted(first) == ["baseline", "control", "s2dm"] and "skip49" in second
+    assert all(second[run] == style for run, style in first.items())  # the same style in both panels
+    assert len({s[:2] for s in second.values()}) == len(second)  # different runs: different colour and marker
+    assert second["control"][2] == "--" and second["baseline"][2] == "-"
+    (legend,) = fig.legends  # one legend, naming every run in the study's order, skip49 included
+    assert [t.get_text() for t in legend.get_texts()] == list(study.runs)
 
 
 # ---------------------------------------------------------------- statistics by hand
