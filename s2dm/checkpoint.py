@@ -64,6 +64,29 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     return path
 
 
+def newest_run(root: Union[str, Path] = "runs") -> Path:
+    """The run folder under ``root`` whose newest checkpoint was written last."""
+    root = Path(root)
+    found = []
+    for pointer in root.glob(f"*/checkpoints/{LATEST}"):
+        try:
+            found.append((resolve_checkpoint(pointer.parent).stat().st_mtime, pointer.parent.parent))
+        except (UserError, OSError):
+            continue  # a run without a readable checkpoint is not a candidate
+    if not found:
+        raise UserError(f"no trained run under {root}/ (train one with s2dm train --config digits.yaml, "
+                        "or name a checkpoint or run folder)")
+    return max(found)[1]
+
+
+def run_folder_of(path: Union[str, Path]) -> Optional[Path]:
+    """The run folder a checkpoint file or folder belongs to (None for a loose file)."""
+    path = Path(path)
+    if path.is_dir():
+        return path.parent if path.name == "checkpoints" else path
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
 def read_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
     """Load a checkpoint dict, turning unreadable or foreign files into one clear error."""
     path = resolve_checkpoint(path)
@@ -107,12 +130,12 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     >>> ck = s2dm.load_checkpoint("runs/digits")          # newest checkpoint of a run
     >>> eps = ck.ema(x_t, t)                                # EMA weights, ready to call
     """
-    from .config import config_from_dict
+    from .config import config_from_saved
     from .unet import build_model
 
     path = resolve_checkpoint(path)
     state = read_checkpoint(path)
-    config = config_from_dict(state["config"])
+    config = config_from_saved(state["config"])
     model = build_model(config)
     load_state_strict(model, state["model"], "model", path)
     ema = None

@@ -11,6 +11,21 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import Interrupted, UserError
+from .sample import DEFAULT_N
+from .samplers import SAMPLERS
+from .schedule import GRIDS
+from .textfmt import num, plural
+
+DESCRIPTION = """\
+s2dm trains diffusion models with the skip-step loss of S²-DMs (arXiv 2401.01520) or the
+plain DDPM loss, samples them with DDIM, DDPM, PNDM and DEIS, and scores them with FID
+(pytorch-fid's Inception) or FD-pixels.
+
+  s2dm train --config digits.yaml          train (bare names find the shipped configs)
+  s2dm sample --sampler ddim --steps 20    sample the newest run into RUN/samples/ddim-20/
+  s2dm fid A B                             Fréchet distance of two sample folders / .npz files
+
+s2dm VERB --help describes each verb."""
 
 
 def cmd_train(args) -> int:
@@ -46,16 +61,42 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .sample import parse_seeds, sample_to_folder
+    from . import dist
+    from .checkpoint import newest_run, run_folder_of
+    from .sample import folder_name, parse_seeds, sample_to_folder
 
     seeds = parse_seeds(args.seeds, args.n)
+    ckpt = args.ckpt
+    if ckpt is None:
+        ckpt = newest_run("runs")
+        dist.print0(f"sampling {ckpt} (the newest run under runs/; --ckpt to choose another)")
+    out = args.out
+    if out is None:
+        run = run_folder_of(ckpt)
+        if run is None:
+            raise UserError(f"--out is needed: {ckpt} is a file outside a run folder")
+        out = run / "samples" / folder_name(args.sampler, args.steps, args.grid, args.eta, args.order,
+                                            args.eps_scale, args.legacy_pndm_index, args.ema)
     meta = sample_to_folder(
-        args.ckpt, args.out, seeds=seeds, sampler=args.sampler, steps=args.steps, grid=args.grid,
+        ckpt, out, seeds=seeds, sampler=args.sampler, steps=args.steps, grid=args.grid,
         eta=args.eta, order=args.order, eps_scale=args.eps_scale, use_ema=args.ema,
         batch_size=args.batch_size, device=args.device, legacy_pndm_index=args.legacy_pndm_index,
     )
-    print(f"{meta['n_images']} images in {args.out} (sampler {args.sampler}, {args.steps} steps, "
-          f"NFE {meta['nfe']}); grid: {Path(args.out) / 'preview' / 'grid.png'}")
+    print(f"{meta['n_images']} images in {out} (sampler {args.sampler}, {args.steps} steps, "
+          f"NFE {meta['nfe']}); grid: {Path(out) / 'preview' / 'grid.png'}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    import yaml
+
+    from .config import CONFIG_DIR, shipped_configs
+
+    print(f"shipped configs ({CONFIG_DIR}); pass a bare name, e.g. s2dm train --config digits.yaml")
+    for path in shipped_configs():
+        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        kind = "study" if "runs" in (yaml.safe_load(path.read_text()) or {}) else "train"
+        print(f"  {path.name:<26} {kind:<6} {first}")
     return 0
 
 
@@ -108,7 +149,7 @@ def cmd_fid(args) -> int:
         print("features: raw pixels in [0, 1] (FD-pixels, not FID)")
     else:
         print(f"weights sha256: A {res['a']['weights_sha256'] or 'unknown'}, B {res['b']['weights_sha256'] or 'unknown'}")
-    print(f"{res['label']}: {res['value']:.6f}")
+    print(f"{res['label']}: {num(res['value'], '.6f')}")
     return 0
 
 
@@ -125,7 +166,7 @@ def cmd_eval(args) -> int:
     )
     out = Path(args.out)
     print((out / "results.md").read_text(), end="")
-    print(f"{len(rows)} cells: {out / 'results.csv'}, {out / 'results.md'}, {out / 'fid_vs_nfe.png'}")
+    print(f"{plural(len(rows), 'cell')}: {out / 'results.csv'}, {out / 'results.md'}, {out / 'fid_vs_nfe.png'}")
     return 0
 
 
@@ -150,12 +191,14 @@ def _inception_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2dm", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="s2dm", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="verb", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
-    t.add_argument("--config", required=True, help="YAML config, e.g. configs/digits.yaml")
+    t.add_argument("--config", required=True,
+                   help="YAML config: a path, or a shipped config by name (digits.yaml, cifar10.yaml; s2dm configs)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 (repeatable)")
     t.add_argument("--out", help="run folder (default: runs/<config name>)")
@@ -185,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="s2dm checkpoint -> diffusers DDPMPipeline folder or DDIM-layout file")
-    x.add_argument("--to", required=True, choices=("diffusers", "ddim"))
+    x.add_argument("--to", required=True, choices=("diffusers", "ddim"), help="the layout to write")
     x.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
     x.add_argument("--out", required=True, help="diffusers: the pipeline folder; ddim: the .ckpt file")
     x.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -193,22 +236,28 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="overwrite --out")
     x.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("sample", help="write per-seed PNG samples from a checkpoint")
-    s.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--sampler", default="ddim")
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--grid", default="uniform", help="uniform | quad | trailing")
+    s = sub.add_parser("sample", help="write per-seed PNG samples from a checkpoint",
+                       description="Write {seed:06d}.png per seed (an image depends only on its seed), "
+                                   "metadata.json and preview/grid.png. Resumes by skipping existing images.")
+    s.add_argument("--ckpt", help="checkpoint file or run folder (default: the newest run under runs/)")
+    s.add_argument("--out", help="output folder (default: RUN/samples/<sampler>-<steps>[-settings])")
+    s.add_argument("--sampler", default="ddim",
+                   help=f"one of {', '.join(SAMPLERS)} (default ddim; pndm = F-PNDM, NFE S+9; spndm = S-PNDM, "
+                        "NFE S+1; deis = tAB-DEIS, deis-rho = ρAB-DEIS; ddpm = ancestral DDPM steps)")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps S (default 50)")
+    s.add_argument("--grid", default="uniform", help=f"timestep grid: {' | '.join(GRIDS)} (default uniform)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
     s.add_argument("--order", type=int, default=3, help="DEIS order (0-3)")
     s.add_argument("--eps-scale", default=None,
                    help="ε-scaling control: a constant s (divide ε by s) or skip:9,tau:0.99")
-    s.add_argument("--n", "--num-images", type=int, default=None, help="number of images (seeds 0..n-1); spell it --num-images after torchrun, whose parser would claim --n")
-    s.add_argument("--seeds", default=None, help="seed range, e.g. 0-49999")
-    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--n", "--num-images", type=int, default=None,
+                   help=f"number of images, seeds 0..n-1 (default {DEFAULT_N}); spell it --num-images after "
+                        "torchrun, whose parser would claim --n")
+    s.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 3,7,10-19")
+    s.add_argument("--batch-size", type=int, default=256, help="images per network call (default 256)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the raw ones")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--legacy-pndm-index", action="store_true",
                    help="the official PNDM code's ᾱ[t+1] pairing, to reproduce published numbers")
     s.set_defaults(func=cmd_sample)
@@ -243,18 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "seeds in every cell), score it against --ref, write results.csv, results.md and "
                     "fid_vs_nfe.png. Rerunning skips finished cells.")
     e.add_argument("--ckpt", nargs="+", required=True, help="checkpoint files or run folders")
-    e.add_argument("--samplers", default="ddim,pndm,deis", help="comma-separated (default ddim,pndm,deis)")
+    e.add_argument("--samplers", default="ddim,pndm,deis",
+                   help=f"comma-separated, from {', '.join(SAMPLERS)} (default ddim,pndm,deis)")
     e.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
     e.add_argument("--n", "--num-images", type=int, required=True, help="samples per cell (seeds offset..offset+n-1); spell it --num-images after torchrun, whose parser would claim --n")
     e.add_argument("--ref", required=True, help="reference statistics from `s2dm fid ref` (.npz)")
     e.add_argument("--out", required=True, help="output folder (resumable)")
     e.add_argument("--features", choices=("inception", "pixels"), default=None,
                    help="must match --ref (default: what --ref holds)")
-    e.add_argument("--grid", default="uniform", help="uniform | quad | trailing")
+    e.add_argument("--grid", default="uniform", help=f"timestep grid: {' | '.join(GRIDS)} (default uniform)")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     e.add_argument("--order", type=int, default=3, help="DEIS order")
     e.add_argument("--eps-scale", default=None, help="ε-scaling control for every cell (see s2dm sample)")
-    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="use the EMA weights (default) or the raw ones")
     e.add_argument("--batch-size", type=int, default=256, help="sampling batch size")
     e.add_argument("--fid-batch-size", type=int, default=50, help="Inception batch size")
     e.add_argument("--seeds-offset", type=int, default=0, help="first seed (default 0)")
@@ -268,12 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every run x seed of a study YAML, evaluate every model in every "
                     "(sampler, steps) cell with the same image seeds, and write results.csv, report.md "
                     "(paired differences, 95%% intervals, metric noise) and fd_vs_nfe.png. Resumable.")
-    st.add_argument("--config", required=True, help="study YAML, e.g. configs/study_digits.yaml")
+    st.add_argument("--config", required=True,
+                    help="study YAML: a path, or a shipped one by name (study_digits.yaml; s2dm configs)")
     st.add_argument("--out", help="output folder (default runs/<config name>[-quick])")
     st.add_argument("--quick", action="store_true", help="the YAML's quick preset (fewer runs, seeds, cells)")
     st.add_argument("--report-only", action="store_true",
                     help="no training or sampling: write the report of the cells scored so far")
     st.set_defaults(func=cmd_study)
+
+    cf = sub.add_parser("configs", help="list the shipped configs (usable by bare name)")
+    cf.set_defaults(func=cmd_configs)
     return p
 
 

@@ -24,7 +24,7 @@ class DataConfig:
     channels: int = 1
     random_flip: bool = False  # the paper flips CIFAR10 and CelebA, not digits
     download: bool = False  # only torchvision-downloadable sets, and only when asked
-    num_workers: int = 0
+    num_workers: Union[int, str] = 0  # loader processes; "auto": one per spare CPU, at most 8
 
 
 @dataclass
@@ -72,6 +72,7 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay ramps up as min(ema_decay, (1+k)/(10+k)); false: fixed from step 0
     log_every: int = 50
     checkpoint_every: int = 10_000
     sample_every: int = 10_000
@@ -125,7 +126,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for option in inner[:-1]:  # the first type that takes the value; the last one reports
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                pass
+        return _coerce(value, inner[-1], key)
     if origin in (list, List):
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -178,6 +184,20 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
+# Keys added after runs had been saved: a saved config without one was made with the value
+# given here (the behaviour before the key existed), not with today's default.
+LEGACY_VALUES = {"train.ema_warmup": False}
+
+
+def config_from_saved(data: dict) -> Config:
+    """The config of a saved run or checkpoint, with LEGACY_VALUES for keys it predates."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted, value in LEGACY_VALUES.items():
+        section, name = dotted.split(".")
+        data.setdefault(section, {}).setdefault(name, value)
+    return config_from_dict(data)
+
+
 # -- validation of values ------------------------------------------------------------------
 _CHOICES = {
     "data.dataset": ("digits", "fashion_mnist", "cifar10", "celeba", "folder"),
@@ -225,7 +245,8 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.warmup >= 0, "optim.warmup", "must be >= 0")
     need(cfg.data.channels in (1, 3), "data.channels", "must be 1 or 3")
     need(cfg.data.image_size >= 4, "data.image_size", "must be at least 4")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.num_workers == "auto" or (isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0),
+         "data.num_workers", "must be auto or an int >= 0")
     need(cfg.model.ch > 0 and cfg.model.ch % 8 == 0, "model.ch",
          "must be a positive multiple of 8 (GroupNorm uses 32 groups, or 8 for toy widths)")
     need(len(cfg.model.ch_mult) >= 1 and all(m > 0 for m in cfg.model.ch_mult), "model.ch_mult",
@@ -268,10 +289,31 @@ def apply_overrides(data: dict, overrides: List[str]) -> dict:
     return data
 
 
+# The configs shipped inside the package (the repository's configs/ links here), so that a
+# pip-installed s2dm finds `cifar10.yaml` too.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> List[Path]:
+    return sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name: Union[str, Path]) -> Path:
+    """A YAML path as given, or a bare name (``cifar10.yaml``, ``cifar10``) among the shipped
+    configs; otherwise one error naming what exists."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(p.name for p in shipped_configs())
+    raise UserError(f"config file not found: {name} (shipped configs, usable by bare name: {names})")
+
+
 def read_yaml(path: Union[str, Path]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+    path = find_config(path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -174,12 +174,33 @@ def pick_device(name: str | None) -> torch.device:
         dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"device {name!r} is not a device (try cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dev.type == "cuda" and world_size() > 1:
         if dev.index is not None and dev.index != local_rank():
             raise UserError(f"device {name}: under torchrun each rank uses its own GPU (cuda:LOCAL_RANK); "
                             "pass --device cuda (or auto)")
         dev = torch.device("cuda", local_rank())
     return dev
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def loader_workers(setting: Union[int, str]) -> int:
+    """``data.num_workers`` as a process count: ``auto`` is one per CPU beyond the one the
+    training loop needs, at most 8; a number above the CPUs available is lowered to them
+    (more loader processes than CPUs only compete with the training for them). Under
+    torchrun the CPUs are shared among the ranks of a node."""
+    cpus = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share
+    if setting == "auto":
+        return min(8, cpus - 1)
+    return min(int(setting), cpus)
 
 
 # ---------------------------------------------------------------- collectives

@@ -2,7 +2,7 @@
 
 Each draw of step k comes from seeds derived from (train.seed, stream, k) (see seeds.py), so
 resuming at step k continues exactly, and runs that differ only in ``loss`` see the same
-x_t at every step (METHOD.md §7).
+x_t at every step (docs/method.md §7).
 
 Under torchrun every rank draws the GLOBAL batch of step k (indices, flips, t, ε, ε′) exactly
 as one process would and keeps its own contiguous rows [r·B/W, (r+1)·B/W): the ranks see

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import atomic_torch_save, read_checkpoint, resolve_checkpoint
-from .config import Config, config_from_dict
+from .config import Config, config_from_saved
 from .errors import UserError
 from .fileio import atomic_write, atomic_write_text, sha256_file
 from .layouts import DDPM_SETTINGS, diffusers_unet_kwargs, s2dm_to_diffusers_state_dict
@@ -62,7 +62,7 @@ def check_32_groups(cfg: Config, target: str) -> None:
 
 def scheduler_config(cfg: Config) -> dict:
     """scheduler_config.json: a DDPMScheduler on the checkpoint's β schedule, set up so that
-    the diffusers samplers follow s2dm's conventions (METHOD §1)."""
+    the diffusers samplers follow s2dm's conventions (docs/method.md §1)."""
     d = cfg.diffusion
     return {
         "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
@@ -117,7 +117,7 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
         raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
     path = resolve_checkpoint(ckpt)
     state = read_checkpoint(path)
-    cfg = config_from_dict(state["config"])
+    cfg = config_from_saved(state["config"])
     weights, which = pick_weights(state, use_ema, path)
     provenance = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state["step"]),
                   "weights": which, "config": cfg.to_dict(), "source": state.get("source")}

@@ -118,7 +118,7 @@ def convert_fid_helper(torchscript_path: PathLike) -> dict:
 def standin_state_dict(seed: int = 0) -> dict:
     """FOR TESTS AND BENCHMARKS ONLY: the FID Inception architecture with conv weights drawn
     He-normal (std sqrt(2 / fan_in)), BN as identity. A default-initialised Inception gives
-    near-degenerate features (METHOD §4); this one does not. Never report numbers from it."""
+    near-degenerate features (docs/method.md §8); this one does not. Never report numbers from it."""
     g = torch.Generator().manual_seed(seed)
     sd = fid_inception_skeleton().state_dict()
     for key, value in sd.items():

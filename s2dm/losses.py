@@ -1,4 +1,4 @@
-"""Training losses (METHOD.md §2): DDPM's ε-loss L0 and the S²-DM skip-step loss.
+"""Training losses (docs/method.md §2): DDPM's ε-loss L0 and the S²-DM skip-step loss.
 
 Both make ONE network call per sample; both return a scalar (batch mean of the per-sample
 loss) or, with ``return_terms=True``, ``(scalar, terms)`` where ``terms`` holds per-sample
@@ -120,7 +120,7 @@ def skip_step_loss(
 
 def shrink_factor(schedule: NoiseSchedule, t, skip: int, tau: float) -> torch.Tensor:
     """τ/(τ + (1−τ)·c_t²): the optimum of the independent-ε′ loss relative to E[ε|x_t]
-    (METHOD §2), 1 where t < skip (the loss is plain L0 there). Fractional t use the
+    (docs/method.md §3), 1 where t < skip (the loss is plain L0 there). Fractional t use the
     piecewise-linear ᾱ. float64, on t's device."""
     t = torch.as_tensor(t)
     a_skip = schedule.skip_alpha(t, skip)

@@ -31,14 +31,35 @@ from .seeds import PerSeedNoise
 # The preview grid goes in a subfolder: tools that read only the top level (python -m
 # pytorch_fid) then see nothing but the per-seed samples.
 PREVIEW_DIR = "preview"
+DEFAULT_N = 64  # images when neither a number nor seeds are given: one preview grid's worth
+
+
+def folder_name(sampler: str, steps: int, grid: str = "uniform", eta: float = 0.0, order: int = 3,
+                eps_scale: Optional[str] = None, legacy_pndm_index: bool = False, use_ema: bool = True) -> str:
+    """``ddim-20``, plus every setting that differs from its default (``ddim-20-eta0.5-quad``),
+    so that two runs with different settings never share a folder."""
+    parts = [sampler, str(steps)]
+    if grid != "uniform":
+        parts.append(grid)
+    if eta:
+        parts.append(f"eta{eta:g}")
+    if sampler.startswith("deis") and order != 3:
+        parts.append(f"order{order}")
+    if eps_scale:
+        parts.append("eps" + re.sub(r"[^A-Za-z0-9.]+", "_", str(eps_scale)))
+    if legacy_pndm_index:
+        parts.append("legacy")
+    if not use_ema:
+        parts.append("noema")
+    return "-".join(parts)
 
 
 def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
     """``"0-99"`` (inclusive), ``"1,5,9"``, mixtures like ``"0-9,20"``; or ``n`` → 0..n−1."""
+    if n is not None and n < 1:
+        raise UserError(f"the number of images must be positive, got {n}")
     if spec is None:
-        if n is None or n < 1:
-            raise UserError("give --n N (seeds 0..N-1) or --seeds A-B")
-        return list(range(n))
+        return list(range(DEFAULT_N if n is None else n))
     out: List[int] = []
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)

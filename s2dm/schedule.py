@@ -1,4 +1,4 @@
-"""Noise schedule and timestep grids (METHOD.md §1 and §3).
+"""Noise schedule and timestep grids (docs/method.md §1 and §6).
 
 Convention, everywhere in s2dm: integer timesteps t ∈ {0, …, T−1}; the network input t is
 paired with ᾱ[t]; a sampler's last step goes to t = −1 where ᾱ = 1. β and ᾱ are float64 and

@@ -36,11 +36,11 @@ from tqdm.auto import tqdm
 
 from . import dist, seeds
 from .checkpoint import init_weights_from, load_state_strict, read_checkpoint, save_run_checkpoint
-from .config import Config
+from .config import LEGACY_VALUES, Config
 from .data import load_dataset
 from .dist import pick_device
 from .draws import PlannedBatches, StepDraws, draw_step
-from .ema import make_ema, update_ema
+from .ema import ema_decay_at, make_ema, update_ema
 from .errors import Interrupted, UserError
 from .losses import l0_loss, skip_step_loss
 from .precision import autocast, check_supported, make_scaler, to_channels_last
@@ -79,7 +79,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(cfg: Config, saved: dict) -> None:
-    now, before = _flatten(cfg.to_dict()), _flatten(saved)
+    now, before = _flatten(cfg.to_dict()), {**LEGACY_VALUES, **_flatten(saved)}
     for key in sorted(set(now) | set(before)):
         if key not in RESUMABLE_CHANGES and now.get(key) != before.get(key):
             raise UserError(
@@ -176,15 +176,19 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
     raise UserError(f"no readable checkpoint in {ckpt_dir}; use --resume never --force to start over")
 
 
-def prepare_folder(out: Path, resume: str, force: bool) -> bool:
-    """Create/check the run folder; returns whether there is a checkpoint to resume."""
-    ckpt_dir = out / "checkpoints"
-    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("ckpt_*.pt"))
-    if resume == "never" and has_ckpt:
-        if not force:
-            raise UserError(f"{out} already holds checkpoints; pass --force to start over, or --resume auto")
-        shutil.rmtree(ckpt_dir)  # a fresh run must not mix with the old run's checkpoints
-        has_ckpt = False
+def check_folder(out: Path, resume: str, force: bool) -> bool:
+    """Check the run folder, creating nothing; returns whether there is a checkpoint to resume."""
+    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt"))
+    if resume == "never" and has_ckpt and not force:
+        raise UserError(f"{out} already holds checkpoints; pass --force to start over, or --resume auto")
+    return has_ckpt and resume == "auto"
+
+
+def prepare_folder(out: Path, resume: str) -> None:
+    """Create the run folder (once everything that can fail before step 1 has been checked);
+    a fresh run (``--resume never --force``) drops the old run's checkpoints."""
+    if resume == "never" and (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -192,7 +196,6 @@ def prepare_folder(out: Path, resume: str, force: bool) -> bool:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
-    return has_ckpt and resume == "auto"
 
 
 class StopRequest:
@@ -300,7 +303,7 @@ def train_step(cfg: Config, state: RunState, x0: torch.Tensor, schedule: NoiseSc
     elif finite:
         state.opt.step()
     if finite:
-        update_ema(state.ema, state.model, cfg.train.ema_decay)
+        update_ema(state.ema, state.model, ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_warmup))
     return StepResult(finite, loss_value, grad_norm, draws.t, terms, overflow, stop)
 
 
@@ -319,13 +322,16 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
     ckpt_dir, grid_dir, log_path = out / "checkpoints", out / "samples", out / "log.jsonl"
     main_rank, world = dist.is_main(), dist.world_size()
     per_rank = dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
-    resuming = dist.run0(lambda: prepare_folder(out, resume, force))
+    # Everything that can fail before step 1 (folder state, device, data, checkpoints, weights
+    # to start from) is checked before the run folder is created: no empty run folders.
+    resuming = dist.run0(lambda: check_folder(out, resume, force))
     device = pick_device(cfg.train.device)
     dataset = load_dataset(cfg.data)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     state = new_state(cfg, device)
     last_ckpt = restore(state, cfg, ckpt_dir, device) if resuming else None
     init = init_weights_from(init_from, state.model, state.ema, cfg, resumed=bool(last_ckpt))  # new runs only
+    dist.run0(lambda: prepare_folder(out, resume))
     if main_rank:
         if last_ckpt:
             truncate_log(log_path, state.step)
@@ -345,7 +351,7 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=PlannedBatches(len(dataset), cfg.train.batch_size, cfg.train.seed,
                                               state.step, cfg.train.steps, rows=rows),
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        num_workers=dist.loader_workers(cfg.data.num_workers), pin_memory=device.type == "cuda",
     )
     window = Window(cfg.diffusion.num_timesteps)
     if state.log_window and main_rank:

@@ -16,3 +16,4 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 .venv/bin/python -m pip install -q -e "$spec"
+echo "s2dm is installed in .venv: 'source .venv/bin/activate' puts the s2dm command on your PATH (or run .venv/bin/s2dm)."

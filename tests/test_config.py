@@ -83,3 +83,33 @@ def test_section_must_be_mapping(tmp_path):
 def test_levels_must_divide_image_size():
     with pytest.raises(UserError, match="model.ch_mult"):
         load_config("configs/digits.yaml", ["model.ch_mult=[1,2,2,2,2]"])
+
+
+def test_bare_names_find_the_shipped_configs(tmp_path, monkeypatch, capsys):
+    from s2dm.cli import main
+    from s2dm.config import CONFIG_DIR, find_config
+
+    monkeypatch.chdir(tmp_path)  # nowhere near the repository's configs/ folder
+    assert find_config("cifar10.yaml") == find_config("cifar10") == CONFIG_DIR / "cifar10.yaml"
+    assert load_config("cifar10.yaml").model.ch_mult == [1, 2, 2, 2]
+    local = write(tmp_path, {"train": {"steps": 7}})  # a path that exists wins
+    assert load_config(local).train.steps == 7
+    with pytest.raises(UserError, match=r"config file not found: cifar11.yaml \(shipped configs.*cifar10.yaml"):
+        load_config("cifar11.yaml")
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in ("digits.yaml", "cifar10.yaml", "celeba.yaml", "study_digits.yaml"))
+
+
+def test_num_workers_auto_and_capped(monkeypatch):
+    from s2dm import dist
+
+    assert load_config("configs/cifar10.yaml").data.num_workers == "auto"
+    with pytest.raises(UserError, match="data.num_workers"):
+        load_config("configs/digits.yaml", ["data.num_workers=many"])
+    monkeypatch.setattr(dist, "available_cpus", lambda: 2)
+    assert dist.loader_workers("auto") == 1 and dist.loader_workers(4) == 2 and dist.loader_workers(0) == 0
+    monkeypatch.setattr(dist, "available_cpus", lambda: 32)
+    assert dist.loader_workers("auto") == 8 and dist.loader_workers(4) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks share the node's 32 CPUs
+    assert dist.loader_workers("auto") == 3

@@ -1,4 +1,4 @@
-"""Losses against hand computations in float64 with injected noise (METHOD.md §2)."""
+"""Losses against hand computations in float64 with injected noise (docs/method.md §2)."""
 import numpy as np
 import pytest
 import torch

@@ -68,3 +68,42 @@ def test_parse_seeds():
     for bad in ("a-b", "3-1", "1,1"):
         with pytest.raises(UserError):
             parse_seeds(bad, None)
+
+
+def test_no_ckpt_and_no_out_sample_the_newest_run_into_its_folder(tmp_path, monkeypatch, capsys):
+    import os
+    import shutil
+
+    from conftest import tiny_args
+
+    older, newer = tmp_path / "runs" / "older", tmp_path / "runs" / "newer"
+    assert main(tiny_args(newer, 1)) == 0
+    shutil.copytree(newer, older)  # same weights, but its checkpoint is made older below
+    for ckpt in (older / "checkpoints").glob("ckpt_*.pt"):
+        os.utime(ckpt, (1, 1))
+    (tmp_path / "runs" / "broken" / "checkpoints").mkdir(parents=True)  # no checkpoint: not a candidate
+    (tmp_path / "runs" / "broken" / "checkpoints" / "latest").write_text("ckpt_00000009.pt\n")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["sample", "--sampler", "ddim", "--steps", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "sampling runs/newer (the newest run under runs/" in out
+    folder = newer / "samples" / "ddim-2"
+    assert len(files(folder)) == 64 and "64 images in runs/newer/samples/ddim-2" in out  # the default n
+    # other settings go to their own folder, named by what differs from the defaults
+    assert main(["sample", "--sampler", "ddim", "--steps", "2", "--eta", "0.5", "--grid", "quad", "--no-ema",
+                 "--n", "2", "--device", "cpu"]) == 0
+    assert len(files(newer / "samples" / "ddim-2-quad-eta0.5-noema")) == 2
+
+
+def test_sample_defaults_errors(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--steps", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: no trained run under runs/")
+    for n in ("0", "-3"):
+        assert main(["sample", "--steps", "2", "--n", n]) == 2
+        assert "must be positive" in capsys.readouterr().err
+    loose = tmp_path / "model.ckpt"
+    loose.write_bytes(b"")
+    assert main(["sample", "--ckpt", str(loose), "--steps", "2"]) == 2
+    assert "--out is needed" in capsys.readouterr().err

@@ -199,7 +199,7 @@ def test_constant_eps_scale_divides():
 
 
 def _shrink(t, skip, tau):
-    """τ/(τ+(1−τ)c²) from the α product itself (METHOD §2), 1 for t < skip."""
+    """τ/(τ+(1−τ)c²) from the α product itself (docs/method.md §3), 1 for t < skip."""
     if t < skip:
         return 1.0
     alpha_skip = torch.prod(1 - SCHED.betas[t - skip + 1 : t + 1])

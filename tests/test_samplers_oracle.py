@@ -1,6 +1,6 @@
-"""s2dm's samplers against independent references, to float64 round-off (METHOD.md §3).
+"""s2dm's samplers against independent references, to float64 round-off (docs/method.md §5).
 
-1. diffusers' DDIM and PNDM schedulers (skipped without diffusers), with METHOD §3's
+1. diffusers' DDIM and PNDM schedulers (skipped without diffusers), with docs/method.md §5's
    recipes plus one step: diffusers 0.42 builds ``betas`` as float32 even from
    ``trained_betas`` (``torch.tensor(trained_betas, dtype=torch.float32)``), so its ᾱ would
    carry ~1e-7 relative error and hide index mistakes behind a loose tolerance. We overwrite
@@ -221,7 +221,7 @@ def test_ddpm_full_chain_matches_algorithm_2():
 
 
 def transfer(x, t, s, et):
-    """PNDM's transfer φ(x, ε, t→s), METHOD §3's formula term by term."""
+    """PNDM's transfer φ(x, ε, t→s), docs/method.md §5's formula term by term."""
     at, an = abar(t), abar(s)
     return x + (an - at) * (
         x / (at.sqrt() * (at.sqrt() + an.sqrt()))

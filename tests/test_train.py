@@ -146,3 +146,19 @@ def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("extra, init_from, message", [
+    (("data.dataset=cifar10", "data.root={tmp}/nowhere", "data.channels=3", "data.image_size=32"), None, "CIFAR10"),
+    ((), "{tmp}/missing.ckpt", "missing.ckpt"),
+    (("train.device=cuda:99",), None, "cuda:99"),
+], ids=["missing data", "missing init-from", "unavailable device"])
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, capsys, extra, init_from, message):
+    out = tmp_path / "runs" / "new"
+    args = tiny_args(out, 5, *(e.format(tmp=tmp_path) for e in extra))
+    if init_from:
+        args += ["--init-from", init_from.format(tmp=tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and err.count("\n") == 1
+    assert not out.exists() and not out.parent.exists()

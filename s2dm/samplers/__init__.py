@@ -1,10 +1,10 @@
 """Samplers behind one functional API: ``sample(eps_fn, x_T, schedule, sampler=..., ...)``.
 
 Every update rule is a free function ``f(eps_fn, x, schedule, grid, *, generator=None,
-**options) -> x0`` that walks a timestep grid given as data (METHOD.md §3). ``sample`` builds
+**options) -> x0`` that walks a timestep grid given as data (docs/method.md §5, §6). ``sample`` builds
 and validates the grid, translates the legacy PNDM index convention at the edge (a shifted
 schedule view; the update rules never see it), and wraps ``eps_fn`` once to count NFE,
-apply the optional ε-scaling control (METHOD §2) and report progress.
+apply the optional ε-scaling control (docs/method.md §4) and report progress.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def expected_nfe(sampler: str, steps: int) -> int:
     return steps
 
 
-# -- ε-scaling control (METHOD §2) --------------------------------------------------------
+# -- ε-scaling control (docs/method.md §4) -------------------------------------------------
 def parse_eps_scale(text: Optional[str]) -> EpsScale:
     """CLI form → spec: "" / "none" → None; "1.005" or "const:1.005" → 1.005;
     "skip:9,tau:0.99" (or "skip=9,tau=0.99") → {"skip": 9, "tau": 0.99}."""

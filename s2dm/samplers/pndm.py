@@ -11,7 +11,7 @@ step (see ``ddim.transfer_coefficients``); they differ in which ε they feed it.
   e1 kept), then ε′ = (3ε₀ − ε₋₁)/2. NFE = S + 1.
 
 Mid-points: when t+s is odd, m is a half-integer; the model then gets a float32 t and ᾱ(m)
-is the schedule's piecewise-linear ``alpha_bar_continuous`` (METHOD §3). diffusers uses the
+is the schedule's piecewise-linear ``alpha_bar_continuous`` (docs/method.md §5). diffusers uses the
 integer t − (T//S)//2 instead, and the official PNDM code truncates the ᾱ index of a
 fractional m; all agree exactly when t − s is even (e.g. uniform grids with T//S even).
 """
