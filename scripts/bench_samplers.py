@@ -94,7 +94,7 @@ def diffusers_run(model, x, scheduler, steps):
 
 
 def diffusers_schedulers(schedule):
-    """METHOD §3's oracle configurations of diffusers' DDIM and F-PNDM, if installed."""
+    """The oracle configurations of diffusers' DDIM and F-PNDM (docs/method.md §5), if installed."""
     try:
         import diffusers
     except ImportError:
