@@ -15,5 +15,10 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
-.venv/bin/python -m pip install -q -e "$spec"
+# Install (editable) once per set of extras, and again when pyproject.toml changes.
+stamp=".venv/.s2dm-installed${extras:+-$extras}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x .venv/bin/s2dm ]; then
+  .venv/bin/python -m pip install -q -e "$spec"
+  touch "$stamp"
+fi
 echo "s2dm is installed in .venv: 'source .venv/bin/activate' puts the s2dm command on your PATH (or run .venv/bin/s2dm)."
