@@ -1,9 +1,25 @@
-"""s2dm: diffusion models trained with the S²-DM skip-step loss, sampled with DDIM/PNDM/DEIS."""
+"""s2dm: diffusion models trained with the S²-DM skip-step loss, sampled with DDIM/PNDM/DEIS.
 
-__version__ = "0.1.0"
+The public API. The package is layered (docs/architecture.md): ``core`` (math), ``util``
+(files, images, processes), ``samplers`` and ``io`` (configs, checkpoints, data), then one
+package per verb (``training``, ``metrics``, ``interop``, ``sampling``, ``study``).
+"""
+from pathlib import Path
+from typing import Union
 
-from .checkpoint import LoadedCheckpoint, load_checkpoint  # noqa: E402
-from .config import Config, load_config  # noqa: E402
-from .unet import UNet, build_model  # noqa: E402
+from ._version import __version__
+from .core.losses import l0_loss, skip_step_loss
+from .core.schedule import NoiseSchedule
+from .core.unet import UNet
+from .core.unet import build_model as _build_unet
+from .io.checkpoint import LoadedCheckpoint, load_checkpoint
+from .io.config import Config, as_config, load_config
 
-__all__ = ["Config", "LoadedCheckpoint", "UNet", "build_model", "load_checkpoint", "load_config", "__version__"]
+
+def build_model(config: Union[Config, dict, str, Path]) -> UNet:
+    """The UNet a config describes: a ``Config``, a plain dict (e.g. from a checkpoint) or a YAML path."""
+    return _build_unet(as_config(config))
+
+
+__all__ = ["Config", "LoadedCheckpoint", "NoiseSchedule", "UNet", "build_model", "l0_loss", "load_checkpoint",
+           "load_config", "skip_step_loss", "__version__"]

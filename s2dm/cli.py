@@ -6,15 +6,21 @@ and exits 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+import yaml
+
+from .core.schedule import GRIDS
 from .errors import Interrupted, UserError
-from .sample import DEFAULT_N
+from .io.checkpoint import newest_run, run_folder_of
+from .io.config import CONFIG_DIR, load_config, shipped_configs
 from .samplers import SAMPLERS
-from .schedule import GRIDS
-from .textfmt import num, plural
+from .sampling.folder import DEFAULT_N, folder_name, parse_seeds, sample_to_folder
+from .util import dist
+from .util.textfmt import num, plural
 
 DESCRIPTION = """\
 s2dm trains diffusion models with the skip-step loss of S²-DMs (arXiv 2401.01520) or the
@@ -29,8 +35,7 @@ s2dm VERB --help describes each verb."""
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
+    from .training.loop import train  # CLI start-up time: each verb imports its own modules
 
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -41,7 +46,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert
+    from .interop.convert import convert  # CLI start-up time
 
     res = convert(args.layout, args.source, args.out, config=args.config, overrides=args.set,
                   image_size=args.image_size, force=args.force)
@@ -53,7 +58,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .interop.export import export  # CLI start-up time
 
     res = export(args.ckpt, args.out, to=args.to, use_ema=args.ema, force=args.force)
     print(f"{res['out']}: {args.to} layout, {res['weights']} weights of step {res['step']}")
@@ -61,10 +66,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from . import dist
-    from .checkpoint import newest_run, run_folder_of
-    from .sample import folder_name, parse_seeds, sample_to_folder
-
     seeds = parse_seeds(args.seeds, args.n)
     ckpt = args.ckpt
     if ckpt is None:
@@ -88,10 +89,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    import yaml
-
-    from .config import CONFIG_DIR, shipped_configs
-
     print(f"shipped configs ({CONFIG_DIR}); pass a bare name, e.g. s2dm train --config digits.yaml")
     for path in shipped_configs():
         first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
@@ -101,9 +98,7 @@ def cmd_configs(args) -> int:
 
 
 def cmd_fid(args) -> int:
-    import json
-
-    from .fid import compare, metric_label, reference_stats
+    from .metrics.fid import compare, metric_label, reference_stats  # CLI start-up time: pytorch-fid, scipy
 
     paths = list(args.paths)
     common = dict(n=args.n, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -154,7 +149,7 @@ def cmd_fid(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, parse_list
+    from .metrics.evaluate import evaluate, parse_list  # CLI start-up time: pytorch-fid, scipy
 
     rows = evaluate(
         args.ckpt, samplers=parse_list(args.samplers, "samplers"), steps=parse_list(args.steps, "steps", int),
@@ -171,7 +166,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import run_study
+    from .study.runner import run_study  # CLI start-up time: pytorch-fid, scipy
 
     out = run_study(args.config, args.out, quick=args.quick, report_only=args.report_only)
     report = (out / "report.md").read_text()
@@ -333,8 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from . import dist
-
     args = build_parser().parse_args(argv)
     try:
         with dist.session():  # under torchrun: join the process group, print results once

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from s2dm.checkpoint import save_run_checkpoint
-from s2dm.config import load_config
-from s2dm.schedule import NoiseSchedule
-from s2dm.train import RunState, new_state, train_step
+from s2dm.core.schedule import NoiseSchedule
+from s2dm.io.checkpoint import save_run_checkpoint
+from s2dm.io.config import load_config
+from s2dm.training.loop import RunState, new_state, train_step
 
 
 def measure(config: str, batch: int, repeats: int) -> dict:

@@ -35,7 +35,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s2dm import fid, inception  # noqa: E402
+from s2dm.metrics import fid, inception  # noqa: E402
+from s2dm.metrics.inputs import folder_files  # noqa: E402
+from s2dm.metrics.statistics import Stats  # noqa: E402
 
 
 def make_folder(folder: Path, n: int, size: int, seed: int) -> Path:
@@ -102,11 +104,11 @@ def main() -> None:
     ext = fid.FeatureExtractor("inception", device="cpu", progress=False)
     ext.load()
     t = time.perf_counter()
-    stats_a = ext.stats_of_files(fid.folder_files(a), str(a))
+    stats_a = ext.stats_of_files(folder_files(a), str(a))
     t_folder = time.perf_counter() - t
     stats_a.save(tmp / "a.npz")
     t = time.perf_counter()
-    loaded = fid.Stats.load(tmp / "a.npz")
+    loaded = Stats.load(tmp / "a.npz")
     t_npz = time.perf_counter() - t
     t_fd = None
     if args.with_fd:

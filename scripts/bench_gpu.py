@@ -10,7 +10,7 @@ process, one device; prints Markdown tables. ``scripts/bench_gpu.sh`` runs it.
    for s2dm's UNet and for diffusers' ``UNet2DModel`` in the DDPM CIFAR10 layout
    (google/ddpm-cifar10-32, same parameter count, dropout 0.1), fp32 and bf16: images/s,
    peak memory and the ratio s2dm / diffusers (> 1: s2dm is faster).
-3. Sampling: ``s2dm.sample.generate`` (what ``s2dm sample`` runs) with DDIM, 20 steps
+3. Sampling: ``s2dm.samplers.generate.generate`` (what ``s2dm sample`` runs) with DDIM, 20 steps
    (NFE 20), EMA weights, batch 256: images/s.
 4. FID features: ``FeatureExtractor`` (pytorch-fid's Inception, 299x299 resize, pool3) on
    uint8 32x32 batches: images/s. The real FID weights when found offline, else stand-in
@@ -43,11 +43,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from s2dm.config import load_config  # noqa: E402
-from s2dm.losses import l0_loss  # noqa: E402
-from s2dm.precision import autocast  # noqa: E402
-from s2dm.schedule import NoiseSchedule  # noqa: E402
-from s2dm.unet import build_model, count_parameters  # noqa: E402
+from s2dm.core.losses import l0_loss  # noqa: E402
+from s2dm.core.schedule import NoiseSchedule  # noqa: E402
+from s2dm.core.unet import build_model, count_parameters  # noqa: E402
+from s2dm.io.config import load_config  # noqa: E402
+from s2dm.training.precision import autocast  # noqa: E402
 
 CIFAR10_PARAMETERS = 35_746_307
 
@@ -55,7 +55,7 @@ CIFAR10_PARAMETERS = 35_746_307
 def ddpm_cifar10_diffusers_kwargs(dropout: float) -> dict:
     """``UNet2DModel`` arguments of the DDPM CIFAR10 layout (from s2dm's converter when
     present, else the same arguments written out)."""
-    for module in ("s2dm.layouts", "s2dm.convert"):
+    for module in ("s2dm.interop.layouts",):
         try:
             mod = __import__(module, fromlist=["diffusers_unet_kwargs"])
             return mod.diffusers_unet_kwargs(dropout=dropout)
@@ -115,7 +115,7 @@ def log(msg: str) -> None:
 # 1. the s2dm training step
 # ---------------------------------------------------------------------------------------
 def bench_train_step(args, device, precision: str, channels_last: bool, compile_: bool) -> dict:
-    from s2dm.train import new_state, train_step, wrap_for_training
+    from s2dm.training.loop import new_state, train_step, wrap_for_training
 
     cfg = load_config(ROOT / args.config, [
         f"train.batch_size={args.batch}", f"train.precision={precision}",
@@ -198,8 +198,8 @@ def bench_bare_step(args, device, which: str, precision: str) -> dict:
 # 3. sampling and 4. FID features
 # ---------------------------------------------------------------------------------------
 def bench_sampling(args, device) -> dict:
-    from s2dm.ema import make_ema
-    from s2dm.sample import generate
+    from s2dm.core.ema import make_ema
+    from s2dm.samplers.generate import generate
 
     cfg = load_config(ROOT / args.config)
     reset_memory(device)
@@ -221,7 +221,7 @@ def bench_sampling(args, device) -> dict:
 
 
 def bench_fid_features(args, device) -> dict:
-    from s2dm import fid, inception
+    from s2dm.metrics import fid, inception
 
     reset_memory(device)
     ext = fid.FeatureExtractor("inception", device=str(device), batch_size=args.fid_batch, progress=False)

@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from s2dm.core.schedule import NoiseSchedule, timestep_grid
 from s2dm.samplers import SAMPLERS, sample
-from s2dm.schedule import NoiseSchedule, timestep_grid
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 _clock = CLOCKS["cpu"]
@@ -36,14 +36,14 @@ def timed(fn) -> float:
 def build_network(args):
     """s2dm's UNet if present, else a small stand-in conv net (named in the output)."""
     try:
-        from s2dm.unet import UNet
+        from s2dm.core.unet import UNet
     except ImportError:
         UNet = None
     if UNet is not None:
         net = UNet(args.channels, ch=args.ch, ch_mult=tuple(args.ch_mult), num_res_blocks=args.num_res_blocks,
                    attn_resolutions=tuple(args.attn), dropout=0.0, resamp_with_conv=True,
                    image_size=args.image_size)
-        return net.eval(), "s2dm.unet.UNet"
+        return net.eval(), "s2dm.core.unet.UNet"
 
     class StandIn(torch.nn.Module):
         def __init__(self):
@@ -56,7 +56,7 @@ def build_network(args):
             t = torch.as_tensor(t, dtype=x.dtype).reshape(-1)[:, None, None, None]
             return self.out(torch.tanh(self.mid(self.inp(x) + t / 1000)))
 
-    return StandIn().eval(), "stand-in conv net (s2dm.unet not importable)"
+    return StandIn().eval(), "stand-in conv net (s2dm.core.unet not importable)"
 
 
 def call_times(sampler, walked):

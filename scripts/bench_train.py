@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from s2dm import build_model, load_config  # noqa: E402
-from s2dm.losses import l0_loss, skip_step_loss  # noqa: E402
-from s2dm.schedule import NoiseSchedule  # noqa: E402
-from s2dm.unet import count_parameters  # noqa: E402
+from s2dm.core.losses import l0_loss, skip_step_loss  # noqa: E402
+from s2dm.core.schedule import NoiseSchedule  # noqa: E402
+from s2dm.core.unet import count_parameters  # noqa: E402
 
 CIFAR10_PARAMETERS = 35_746_307
 
@@ -244,7 +244,7 @@ def _plain_upsample_forward(self, x):
 
 def part_ablation(args, rows):
     """Current s2dm UNet against itself with one choice undone, CIFAR10 UNet."""
-    from s2dm.unet import AttnBlock, Upsample
+    from s2dm.core.unet import AttnBlock, Upsample
 
     cfg = load_config(ROOT / "configs/cifar10.yaml")
     schedule = NoiseSchedule.from_config(cfg.diffusion)

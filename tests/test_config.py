@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from s2dm.config import Config, config_from_dict, load_config
 from s2dm.errors import UserError
+from s2dm.io.config import Config, config_from_dict, load_config
 
 
 def write(tmp_path, data, name="c.yaml"):
@@ -87,7 +87,7 @@ def test_levels_must_divide_image_size():
 
 def test_bare_names_find_the_shipped_configs(tmp_path, monkeypatch, capsys):
     from s2dm.cli import main
-    from s2dm.config import CONFIG_DIR, find_config
+    from s2dm.io.config import CONFIG_DIR, find_config
 
     monkeypatch.chdir(tmp_path)  # nowhere near the repository's configs/ folder
     assert find_config("cifar10.yaml") == find_config("cifar10") == CONFIG_DIR / "cifar10.yaml"
@@ -102,7 +102,7 @@ def test_bare_names_find_the_shipped_configs(tmp_path, monkeypatch, capsys):
 
 
 def test_num_workers_auto_and_capped(monkeypatch):
-    from s2dm import dist
+    from s2dm.util import dist
 
     assert load_config("configs/cifar10.yaml").data.num_workers == "auto"
     with pytest.raises(UserError, match="data.num_workers"):

@@ -15,13 +15,12 @@ import torch
 from conftest import TINY, read_log, tiny_args
 from s2dm import load_checkpoint
 from s2dm.cli import main
-from s2dm.convert import diffusers_unet_kwargs
+from s2dm.core.schedule import NoiseSchedule
+from s2dm.core.unet import UNet
 from s2dm.errors import UserError
-from s2dm.fileio import sha256_file
-from s2dm.layouts import model_from_diffusers_config
+from s2dm.interop.layouts import diffusers_unet_kwargs, model_from_diffusers_config
 from s2dm.samplers import sample
-from s2dm.schedule import NoiseSchedule
-from s2dm.unet import UNet
+from s2dm.util.fileio import sha256_file
 
 diffusers = pytest.importorskip("diffusers")
 

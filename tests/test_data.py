@@ -1,4 +1,4 @@
-"""Tests for s2dm.data. Every data set except digits is written here, tiny, in its real
+"""Tests for s2dm.io.data. Every data set except digits is written here, tiny, in its real
 on-disk format (CIFAR10 pickles in a tar.gz, idx ubyte.gz, aligned CelebA JPEGs, PNGs)."""
 import gzip
 import io
@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from s2dm import data
-from s2dm.data import dataset_tensor, load_dataset, read_idx
 from s2dm.errors import UserError
-from s2dm.images import from_uint8, to_uint8
+from s2dm.io import data
+from s2dm.io.data import dataset_tensor, load_dataset, read_idx
+from s2dm.util.images import from_uint8, to_uint8
 
 
 def cfg(dataset, root=None, image_size=8, channels=1, download=False):

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, read_log, tiny_args
-from s2dm import dist, load_checkpoint
+from s2dm import load_checkpoint
 from s2dm.cli import main
-from s2dm.config import load_config
 from s2dm.errors import UserError
+from s2dm.io.config import load_config
+from s2dm.util import dist
 
 # optim.eps=1e-4: Adam divides by √v + eps, so a gradient that is zero in exact arithmetic
 # (e.g. the part of a bias that a GroupNorm removes) but ±1e-10 of float noise would become a
@@ -33,8 +34,8 @@ STEPS = 8
 WORKER = r'''
 import os, sys
 rank = int(os.environ.get("RANK", "0"))
-import s2dm.train as T
-import s2dm.config as C
+import s2dm.io.config as C
+import s2dm.training.loop as T
 record = os.path.join(os.environ["S2DM_TEST_WRITES"], f"rank{rank}.txt")
 
 def note(what):
@@ -186,7 +187,7 @@ def test_shards_cover_everything_once():
 
 
 def test_draws_are_sliced_from_the_global_batch():
-    from s2dm.draws import PlannedBatches, draw_step
+    from s2dm.training.draws import PlannedBatches, draw_step
 
     cfg = load_config("configs/digits.yaml", ["train.batch_size=8", "data.random_flip=true"])
     full = draw_step(cfg, 3, (8, 1, 8, 8))
@@ -228,7 +229,7 @@ def test_sharded_sampling_writes_the_same_png_files(sampled):
 
 
 def test_sharded_reference_statistics_equal_one_process(tmp_path):
-    from s2dm.fidstats import Stats
+    from s2dm.metrics.statistics import Stats
 
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     args = ["fid", "ref", "--config", "configs/digits.yaml", "--features", "pixels", "--num-images", "301",
@@ -272,7 +273,7 @@ def test_sharded_eval_gives_the_same_fd_and_images(runs, sampled, tmp_path, caps
 
 
 def test_moments_about_another_shift_add_up():
-    from s2dm.fid import RunningMoments
+    from s2dm.metrics.statistics import RunningMoments
 
     rng = np.random.default_rng(0)
     x = rng.normal(5.0, 2.0, size=(50, 6))
@@ -300,7 +301,7 @@ def test_bf16_on_the_cpu_trains(tmp_path):
 
 
 def test_fp16_grad_scaler_state_is_saved_and_restored(tmp_path):
-    from s2dm.train import new_state, restore
+    from s2dm.training.loop import new_state, restore
 
     cfg_args = ("train.precision=fp16", "train.device=cpu", "train.checkpoint_every=3", "train.log_every=3")
     straight, split = tmp_path / "straight", tmp_path / "split"

@@ -4,9 +4,9 @@ import torch
 
 from conftest import tiny_args
 from s2dm.cli import main
-from s2dm.config import config_from_saved, load_config
-from s2dm.ema import ema_decay_at, make_ema, update_ema
-from s2dm.train import new_state
+from s2dm.core.ema import ema_decay_at, make_ema, update_ema
+from s2dm.io.config import config_from_saved, load_config
+from s2dm.training.loop import new_state
 
 
 def test_decay_schedule_by_hand():

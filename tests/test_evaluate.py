@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s2dm import evaluate as ev
 from s2dm.cli import main
+from s2dm.metrics import evaluate as ev
 from s2dm.samplers import expected_nfe
 
 
@@ -117,7 +117,7 @@ def test_rerun_recomputes_nothing_and_a_deleted_cell_is_redone(evaluated, ckpts,
         raise AssertionError("a finished cell was recomputed")
 
     monkeypatch.setattr(ev, "frechet_distance", fail)
-    monkeypatch.setattr("s2dm.sample.sample_to_folder", fail)
+    monkeypatch.setattr(ev, "sample_to_folder", fail)
     assert main(eval_args(ckpts, ref, evaluated)) == 0
     assert (evaluated / "results.csv").read_text() == before
     monkeypatch.undo()
@@ -184,7 +184,7 @@ def test_bad_eval_input(ckpts, ref, tmp_path, capsys):
 
 
 def test_checkpoint_labels(tmp_path):
-    from s2dm.checkpoint import checkpoint_name
+    from s2dm.io.checkpoint import checkpoint_name
 
     paths = []
     for run in ("base", "s2"):

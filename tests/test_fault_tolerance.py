@@ -80,7 +80,7 @@ def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path, reference):
 
 # Dies (SIGKILL, no clean-up possible) in the middle of writing the checkpoint of step `at`.
 KILL_DURING_SAVE = """
-import os, signal, torch, s2dm.checkpoint as ck
+import os, signal, torch, s2dm.util.fileio as fileio
 _save = torch.save
 def dying_save(obj, f, *a, **k):
     if obj.get("step") == {at}:
@@ -88,7 +88,7 @@ def dying_save(obj, f, *a, **k):
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return _save(obj, f, *a, **k)
-ck.torch.save = dying_save
+fileio.torch.save = dying_save
 """
 
 
@@ -129,7 +129,7 @@ def test_sigterm_saves_then_resume_is_exact(tmp_path, reference):
 # SIGTERM arrives inside step 5, between two log lines (log_every 2): the saved log window makes
 # the resumed run's step-6 line average steps 5 and 6, as the uninterrupted run's does.
 TERM_DURING_STEP_5 = """
-import os, signal, s2dm.train as tr
+import os, signal, s2dm.training.loop as tr
 _step = tr.train_step
 def step(cfg, state, *a, **k):
     if state.step == 4:
@@ -233,7 +233,7 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(name, run_copy, tmp_path
 
 
 def test_disk_full_while_saving_keeps_earlier_checkpoints(run_copy, monkeypatch, capsys):
-    import s2dm.checkpoint as ck
+    import s2dm.util.fileio as fileio
 
     before = snapshot(run_copy / "checkpoints")
 
@@ -241,7 +241,7 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints(run_copy, monkeypatch,
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(fileio.torch, "save", full)
     capsys.readouterr()
     assert main(tiny_args(run_copy, 30)) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

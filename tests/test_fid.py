@@ -19,8 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from s2dm import fid, inception
 from s2dm.cli import main
+from s2dm.errors import UserError
+from s2dm.metrics import fid, inception
+from s2dm.metrics.inputs import folder_files, scan_images
+from s2dm.metrics.statistics import RunningMoments, Stats, metric_label, metric_name
 
 # ---------------------------------------------------------------- fixtures
 
@@ -178,7 +181,7 @@ def test_plain_pytorch_fid_npz_is_read(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(500, 64))  # full rank: scipy's sqrtm is exact to ~1e-12 then
     np.savez_compressed(tmp_path / "plain.npz", mu=x.mean(0), sigma=np.cov(x, rowvar=False))
-    stats = fid.Stats.load(tmp_path / "plain.npz")
+    stats = Stats.load(tmp_path / "plain.npz")
     assert stats.features == "inception-64" and stats.n is None
     res = cli_json(capsys, "fid", tmp_path / "plain.npz", tmp_path / "plain.npz")
     assert abs(res["value"]) < 1e-9 and res["label"] == "FD-inception64"
@@ -248,7 +251,7 @@ def test_pixels_reference_of_config(tmp_path, capsys):
 def test_running_moments_match_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(103, 7)) * 0.01 + 1e3  # a large offset must not cost digits
-    m = fid.RunningMoments()
+    m = RunningMoments()
     for i in range(0, 103, 10):
         m.update(x[i:i + 10])
     mu, sigma = m.finalize()
@@ -257,10 +260,10 @@ def test_running_moments_match_numpy():
 
 
 def test_labels():
-    assert fid.metric_label("FID", 50_000) == "FID"
-    assert fid.metric_label("FID", 10_000) == "FID-10k"
-    assert fid.metric_label("FD-pixels", 32) == "FD-pixels-32"
-    assert fid.metric_name("inception-2048") == "FID" and fid.metric_name("pixels") == "FD-pixels"
+    assert metric_label("FID", 50_000) == "FID"
+    assert metric_label("FID", 10_000) == "FID-10k"
+    assert metric_label("FD-pixels", 32) == "FD-pixels-32"
+    assert metric_name("inception-2048") == "FID" and metric_name("pixels") == "FD-pixels"
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
@@ -327,10 +330,10 @@ def test_sample_folder_grid_is_left_out(tmp_path):
     folder = smooth_images(tmp_path / "samples", 3, seed=11)
     (folder / "preview").mkdir()
     Image.new("RGB", (256, 256)).save(folder / "preview" / "grid.png")
-    with pytest.raises(fid.UserError, match="differ in size"):
-        fid.scan_images(fid.folder_files(folder))
+    with pytest.raises(UserError, match="differ in size"):
+        scan_images(folder_files(folder))
     (folder / "metadata.json").write_text("{}")  # an s2dm sample folder
-    assert len(fid.folder_files(folder)) == 3
+    assert len(folder_files(folder)) == 3
 
 
 # ---------------------------------------------------------------- offline weights

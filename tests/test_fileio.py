@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_args
 from s2dm.cli import main
-from s2dm.fileio import atomic_write_text
+from s2dm.util.fileio import atomic_write_text
 
 
 @pytest.fixture

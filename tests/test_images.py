@@ -1,11 +1,11 @@
-"""Tests for s2dm.images: listing, loading, value maps, PNG and grid writing."""
+"""Tests for s2dm.util.images: listing, loading, value maps, PNG and grid writing."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from s2dm.errors import UserError
-from s2dm.images import (
+from s2dm.util.images import (
     from_uint8,
     grid_array,
     list_images,

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from s2dm.losses import l0_loss, shrink_factor, skip_step_loss
-from s2dm.schedule import NoiseSchedule
+from s2dm.core.losses import l0_loss, skip_step_loss
+from s2dm.core.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule.linear()
 
@@ -117,19 +117,19 @@ def test_gradients_flow_to_parameters():
 def test_shrink_factor_is_the_optimum_of_the_independent_loss():
     """With E[ε′] = 0, the gradient of E[L] vanishes at ε_θ = ε·τ/(τ + (1−τ)c²)."""
     t = torch.tensor([9, 100, 999])
-    f = shrink_factor(SCHED, t, 9, 0.99)
+    f = SCHED.shrink_factor(t, 9, 0.99)
     eps = torch.randn(3, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pred = torch.nn.Parameter(eps * f.view(-1, 1, 1, 1))
     model = lambda x, tt: pred  # noqa: E731 - the prediction itself is the parameter
     loss = skip_step_loss(model, torch.zeros_like(eps), t, SCHED, noise=eps, skip_noise=torch.zeros_like(eps))
     loss.backward()
     assert pred.grad.abs().max().item() < 1e-12
-    assert shrink_factor(SCHED, torch.tensor([8]), 9, 0.99).item() == 1.0
+    assert SCHED.shrink_factor(torch.tensor([8]), 9, 0.99).item() == 1.0
 
 
 def test_shrink_factor_values_quoted_in_method():
-    assert shrink_factor(SCHED, torch.tensor([999]), 9, 0.99).item() == pytest.approx(0.998, abs=5e-4)
-    assert shrink_factor(SCHED, torch.tensor([999]), 49, 0.99).item() == pytest.approx(0.984, abs=1e-3)
+    assert SCHED.shrink_factor(torch.tensor([999]), 9, 0.99).item() == pytest.approx(0.998, abs=5e-4)
+    assert SCHED.shrink_factor(torch.tensor([999]), 49, 0.99).item() == pytest.approx(0.984, abs=1e-3)
 
 
 def test_bad_arguments_raise():

@@ -4,7 +4,7 @@ import pytest
 
 from s2dm.cli import main
 from s2dm.errors import UserError
-from s2dm.sample import parse_seeds, sample_to_folder
+from s2dm.sampling.folder import parse_seeds, sample_to_folder
 
 
 def files(folder):

@@ -8,10 +8,10 @@ import torch
 from s2dm.errors import UserError
 from s2dm.samplers import (
     SAMPLERS, LegacyIndexView, check_options, deis_coefficients, normalize_eps_scale, parse_eps_scale, sample,
-    skip_shrink_factor, timestep_grid,
+    timestep_grid,
 )
+from s2dm.core.schedule import NoiseSchedule
 from s2dm.samplers.ddim import transfer_coefficients
-from s2dm.schedule import NoiseSchedule
 
 T = 1000
 SCHED = NoiseSchedule.linear(T)
@@ -217,7 +217,7 @@ def test_skip_shrink_multiplies_by_the_factor(sampler):
         if tt == int(tt):
             f = _shrink(int(tt), 9, 0.99)
         else:
-            f = float(skip_shrink_factor(SCHED, torch.tensor(tt, dtype=F64), 9, 0.99))
+            f = float(SCHED.shrink_factor(torch.tensor(tt, dtype=F64), 9, 0.99))
         return toy_eps(x, t) * f
 
     ref, _ = sample(manual, x, SCHED, sampler=sampler, grid=grid)
@@ -229,13 +229,13 @@ def test_skip_shrink_multiplies_by_the_factor(sampler):
 
 def test_skip_shrink_factor_values():
     t = torch.arange(T)
-    f = skip_shrink_factor(SCHED, t, 9, 0.99)
+    f = SCHED.shrink_factor(t, 9, 0.99)
     assert torch.equal(f[:9], torch.ones(9, dtype=F64))
     assert all(float(f[k]) == pytest.approx(_shrink(k, 9, 0.99), rel=1e-13) for k in (9, 10, 500, 999))
     assert float(f[999]) == pytest.approx(0.998, abs=2e-4)
-    assert float(skip_shrink_factor(SCHED, 999, 49, 0.99)) == pytest.approx(0.984, abs=5e-4)
+    assert float(SCHED.shrink_factor(999, 49, 0.99)) == pytest.approx(0.984, abs=5e-4)
     assert bool((f[10:] < f[9:-1]).all())  # shrinks more as t grows
-    mid = float(skip_shrink_factor(SCHED, torch.tensor(500.5, dtype=F64), 9, 0.99))
+    mid = float(SCHED.shrink_factor(torch.tensor(500.5, dtype=F64), 9, 0.99))
     assert float(f[501]) < mid < float(f[500])
 
 
@@ -261,7 +261,7 @@ def test_dtype_and_device_are_kept(device, dtype):
 
 
 class RowNoise:
-    """A generator stand-in with ``randn_like`` (the interface of s2dm.seeds.PerSeedNoise)."""
+    """A generator stand-in with ``randn_like`` (the interface of s2dm.core.seeds.PerSeedNoise)."""
 
     def __init__(self, seed):
         self.g = torch.Generator().manual_seed(seed)
@@ -273,7 +273,7 @@ class RowNoise:
 
 
 def test_duck_typed_generator_and_inference_tensors():
-    def eps_fn(x, t):  # as s2dm.sample.model_eps_fn: the network runs in inference mode
+    def eps_fn(x, t):  # as s2dm.samplers.generate.model_eps_fn: the network runs in inference mode
         with torch.inference_mode():
             return toy_eps(x, t)
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from s2dm.core.schedule import NoiseSchedule
 from s2dm.samplers import deis_coefficients, sample, timestep_grid
-from s2dm.schedule import NoiseSchedule
 
 T = 1000
 SCHED = NoiseSchedule.linear(T)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from s2dm.core.schedule import NoiseSchedule, timestep_grid
 from s2dm.errors import UserError
-from s2dm.schedule import NoiseSchedule, timestep_grid
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import torch
 from conftest import read_log, tiny_args
 from s2dm import load_checkpoint
 from s2dm.cli import main
-from s2dm.config import load_config
+from s2dm.core.unet import UNet
 from s2dm.errors import UserError
-from s2dm.unet import UNet
+from s2dm.io.config import load_config
 
 
 def test_short_run_lowers_loss_writes_everything(tmp_path):
@@ -63,7 +63,7 @@ def test_resume_refuses_a_changed_loss(tmp_path, capsys):
 
 def test_baseline_and_s2_see_identical_inputs(tmp_path, monkeypatch):
     """Same seed ⇒ same initial weights, data order, t and ε whatever loss.type is."""
-    import s2dm.train as train_mod
+    import s2dm.training.loop as train_mod
 
     seen = {}
     original = train_mod.compute_loss
@@ -86,7 +86,7 @@ def test_baseline_and_s2_see_identical_inputs(tmp_path, monkeypatch):
 
 
 def test_antithetic_t_pairs():
-    from s2dm.draws import draw_step
+    from s2dm.training.draws import draw_step
 
     cfg = load_config("configs/digits.yaml")
     d = draw_step(cfg, 7, (32, 1, 8, 8))
@@ -97,7 +97,7 @@ def test_antithetic_t_pairs():
 
 
 def test_data_order_covers_each_epoch_once():
-    from s2dm.draws import PlannedBatches
+    from s2dm.training.draws import PlannedBatches
 
     plan = PlannedBatches(10, 4, seed=3, start_step=0, end_step=5)
     flat = [i for batch in plan for i in batch]
@@ -118,7 +118,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch, capsys):
-    import s2dm.train as train_mod
+    import s2dm.training.loop as train_mod
 
     out = tmp_path / "run"
     assert main(tiny_args(out, 10)) == 0

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from s2dm import build_model, load_config
-from s2dm.unet import AttnBlock, UNet, count_parameters, timestep_embedding
+from s2dm.core.unet import AttnBlock, UNet, count_parameters, timestep_embedding
 
 
 def test_cifar10_config_has_35_7m_parameters():

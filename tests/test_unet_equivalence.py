@@ -1,10 +1,10 @@
 """s2dm's UNet is the DDPM network: the same function as diffusers' ``UNet2DModel`` in the DDPM
 layout (weights copied across by name), and the same function as a plainly written DDPM
-forward (the optimised evaluation in s2dm/unet.py changes only float round-off).
+forward (the optimised evaluation in s2dm/core/unet.py changes only float round-off).
 
-The key mapping (``s2dm_key_to_diffusers`` / ``diffusers_key_to_s2dm``, in s2dm/layouts.py and
-re-exported by s2dm.convert) is general over levels, res blocks per level, attention levels
-and resamplers; tests/test_convert.py checks the converter built on it.
+The key mapping (``s2dm_key_to_diffusers`` / ``diffusers_key_to_s2dm``, in s2dm/interop/layouts.py)
+is general over levels, res blocks per level, attention levels and resamplers;
+tests/test_convert.py checks the converter built on it.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s2dm.convert import (diffusers_to_s2dm_state_dict, diffusers_unet_kwargs, s2dm_key_to_diffusers,
-                          s2dm_to_diffusers_state_dict)
-from s2dm.unet import Upsample, UNet, timestep_embedding, upsample_conv_kernel
+from s2dm.core.unet import Upsample, UNet, timestep_embedding, upsample_conv_kernel
+from s2dm.interop.layouts import (diffusers_to_s2dm_state_dict, diffusers_unet_kwargs, s2dm_key_to_diffusers,
+                                  s2dm_to_diffusers_state_dict)
 
 # -------------------------------------------------------------------------------------
 # s2dm <-> diffusers UNet2DModel

@@ -16,9 +16,8 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from ..core.schedule import GRIDS, timestep_grid, validate_grid
 from ..errors import UserError
-from ..losses import shrink_factor
-from ..schedule import GRIDS, timestep_grid, validate_grid
 from .ddim import ddim, ddim_coefficients, step_alphas, walked_grid
 from .ddpm import ddpm
 from .deis import ORDERS, check_order, deis, deis_coefficients, deis_rho
@@ -37,7 +36,7 @@ _DEIS = ("deis", "deis-rho")
 
 __all__ = [
     "SAMPLERS", "REGISTRY", "GRIDS", "ORDERS", "sample", "check_options", "expected_nfe", "parse_eps_scale",
-    "normalize_eps_scale", "describe_eps_scale", "skip_shrink_factor", "timestep_grid",
+    "normalize_eps_scale", "describe_eps_scale", "timestep_grid",
     "validate_grid", "LegacyIndexView", "ddim", "ddpm", "pndm", "spndm", "deis", "deis_rho",
     "deis_coefficients",
 ]
@@ -120,16 +119,14 @@ def describe_eps_scale(norm) -> Optional[str]:
     return f"skip-shrink:skip={norm[1]},tau={norm[2]:g}"
 
 
-# The per-t factor is the loss's own optimum; one implementation, in losses.py.
-skip_shrink_factor = shrink_factor
-
-
 def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """eps ↦ scaled eps for a normalised spec.
 
-    The skip factor is tabulated once, in float64 on the CPU, at every half-integer t in
-    [0, T−1] (samplers only produce integers and PNDM's half-integer mid-points), then moved
-    once per device/dtype and looked up by index: no host sync, any device.
+    The skip factor is the loss's own optimum, ``NoiseSchedule.shrink_factor`` (one
+    implementation, in core/schedule.py). It is tabulated once, in float64 on the CPU, at
+    every half-integer t in [0, T−1] (samplers only produce integers and PNDM's half-integer
+    mid-points), then moved once per device/dtype and looked up by index: no host sync, any
+    device.
     """
     if norm is None:
         return None
@@ -138,7 +135,7 @@ def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor
         return lambda eps, t: eps.div(s)
     _, skip, tau = norm
     half_steps = torch.arange(2 * schedule.T - 1, dtype=torch.float64) / 2
-    table = skip_shrink_factor(schedule, half_steps, skip, tau)
+    table = schedule.shrink_factor(half_steps, skip, tau)
     cache: Dict[Tuple[Any, Any], torch.Tensor] = {}
 
     def scale(eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

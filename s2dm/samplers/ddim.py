@@ -14,8 +14,8 @@ from typing import Callable, Sequence, Tuple, Union
 
 import torch
 
+from ..core.schedule import validate_grid
 from ..errors import UserError
-from ..schedule import validate_grid
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GridLike = Union[torch.Tensor, Sequence[int]]

@@ -1,0 +1,252 @@
+"""``s2dm convert``: published DDPM weights → an s2dm checkpoint that samples and fine-tunes.
+
+Two public layouts hold the DDPM network (Ho et al. 2020) that s2dm's UNet computes:
+
+* diffusers' ``UNet2DModel`` (e.g. google/ddpm-cifar10-32): a folder with ``config.json`` and
+  ``diffusion_pytorch_model.safetensors`` (or ``.bin``), or a pipeline folder with ``unet/``.
+* the PyTorch port of the original checkpoints used by the DDIM repository (ermongroup/ddim,
+  ``model-790000.ckpt``): a plain state dict of its ``Model``, whose module names s2dm's UNet
+  keeps, so those keys load as they are.
+
+The architecture is read from the files (config.json, or the DDIM state dict's shapes), never
+assumed; whatever s2dm's UNet cannot express is refused with the offending key. Everything
+is local: nothing is fetched from a hub. The reverse direction is in export.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .._version import __version__
+from ..core.unet import build_model
+from ..errors import UserError
+from ..io.checkpoint import FORMAT_VERSION, first_mismatch
+from ..io.config import Config, ModelConfig, apply_overrides, config_from_dict, read_yaml
+from ..util.fileio import atomic_torch_save, sha256_file
+from .layouts import (
+    StateDict, architecture, diffusers_to_s2dm_state_dict, first_difference, model_from_ddim_state_dict,
+    model_from_diffusers_config,
+)
+
+__all__ = ["convert", "read_diffusers", "read_ddim"]
+
+# ---------------------------------------------------------------------------------------
+# Reading the files
+# ---------------------------------------------------------------------------------------
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+
+
+def locate_diffusers(path: Path) -> Tuple[Path, Path, Optional[Path]]:
+    """(weights file, config.json, scheduler_config.json or None) for a UNet folder, a
+    pipeline folder (with unet/ inside) or a weights file with config.json beside it."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    folder = path.parent if path.is_file() else path
+    if path.is_dir() and (path / "unet").is_dir():
+        folder = path / "unet"
+    weights = path if path.is_file() else next((folder / n for n in _WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        if any(folder.glob("*.index.json")):
+            raise UserError(f"{folder}: sharded weights are not supported; save the UNet unsharded")
+        raise UserError(f"{folder}: no {' or '.join(_WEIGHT_NAMES[:2])}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise UserError(f"{weights}: no config.json beside it (the diffusers UNet2DModel config)")
+    scheduler = folder.parent / "scheduler" / "scheduler_config.json"
+    return weights, config, scheduler if scheduler.is_file() else None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_weights_file(path: Path) -> object:
+    """A .safetensors file, or a torch file read with ``weights_only`` (published pickles are
+    not trusted to run code)."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file  # optional dependency
+        except ImportError:
+            raise UserError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise UserError(f"{path}: cannot read it as safetensors, corrupt or truncated? ({exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/corrupt/foreign files
+        if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
+            raise UserError(f"{path}: holds pickled Python objects besides weights, which are not loaded "
+                            "(that would run code from the file); an s2dm checkpoint needs no conversion") from None
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        detail = "" if not first or first.startswith("Weights only load failed") else f": {first}"
+        raise UserError(f"{path}: cannot read it as a torch weights file, corrupt or truncated? "
+                        f"({type(exc).__name__}{detail})") from None
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _strip_module(sd: StateDict) -> StateDict:
+    """Drop the ``module.`` prefix that (Distributed)DataParallel adds to every key."""
+    if all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def unwrap_ddim(obj, where: str) -> Tuple[StateDict, Optional[StateDict], dict]:
+    """(model weights, EMA weights or None, notes) from what the DDIM repository saves: a
+    plain state dict (the published model-790000.ckpt), its training states
+    [model, optimizer, epoch, step(, ema)] or a dict with model/ema entries."""
+    ema, notes = None, {}
+    if isinstance(obj, (list, tuple)) and obj and _is_state_dict(obj[0]):
+        sd = obj[0]
+        if len(obj) >= 4 and isinstance(obj[3], int):
+            notes["step"] = obj[3]
+        if len(obj) >= 5 and _is_state_dict(obj[4]):
+            ema = obj[4]
+    elif _is_state_dict(obj):
+        sd = obj
+    elif isinstance(obj, dict) and "format_version" in obj:
+        raise UserError(f"{where} is already an s2dm checkpoint; use it directly")
+    elif isinstance(obj, dict) and any(_is_state_dict(obj.get(k)) for k in ("model", "state_dict", "ema")):
+        sd = next(obj[k] for k in ("model", "state_dict", "ema") if _is_state_dict(obj.get(k)))
+        ema = obj.get("ema") if _is_state_dict(obj.get("ema")) else None
+    else:
+        raise UserError(f"{where}: no state dict found (expected a dict of tensors, the DDIM repository's "
+                        "[model, optimizer, epoch, step, ema] list, or {'model': ...})")
+    return _strip_module(sd), (_strip_module(ema) if ema is not None else None), notes
+
+
+def read_diffusers(path: Path) -> Tuple[StateDict, ModelConfig, int, int, Optional[dict], dict]:
+    """(s2dm-named weights, model, image size, channels, diffusion section or None, provenance)."""
+    weights_file, config_file, scheduler_file = locate_diffusers(path)
+    conf = read_json(config_file)
+    model, size, channels = model_from_diffusers_config(conf, str(config_file))
+    raw = read_weights_file(weights_file)
+    if not _is_state_dict(raw):
+        raise UserError(f"{weights_file}: not a state dict (a mapping of names to tensors)")
+    try:
+        sd = diffusers_to_s2dm_state_dict(raw, len(model.ch_mult))
+    except KeyError as exc:
+        raise UserError(f"{weights_file}: {exc.args[0]}: not a DDPM-layout UNet2DModel") from None
+    diffusion = None
+    if scheduler_file is not None:
+        diffusion = diffusion_from_scheduler(read_json(scheduler_file), str(scheduler_file))
+    return sd, model, size, channels, diffusion, {"weights": weights_file, "unet_config": conf}
+
+
+def diffusion_from_scheduler(conf: dict, where: str) -> dict:
+    """The ``diffusion`` section a diffusers scheduler config describes; s2dm's samplers are
+    for ε-prediction on DDPM's linear β schedule, so anything else is refused."""
+    if conf.get("prediction_type", "epsilon") != "epsilon":
+        raise UserError(f"{where}: prediction_type: {conf['prediction_type']!r}; s2dm's models predict ε ('epsilon')")
+    if conf.get("beta_schedule", "linear") != "linear" or conf.get("trained_betas") is not None:
+        raise UserError(f"{where}: beta_schedule: {conf.get('beta_schedule')!r}; s2dm knows DDPM's 'linear' only")
+    return {"num_timesteps": int(conf.get("num_train_timesteps", 1000)), "beta_schedule": "linear",
+            "beta_start": float(conf.get("beta_start", 1e-4)), "beta_end": float(conf.get("beta_end", 0.02))}
+
+
+def read_ddim(path: Path, image_size: int) -> Tuple[StateDict, Optional[StateDict], ModelConfig, int, dict]:
+    """(weights, EMA weights or None, model, channels, provenance) of a DDIM-layout file."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    sd, ema, notes = unwrap_ddim(read_weights_file(path), str(path))
+    model, channels = model_from_ddim_state_dict(sd, image_size, str(path))
+    return sd, ema, model, channels, {"weights": path, **notes}
+
+
+# ---------------------------------------------------------------------------------------
+# The s2dm checkpoint
+# ---------------------------------------------------------------------------------------
+def assemble_config(config: Optional[str], overrides: Sequence[str], model: ModelConfig, image_size: int,
+                    channels: int, diffusion: Optional[dict]) -> Config:
+    """The checkpoint's config: the user's ``--config`` (+ ``--set``), or, without one, the
+    architecture read from the weights on s2dm's defaults (DDPM's training settings). The
+    data set is not recorded in the weights: ``folder`` stands in until a --config names it."""
+    if config is not None:
+        data = read_yaml(config)
+    else:
+        data = {"data": {"dataset": "folder", "image_size": image_size, "channels": channels},
+                "model": dataclasses.asdict(model)}
+        if diffusion is not None:
+            data["diffusion"] = diffusion
+    cfg = config_from_dict(apply_overrides(data, list(overrides)))
+    if diffusion is not None:
+        for key, value in diffusion.items():
+            if value != getattr(cfg.diffusion, key):
+                raise UserError(f"diffusion.{key} is {value!r} in the scheduler config beside the weights "
+                                f"but {getattr(cfg.diffusion, key)!r} in the config")
+    return cfg
+
+
+def check_fits(cfg: Config, weights: StateDict, have: dict, where: str, what: str, config_name: str) -> None:
+    """Every tensor must have its key and shape in the model ``cfg`` describes; the error
+    names the first config key and the first weight that differ."""
+    bad = first_mismatch(build_model(cfg).state_dict(), weights)
+    diff = first_difference(have, architecture(cfg.model, cfg.data.image_size, cfg.data.channels), config_name)
+    if bad or diff:
+        parts = [diff] if diff else []
+        parts += [f"first mismatching weight: {bad}"] if bad else []
+        raise UserError(f"{where}: the {what} weights do not fit {config_name}'s model: {'; '.join(parts)}")
+
+
+def _float32(sd: StateDict) -> StateDict:
+    """fp16/bf16 copies of the weights are widened: s2dm trains and samples in float32."""
+    return {k: v.detach().to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def convert(layout: str, source, out, *, config: Optional[str] = None, overrides: Sequence[str] = (),
+            image_size: Optional[int] = None, force: bool = False) -> dict:
+    """Write an s2dm checkpoint (step 0, model = EMA unless the file holds both) for the
+    weights at ``source`` in ``layout`` ('diffusers' or 'ddim'). Returns a summary."""
+    source, out = Path(source), Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    ema = None
+    if layout == "diffusers":
+        if image_size is not None:
+            raise UserError("--image-size is for --from ddim; diffusers' config.json has the sample_size")
+        sd, model, size, channels, diffusion, info = read_diffusers(source)
+    elif layout == "ddim":
+        size = image_size or (config_from_dict(apply_overrides(read_yaml(config), list(overrides))).data.image_size
+                              if config else None)
+        if size is None:
+            raise UserError("a DDIM-layout file does not record the image size: pass --image-size "
+                            "(32 for CIFAR10, 64 for CelebA) or --config X.yaml")
+        sd, ema, model, channels, info = read_ddim(source, size)
+        diffusion = None
+    else:
+        raise UserError(f"--from {layout!r}: expected diffusers or ddim")
+    cfg = assemble_config(config, overrides, model, size, channels, diffusion)
+    have = architecture(model, size, channels)
+    name = str(config) if config else "the config inferred from it"
+    check_fits(cfg, sd, have, str(info["weights"]), "model", name)
+    if ema is not None:
+        check_fits(cfg, ema, have, str(info["weights"]), "EMA", name)
+    weights = _float32(sd)
+    source_info = {"format": layout, "path": str(Path(info["weights"]).resolve()),
+                   "sha256": sha256_file(info["weights"]),
+                   **{k: v for k, v in info.items() if k != "weights"}}
+    state = {"format_version": FORMAT_VERSION, "step": 0, "config": cfg.to_dict(), "model": weights,
+             "ema": _float32(ema) if ema is not None else weights,  # one copy on disk when equal
+             "source": source_info, "versions": _versions()}
+    atomic_torch_save(state, out)
+    n = sum(v.numel() for v in weights.values())
+    return {"out": str(out), "parameters": n, "config": cfg, "source": source_info}
+
+
+def _versions() -> dict:
+    return {"s2dm": __version__, "torch": torch.__version__}

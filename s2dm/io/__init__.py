@@ -1,0 +1,1 @@
+"""Layer 2: configs, checkpoints and data sets. Imports ``core``, ``util`` and ``errors``."""

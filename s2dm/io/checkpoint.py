@@ -1,0 +1,187 @@
+"""Checkpoints: atomic full-state files, a ``latest`` pointer, and ``load_checkpoint``.
+
+A checkpoint is a dict saved with ``torch.save``: ``format_version``, ``step``, ``config``
+(the resolved config as a plain dict, so sampling needs nothing else), ``model``, ``ema``,
+``optimizer`` state dicts, ``scaler`` (the fp16 GradScaler's state, restored on resume; None
+for fp32/bf16; absent in older files), ``rng`` and version strings. Run folders keep them under
+``checkpoints/ckpt_{step:08d}.pt`` with a text file ``checkpoints/latest`` naming the newest.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..core.unet import build_model
+from ..errors import UserError
+from ..util.fileio import atomic_torch_save, atomic_write_text, sha256_file
+from .config import Config, config_from_saved
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:08d}.pt"
+
+
+def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int) -> Path:
+    """Save ``state`` (which must hold ``step``), point ``latest`` at it, prune old ones."""
+    ckpt_dir = Path(ckpt_dir)
+    state = {"format_version": FORMAT_VERSION, **state}
+    path = ckpt_dir / checkpoint_name(state["step"])
+    atomic_torch_save(state, path)
+    atomic_write_text(ckpt_dir / LATEST, path.name + "\n", fsync=True)
+    old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-1]
+    for stale in old[: max(0, len(old) - keep_last)]:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A checkpoint file, or a run folder / checkpoints folder (→ its newest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        pointer = ckpt_dir / LATEST
+        if pointer.is_file():
+            target = ckpt_dir / pointer.read_text().strip()
+            if target.is_file():
+                return target
+        found = sorted(ckpt_dir.glob("ckpt_*.pt"))
+        if not found:
+            raise UserError(f"no checkpoint found in {path}")
+        return found[-1]
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def newest_run(root: Union[str, Path] = "runs") -> Path:
+    """The run folder under ``root`` whose newest checkpoint was written last."""
+    root = Path(root)
+    found = []
+    for pointer in root.glob(f"*/checkpoints/{LATEST}"):
+        try:
+            found.append((resolve_checkpoint(pointer.parent).stat().st_mtime, pointer.parent.parent))
+        except (UserError, OSError):
+            continue  # a run without a readable checkpoint is not a candidate
+    if not found:
+        raise UserError(f"no trained run under {root}/ (train one with s2dm train --config digits.yaml, "
+                        "or name a checkpoint or run folder)")
+    return max(found)[1]
+
+
+def run_folder_of(path: Union[str, Path]) -> Optional[Path]:
+    """The run folder a checkpoint file or folder belongs to (None for a loose file)."""
+    path = Path(path)
+    if path.is_dir():
+        return path.parent if path.name == "checkpoints" else path
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def read_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
+    """Load a checkpoint dict, turning unreadable or foreign files into one clear error."""
+    path = resolve_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises several types for truncated/corrupt zips
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
+        raise UserError(f"{path} is not an s2dm checkpoint")
+    if state["format_version"] > FORMAT_VERSION:
+        raise UserError(
+            f"{path} has checkpoint format {state['format_version']}, newer than this s2dm "
+            f"understands ({FORMAT_VERSION}); upgrade s2dm"
+        )
+    return state
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What ``load_checkpoint`` returns: ready-to-call modules and the run's config."""
+
+    model: nn.Module
+    ema: Optional[nn.Module]
+    config: Config
+    step: int
+    path: Path
+    state: dict  # the raw dict (optimizer state, rng, versions)
+
+
+def load_state_strict(module: nn.Module, weights: dict, what: str, path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"{path}: {what} weights do not fit the model its config describes: {first}") from None
+
+
+def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedCheckpoint:
+    """Load an s2dm checkpoint (a file or a run folder) into UNet modules in eval mode.
+
+    >>> ck = s2dm.load_checkpoint("runs/digits")          # newest checkpoint of a run
+    >>> eps = ck.ema(x_t, t)                                # EMA weights, ready to call
+    """
+    path = resolve_checkpoint(path)
+    state = read_checkpoint(path)
+    config = config_from_saved(state["config"])
+    model = build_model(config)
+    load_state_strict(model, state["model"], "model", path)
+    ema = None
+    if state.get("ema") is not None:
+        ema = build_model(config)
+        load_state_strict(ema, state["ema"], "EMA", path)
+        ema = ema.to(device).eval().requires_grad_(False)
+    return LoadedCheckpoint(model.to(device).eval(), ema, config, int(state["step"]), path, state)
+
+
+def first_mismatch(expected: dict, got: dict) -> Optional[str]:
+    """The first key, in the model's order, where ``got`` does not fit ``expected`` (missing,
+    another shape, or not in the model at all), described; None when every tensor fits."""
+    for key, want in expected.items():
+        if key not in got:
+            return f"{key} is missing"
+        if tuple(got[key].shape) != tuple(want.shape):
+            return f"{key} has shape {tuple(got[key].shape)}, the model needs {tuple(want.shape)}"
+    extra = next((key for key in got if key not in expected), None)
+    return None if extra is None else f"{extra} is not in the model"
+
+
+_ARCHITECTURE_KEYS = (("data", "channels"), ("data", "image_size"), ("model", "ch"), ("model", "ch_mult"),
+                      ("model", "num_res_blocks"), ("model", "attn_resolutions"), ("model", "resamp_with_conv"))
+
+
+def init_weights_from(path, model: nn.Module, ema: nn.Module, cfg, resumed: bool = False) -> Optional[dict]:
+    """Start a NEW run from a checkpoint's weights (``s2dm train --init-from``): its EMA weights
+    if it has them (what published DDPM weights are, and the better network of a run), else
+    its raw ones, go into both the model and the EMA; strictly, so a wrong architecture is an
+    error naming the first mismatching key. A resumed run keeps its own weights. Returns the
+    provenance for the run log (path, sha256, size, which weights, source step)."""
+    if path is None:
+        return None
+    if resumed:
+        print(f"note: resuming the run folder; --init-from {path} is ignored (its checkpoints hold the weights)",
+              file=sys.stderr)
+        return None
+    try:
+        path = resolve_checkpoint(path)
+        state = read_checkpoint(path)
+    except UserError as exc:
+        raise UserError(f"--init-from: {exc} (convert published weights first: s2dm convert)") from None
+    which = "ema" if state.get("ema") is not None else "model"
+    bad = first_mismatch(model.state_dict(), state[which])
+    if bad:
+        saved = state.get("config") or {}
+        hint = next((f"; {a}.{b} is {saved[a][b]!r} there but {getattr(getattr(cfg, a), b)!r} in this config"
+                     for a, b in _ARCHITECTURE_KEYS
+                     if b in saved.get(a, {}) and saved[a][b] != getattr(getattr(cfg, a), b)), "")
+        raise UserError(f"--init-from {path}: its weights do not fit this config's model: {bad}{hint}")
+    model.load_state_dict(state[which])
+    ema.load_state_dict(state[which])
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size,
+            "weights": which, "step": int(state["step"]), "source": state.get("source")}

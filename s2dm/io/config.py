@@ -1,0 +1,342 @@
+"""Typed run configuration: YAML ⇄ dataclasses, ``--set`` overrides, validation.
+
+Every error names the offending key by its dotted name (``loss.tau``) so a user can find it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+import yaml
+
+from ..errors import UserError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits | fashion_mnist | cifar10 | celeba | folder
+    root: Optional[str] = None  # where the files are (not needed for digits)
+    image_size: int = 8
+    channels: int = 1
+    random_flip: bool = False  # the paper flips CIFAR10 and CelebA, not digits
+    download: bool = False  # only torchvision-downloadable sets, and only when asked
+    num_workers: Union[int, str] = 0  # loader processes; "auto": one per spare CPU, at most 8
+
+
+@dataclass
+class ModelConfig:
+    ch: int = 128
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: List[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class LossConfig:
+    type: str = "s2"  # l0 | s2
+    skip: int = 9
+    tau: float = 0.99
+    variant: str = "independent"  # independent | shared (which ε′ L_skip uses)
+    reduction: str = "mean"  # mean | sum over pixels, per sample
+    t_sampling: str = "antithetic"  # antithetic | uniform
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    warmup: int = 0  # linear lr warm-up steps (the DDIM configs use none)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 800_000
+    batch_size: int = 128
+    seed: int = 0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay ramps up as min(ema_decay, (1+k)/(10+k)); false: fixed from step 0
+    log_every: int = 50
+    checkpoint_every: int = 10_000
+    sample_every: int = 10_000
+    keep_last: int = 2  # older checkpoints kept besides the newest
+    max_nonfinite: int = 10  # stop after this many non-finite losses in a row (each is skipped)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each rank's own GPU)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
+    channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the training forward (slow start, faster steps)
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for the sample grids written during training and for ``s2dm sample``."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    grid: str = "uniform"
+    eta: float = 0.0
+    grid_images: int = 64
+    seed: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+# -- building from plain data ---------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for option in inner[:-1]:  # the first type that takes the value; the last one reports
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                pass
+        return _coerce(value, inner[-1], key)
+    if origin in (list, List):
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error, not a user error
+        raise TypeError(f"unsupported config type {tp} at {key}")
+    raise UserError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise UserError(f"{key}: unknown key (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+# Keys added after runs had been saved: a saved config without one was made with the value
+# given here (the behaviour before the key existed), not with today's default.
+LEGACY_VALUES = {"train.ema_warmup": False}
+
+
+def config_from_saved(data: dict) -> Config:
+    """The config of a saved run or checkpoint, with LEGACY_VALUES for keys it predates."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted, value in LEGACY_VALUES.items():
+        section, name = dotted.split(".")
+        data.setdefault(section, {}).setdefault(name, value)
+    return config_from_dict(data)
+
+
+# -- validation of values ------------------------------------------------------------------
+_CHOICES = {
+    "data.dataset": ("digits", "fashion_mnist", "cifar10", "celeba", "folder"),
+    "diffusion.beta_schedule": ("linear",),
+    "loss.type": ("l0", "s2"),
+    "loss.variant": ("independent", "shared"),
+    "loss.reduction": ("mean", "sum"),
+    "loss.t_sampling": ("antithetic", "uniform"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+}
+
+
+def _get(cfg: Config, dotted: str):
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks; raise UserError naming the dotted key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise UserError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
+
+    def need(ok: bool, key: str, why: str):
+        if not ok:
+            raise UserError(f"{key}: {why}, got {_get(cfg, key)!r}")
+
+    T = cfg.diffusion.num_timesteps
+    need(T >= 2, "diffusion.num_timesteps", "must be at least 2")
+    need(0 < cfg.diffusion.beta_start < 1, "diffusion.beta_start", "must lie in (0, 1)")
+    need(cfg.diffusion.beta_start <= cfg.diffusion.beta_end < 1, "diffusion.beta_end", "must lie in [beta_start, 1)")
+    need(0.0 <= cfg.loss.tau <= 1.0, "loss.tau", "must lie in [0, 1]")
+    need(1 <= cfg.loss.skip < T, "loss.skip", f"must lie in [1, {T - 1}]")
+    need(cfg.train.steps > 0, "train.steps", "must be positive")
+    need(cfg.train.batch_size > 0, "train.batch_size", "must be positive")
+    need(cfg.train.batch_size % 2 == 0 or cfg.loss.t_sampling != "antithetic",
+         "train.batch_size", "must be even for antithetic t sampling")
+    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "must lie in [0, 1)")
+    for key in ("train.log_every", "train.checkpoint_every", "train.sample_every"):
+        need(_get(cfg, key) > 0, key, "must be positive")
+    need(cfg.train.keep_last >= 0, "train.keep_last", "must be >= 0")
+    need(cfg.train.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
+    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(cfg.optim.warmup >= 0, "optim.warmup", "must be >= 0")
+    need(cfg.data.channels in (1, 3), "data.channels", "must be 1 or 3")
+    need(cfg.data.image_size >= 4, "data.image_size", "must be at least 4")
+    need(cfg.data.num_workers == "auto" or (isinstance(cfg.data.num_workers, int) and cfg.data.num_workers >= 0),
+         "data.num_workers", "must be auto or an int >= 0")
+    need(cfg.model.ch > 0 and cfg.model.ch % 8 == 0, "model.ch",
+         "must be a positive multiple of 8 (GroupNorm uses 32 groups, or 8 for toy widths)")
+    need(len(cfg.model.ch_mult) >= 1 and all(m > 0 for m in cfg.model.ch_mult), "model.ch_mult",
+         "must be a non-empty list of positive ints")
+    levels = len(cfg.model.ch_mult)
+    need(cfg.data.image_size % (2 ** (levels - 1)) == 0, "model.ch_mult",
+         f"has {levels} levels, which needs data.image_size divisible by {2 ** (levels - 1)}")
+    need(cfg.model.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
+    need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must lie in [0, 1)")
+    need(1 <= cfg.sample.steps <= T, "sample.steps", f"must lie in [1, {T}]")
+    need(cfg.sample.eta >= 0, "sample.eta", "must be >= 0")
+    need(cfg.sample.grid_images > 0, "sample.grid_images", "must be positive")
+
+
+# -- files and overrides ------------------------------------------------------------------
+def parse_override(text: str) -> tuple:
+    """``a.b=value`` → (['a', 'b'], parsed value); the value is read as YAML (1e-4, [1,2], true)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=200")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: List[str]) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise UserError(f"--set {text!r}: {part} is not a section")
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return data
+
+
+# The configs shipped inside the package (the repository's configs/ links here), so that a
+# pip-installed s2dm finds `cifar10.yaml` too.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # s2dm/configs
+
+
+def shipped_configs() -> List[Path]:
+    return sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name: Union[str, Path]) -> Path:
+    """A YAML path as given, or a bare name (``cifar10.yaml``, ``cifar10``) among the shipped
+    configs; otherwise one error naming what exists."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    names = ", ".join(p.name for p in shipped_configs())
+    raise UserError(f"config file not found: {name} (shipped configs, usable by bare name: {names})")
+
+
+def read_yaml(path: Union[str, Path]) -> dict:
+    path = find_config(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Read a YAML file (or start from defaults), apply ``--set`` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def as_config(cfg: Union[Config, dict, str, Path]) -> Config:
+    """Accept a Config, a plain dict (e.g. from a checkpoint) or a YAML path."""
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, dict):
+        return config_from_dict(cfg)
+    return load_config(cfg)

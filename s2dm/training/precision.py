@@ -1,0 +1,53 @@
+"""Mixed precision and memory layout for training: ``train.precision``, ``channels_last``, ``compile``.
+
+- ``fp32``: plain float32.
+- ``bf16``: ``torch.autocast(device, bfloat16)`` around the forward and the loss; weights,
+  gradients, Adam and the EMA stay float32. No loss scaling (bf16 has float32's range).
+- ``fp16``: ``torch.autocast(device, float16)`` plus a ``torch.amp.GradScaler``: the loss is
+  scaled before backward, gradients are unscaled before clipping, a step whose gradients
+  overflow is skipped by the scaler (which then halves its scale). Its state is saved in the
+  checkpoint (``scaler``) and restored on resume.
+
+The loss terms are computed from the float32 ε and the network's autocast output, so they
+are float32 whatever the precision.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_supported(precision: str, device: torch.device) -> None:
+    """A clear error where the device cannot run the precision."""
+    if precision not in DTYPES:
+        raise UserError(f"train.precision: {precision!r} is not one of {', '.join(DTYPES)}")
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"train.precision: bf16 needs a GPU with bfloat16 support (Ampere or newer); "
+                        f"{torch.cuda.get_device_name(device)} has none: use fp16 or fp32")
+    if device.type not in ("cuda", "cpu") and precision != "fp32":
+        raise UserError(f"train.precision: {precision} autocast is supported on cuda and cpu, not "
+                        f"{device.type}; use fp32")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a training forward (a no-op context for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def make_scaler(precision: str, device: torch.device):
+    """A GradScaler for fp16, else None."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """4-d weights in NHWC (convolutions then pick channels-last kernels and outputs)."""
+    return model.to(memory_format=torch.channels_last)
