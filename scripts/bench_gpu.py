@@ -42,12 +42,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the stand-in Inception weights of the tests
 
 from s2dm.core.losses import l0_loss  # noqa: E402
 from s2dm.core.schedule import NoiseSchedule  # noqa: E402
 from s2dm.core.unet import build_model, count_parameters  # noqa: E402
 from s2dm.io.config import load_config  # noqa: E402
 from s2dm.training.precision import autocast  # noqa: E402
+from standins import standin_state_dict  # noqa: E402
 
 CIFAR10_PARAMETERS = 35_746_307
 
@@ -229,7 +231,7 @@ def bench_fid_features(args, device) -> dict:
         ext.load()
         weights = "pytorch-fid FID Inception weights"
     except Exception:  # no offline weights here: the same network with stand-in weights
-        ext._model = inception.build_inception(inception.standin_state_dict(0), 2048).to(device)
+        ext._model = inception.build_inception(standin_state_dict(0), 2048).to(device)
         weights = "stand-in weights (same architecture and speed)"
     g = torch.Generator().manual_seed(2)
     batch = torch.randint(0, 256, (args.fid_batch, 3, 32, 32), generator=g, dtype=torch.uint8)

@@ -24,6 +24,8 @@ from s2dm.errors import UserError
 from s2dm.metrics import fid, inception
 from s2dm.metrics.inputs import folder_files, scan_images
 from s2dm.metrics.statistics import RunningMoments, Stats, metric_label, metric_name
+from s2dm.util.fileio import sha256_file
+from standins import standin_state_dict
 
 # ---------------------------------------------------------------- fixtures
 
@@ -32,7 +34,7 @@ def standin_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("torch_home")
     path = home / "hub" / "checkpoints" / inception.FID_WEIGHTS_FILE
     path.parent.mkdir(parents=True)
-    torch.save(inception.standin_state_dict(seed=0), path)
+    torch.save(standin_state_dict(seed=0), path)
     return home
 
 
@@ -112,14 +114,14 @@ def test_cli_equals_pytorch_fid(ab64, folders, standin_home, capsys):
     assert ours["metric"] == "FD-inception64" and ours["label"] == "FD-inception64-6"
     assert ours["a"]["n"] == 6 and ours["b"]["n"] == 6
     weights = standin_home / "hub" / "checkpoints" / inception.FID_WEIGHTS_FILE
-    assert ours["weights"]["sha256"] == inception.sha256_file(weights)
+    assert ours["weights"]["sha256"] == sha256_file(weights)
     assert ours["weights"]["found"] == "torch hub cache"
     # the same through the command line: N of each side, the weights' sha256, the number last
     rc, out, _ = cli(capsys, "fid", folders["a"], folders["b"], "--dims", "64", "--device", "cpu")
     lines = out.strip().splitlines()
     assert rc == 0 and lines[-1].startswith("FD-inception64-6: ")
     assert float(lines[-1].split()[-1]) == pytest.approx(theirs, rel=1e-5)
-    assert "N=6" in lines[0] and "N=6" in lines[1] and inception.sha256_file(weights) in out
+    assert "N=6" in lines[0] and "N=6" in lines[1] and sha256_file(weights) in out
 
 
 def test_2048_statistics_equal_pytorch_fid(folders):
@@ -163,7 +165,7 @@ def test_npz_roundtrip(ab64, folders, tmp_path, capsys, standin_home):
         assert int(f["n"]) == 6 and str(f["features"]) == "inception-64"
         assert str(f["metric"]) == "FD-inception64"
         weights = standin_home / "hub" / "checkpoints" / inception.FID_WEIGHTS_FILE
-        assert str(f["weights_sha256"]) == inception.sha256_file(weights)
+        assert str(f["weights_sha256"]) == sha256_file(weights)
     # folder vs its own statistics: 0; statistics vs another folder: the folder-folder value
     self_res = cli_json(capsys, "fid", folders["a"], stats_a)
     assert abs(self_res["value"]) < 1e-6 and self_res["b"]["kind"] == "statistics"

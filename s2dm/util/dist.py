@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -161,6 +162,18 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+_NOTED = set()
+
+
+def note(msg: str, once: bool = False) -> None:
+    """``note: msg`` on stderr, from rank 0 only (every rank computes the same); ``once``: the
+    first time this message comes up in the process."""
+    if not is_main() or (once and msg in _NOTED):
+        return
+    _NOTED.add(msg)
+    print(f"note: {msg}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------- devices
 
 def pick_device(name: str | None) -> torch.device:
@@ -210,18 +223,6 @@ def barrier() -> None:
         import torch.distributed as dist  # torch.distributed bits: only under torchrun
 
         dist.barrier()
-
-
-def all_reduce_max_flags(flags: Sequence[float]) -> List[float]:
-    """Element-wise max over ranks of a few numbers (e.g. 'this rank saw a NaN', 'a signal
-    arrived'); a CPU collective (gloo)."""
-    if world_size() == 1:
-        return [float(f) for f in flags]
-    import torch.distributed as dist  # torch.distributed bits: only under torchrun
-
-    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def all_reduce_sum(values: Any) -> np.ndarray:
