@@ -65,7 +65,8 @@ def error_line(capsys) -> str:
 # -------------------------------------------------------------------------------------
 # diffusers → s2dm → diffusers
 # -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", [SMALL, CIFAR10], ids=["small", "ddpm-cifar10"])
+@pytest.mark.parametrize("layout", [pytest.param(SMALL, id="small"),
+                                    pytest.param(CIFAR10, id="ddpm-cifar10", marks=pytest.mark.slow)])  # 35.7 M
 def test_diffusers_round_trip_gives_the_same_function(layout, tmp_path):
     theirs = random_diffusers(layout)
     theirs.save_pretrained(tmp_path / "hub")

@@ -214,8 +214,26 @@ def _fashion_images(n=5, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
 
 
-def test_idx_header_is_magic_2051():
-    assert int.from_bytes(_idx_bytes(np.zeros((1, 28, 28)))[:4], "big") == 2051
+def test_read_idx_reads_hand_built_files(tmp_path):
+    """Files built byte by byte from the IDX spec: magic 0x00000803 (ubyte, 3 dims) for images,
+    0x00000801 (ubyte, 1 dim) for labels, then each dim as a big-endian int32, then the data."""
+    data = bytes(range(256)) * 3  # 2 x 3 x 128 = 768 values; 0x80 = 128 needs big-endian to read right
+    images = b"\x00\x00\x08\x03" + b"\x00\x00\x00\x02" + b"\x00\x00\x00\x03" + b"\x00\x00\x00\x80" + data
+    assert int.from_bytes(images[:4], "big") == 2051
+    p = tmp_path / "train-images-idx3-ubyte"
+    p.write_bytes(images)
+    arr = read_idx(p)
+    assert arr.dtype == np.uint8 and arr.shape == (2, 3, 128)
+    assert arr[0, 0, 0] == 0 and arr[0, 0, 127] == 127 and arr[0, 1, 0] == 128 and arr[0, 2, 0] == 0
+    assert arr[1, 0, 0] == 128 and arr[1, 2, 127] == 255  # row-major: flat index 767 = 255
+    labels = b"\x00\x00\x08\x01" + b"\x00\x00\x01\x2c" + bytes(i % 10 for i in range(300))  # 300 labels
+    assert int.from_bytes(labels[:4], "big") == 2049
+    g = tmp_path / "train-labels-idx1-ubyte.gz"
+    g.write_bytes(gzip.compress(labels))
+    lab = read_idx(g)
+    assert lab.shape == (300,) and lab[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1] and lab[-1] == 9
+    # the helper the other tests use writes exactly these bytes
+    assert _idx_bytes(arr) == images and _idx_bytes(lab) == labels
 
 
 def test_fashion_torchvision_layout_gz(tmp_path):

@@ -68,6 +68,7 @@ def finish_and_compare(out, reference):
     assert [r["loss"] for r in records] == reference[1]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path, reference):
     out = tmp_path / "run"
     for step in (3, 7):  # two kills at different points of the same run
@@ -92,6 +93,7 @@ fileio.torch.save = dying_save
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at", [2, 6])
 def test_sigkill_during_checkpoint_write(tmp_path, reference, at):
     out = tmp_path / "run"
@@ -115,6 +117,7 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, reference, capsys):
     assert "ckpt_00000006.pt is corrupt or truncated" in err and "resuming from ckpt_00000004.pt" in err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_resume_is_exact(tmp_path, reference):
     out = tmp_path / "run"
     proc = spawn(out)
@@ -139,6 +142,7 @@ tr.train_step = step
 """
 
 
+@pytest.mark.slow
 def test_sigterm_between_log_lines_resumes_with_the_same_log(tmp_path, reference):
     out = tmp_path / "run"
     proc = spawn(out, TERM_DURING_STEP_5)

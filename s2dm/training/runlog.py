@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..util.fileio import atomic_write_text, remove_stale_temps
+
 
 class Window:
     """Accumulates per-sample loss terms between two log lines, split by t quartile."""
@@ -67,7 +69,9 @@ class Window:
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines past the checkpoint being resumed, so the log has no duplicate steps."""
+    """Drop log lines past the checkpoint being resumed, so the log has no duplicate steps;
+    atomically (a kill leaves the old log or the new one), and lines cut by a kill go too."""
+    remove_stale_temps(path.parent, path.name)  # a rewrite killed before its rename
     if not path.is_file():
         return
     keep = []
@@ -78,6 +82,6 @@ def truncate_log(path: Path, last_step: int) -> None:
             continue  # a line cut by a kill
         if rec.get("step", 0) <= last_step:
             keep.append(line)
-    path.write_text("".join(k + "\n" for k in keep))
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 

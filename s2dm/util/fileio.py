@@ -7,7 +7,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, List, Union
 
 import torch
 
@@ -30,6 +30,18 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(folder: Union[str, os.PathLike], names: str = "*") -> List[Path]:
+    """Delete the temporary files (``.NAME.xxxxxxxx.tmp``) that ``atomic_write`` left in
+    ``folder`` when its process was killed before the rename, for every NAME matching the glob
+    ``names``; returns them. Call it only where no other process is writing there."""
+    removed = []
+    for tmp in Path(folder).glob(f".{names}.*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def _umask() -> int:
