@@ -1,24 +1,29 @@
 """The ``s2dm`` command: argument parsing only, one function per verb.
 
-A user error (bad config, missing data, corrupt checkpoint, ...) prints one ``error:`` line
-and exits 2; ``--debug`` shows the traceback instead.
+A user error (an ``S2dmError``: bad config, missing data, corrupt checkpoint, ...) prints one
+``error:`` line and exits 2; ``--debug`` shows the traceback instead. Only here do error lines
+name flags: an error's ``key`` that is one of the verb's arguments becomes its flag
+(``n`` → ``--n``, ``eps_scale`` → ``--eps-scale``); config keys (``sample.sampler``) stay.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
+import typing
 from pathlib import Path
 from typing import List, Optional
 
 import yaml
 
-from .core.schedule import GRIDS
-from .errors import Interrupted, UserError
+from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import newest_run, run_folder_of
 from .io.config import CONFIG_DIR, load_config, shipped_configs
 from .samplers import SAMPLERS
-from .sampling.folder import DEFAULT_N, folder_name, parse_seeds, sample_to_folder
+from .samplers.options import SampleOptions
+from .sampling.folder import DEFAULT_N, parse_seeds, sample_to_folder
 from .util import dist
 from .util.textfmt import num, plural
 
@@ -66,6 +71,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    options = options_from_args(args)
     seeds = parse_seeds(args.seeds, args.n)
     ckpt = args.ckpt
     if ckpt is None:
@@ -75,16 +81,12 @@ def cmd_sample(args) -> int:
     if out is None:
         run = run_folder_of(ckpt)
         if run is None:
-            raise UserError(f"--out is needed: {ckpt} is a file outside a run folder")
-        out = run / "samples" / folder_name(args.sampler, args.steps, args.grid, args.eta, args.order,
-                                            args.eps_scale, args.legacy_pndm_index, args.ema)
-    meta = sample_to_folder(
-        ckpt, out, seeds=seeds, sampler=args.sampler, steps=args.steps, grid=args.grid,
-        eta=args.eta, order=args.order, eps_scale=args.eps_scale, use_ema=args.ema,
-        batch_size=args.batch_size, device=args.device, legacy_pndm_index=args.legacy_pndm_index,
-    )
-    print(f"{meta['n_images']} images in {out} (sampler {args.sampler}, {args.steps} steps, "
-          f"NFE {meta['nfe']}); grid: {Path(out) / 'preview' / 'grid.png'}")
+            raise RunError(f"--out is needed: {ckpt} is a file outside a run folder")
+        out = run / "samples" / options.folder_name(args.ema)
+    meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
+                            device=args.device)
+    print(f"{meta['n_images']} images in {out} (sampler {options.sampler}, {options.steps} steps, "
+          f"NFE {meta['nfe']}); mosaic: {Path(out) / 'preview' / 'mosaic.png'}")
     return 0
 
 
@@ -106,9 +108,9 @@ def cmd_fid(args) -> int:
     if paths and paths[0] == "ref":
         sources = paths[1:] + ([args.config] if args.config else [])
         if len(sources) != 1:
-            raise UserError("fid ref: name one data set: --config X.yaml (its training images) or a FOLDER")
+            raise MetricError("fid ref: name one data set: --config X.yaml (its training images) or a FOLDER")
         if not args.out:
-            raise UserError("fid ref: --out stats.npz is required")
+            raise MetricError("fid ref: --out stats.npz is required")
         stats = reference_stats(sources[0], args.out, features=args.features or "inception",
                                 dims=args.dims or 2048, overrides=args.set, force=args.force, **common)
         info = {"path": stats.path, "metric": stats.metric, "features": stats.features, "n": stats.n,
@@ -125,11 +127,11 @@ def cmd_fid(args) -> int:
         print(f"{metric_label(stats.metric, stats.n)} reference statistics ({stats.describe()}): {stats.path}")
         return 0
     if len(paths) != 2:
-        raise UserError("fid: give two image folders or .npz files (s2dm fid A B), "
-                        "or make reference statistics with s2dm fid ref --config X.yaml --out stats.npz")
+        raise MetricError("fid: give two image folders or .npz files (s2dm fid A B), "
+                          "or make reference statistics with s2dm fid ref --config X.yaml --out stats.npz")
     for flag, value in (("--config", args.config), ("--out", args.out), ("--set", args.set)):
         if value:
-            raise UserError(f"fid: {flag} belongs to `s2dm fid ref`")
+            raise MetricError(f"fid: {flag} belongs to `s2dm fid ref`")
     res = compare(paths[0], paths[1], features=args.features, dims=args.dims, **common)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -153,8 +155,8 @@ def cmd_eval(args) -> int:
 
     rows = evaluate(
         args.ckpt, samplers=parse_list(args.samplers, "samplers"), steps=parse_list(args.steps, "steps", int),
-        n=args.n, ref=args.ref, out=args.out, features=args.features, grid=args.grid, eta=args.eta,
-        order=args.order, eps_scale=args.eps_scale, use_ema=args.ema, batch_size=args.batch_size,
+        n=args.n, ref=args.ref, out=args.out, features=args.features,
+        options=options_from_args(args, skip=EVAL_LISTS), use_ema=args.ema, batch_size=args.batch_size,
         fid_batch_size=args.fid_batch_size, num_workers=args.num_workers, device=args.device,
         seeds_offset=args.seeds_offset, keep_samples=args.keep_samples,
         inception_weights=args.inception_weights, allow_download=args.allow_download,
@@ -175,6 +177,44 @@ def cmd_study(args) -> int:
     return 0
 
 
+# -- sampler options: flags generated from SampleOptions' fields ----------------------------
+EVAL_LISTS = ("sampler", "steps")  # s2dm eval takes these as comma-separated lists instead
+
+
+def _flag_type(tp):
+    """The argparse type of a field's annotation (``Optional[str]`` → str)."""
+    if typing.get_origin(tp) is typing.Union:
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp
+
+
+def add_option_flags(parser: argparse.ArgumentParser, cls=SampleOptions, skip=()) -> None:
+    """One flag per field of the dataclass ``cls`` (``eps_scale`` → ``--eps-scale``) with the
+    field's default and its metadata's help (and choices), so the flags cannot drift from
+    the fields. Values are checked by ``cls.validate``, not by argparse, so that a bad one
+    is the usual one-line ``error:``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, tp = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        text = f.metadata.get("help", f.name)
+        if f.metadata.get("choices"):
+            text += f": {' | '.join(map(str, f.metadata['choices']))}"
+        if tp is bool:
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(flag, action=action, default=f.default, help=text)
+        else:
+            text += "" if f.default is None else f" (default {f.default})"
+            parser.add_argument(flag, type=tp, default=f.default, help=text)
+
+
+def options_from_args(args: argparse.Namespace, cls=SampleOptions, skip=()):
+    """``cls`` from the flags ``add_option_flags`` made (fields in ``skip`` keep their defaults)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip})
+
+
+# -- the parser: one function per verb --------------------------------------------------------
 def _inception_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="image-loading processes (default 0)")
@@ -185,12 +225,7 @@ def _inception_args(p: argparse.ArgumentParser) -> None:
                    help="let pytorch-fid download the Inception weights if no local copy is found")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2dm", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    sub = p.add_subparsers(dest="verb", required=True)
-
+def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("--config", required=True,
                    help="YAML config: a path, or a shipped config by name (digits.yaml, cifar10.yaml; s2dm configs)")
@@ -205,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "EMA weights seed both the model and the EMA)")
     t.set_defaults(func=cmd_train)
 
+
+def _convert_parser(sub) -> None:
     c = sub.add_parser(
         "convert", help="published DDPM weights (diffusers or DDIM-repository layout) -> s2dm checkpoint",
         description="Map a diffusers UNet2DModel (a folder with config.json and diffusion_pytorch_model."
@@ -222,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite --out")
     c.set_defaults(func=cmd_convert)
 
+
+def _export_parser(sub) -> None:
     x = sub.add_parser("export", help="s2dm checkpoint -> diffusers DDPMPipeline folder or DDIM-layout file")
     x.add_argument("--to", required=True, choices=("diffusers", "ddim"), help="the layout to write")
     x.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
@@ -231,20 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="overwrite --out")
     x.set_defaults(func=cmd_export)
 
+
+def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="write per-seed PNG samples from a checkpoint",
                        description="Write {seed:06d}.png per seed (an image depends only on its seed), "
-                                   "metadata.json and preview/grid.png. Resumes by skipping existing images.")
+                                   "metadata.json and preview/mosaic.png. Resumes by skipping existing images.")
     s.add_argument("--ckpt", help="checkpoint file or run folder (default: the newest run under runs/)")
     s.add_argument("--out", help="output folder (default: RUN/samples/<sampler>-<steps>[-settings])")
-    s.add_argument("--sampler", default="ddim",
-                   help=f"one of {', '.join(SAMPLERS)} (default ddim; pndm = F-PNDM, NFE S+9; spndm = S-PNDM, "
-                        "NFE S+1; deis = tAB-DEIS, deis-rho = ρAB-DEIS; ddpm = ancestral DDPM steps)")
-    s.add_argument("--steps", type=int, default=50, help="sampling steps S (default 50)")
-    s.add_argument("--grid", default="uniform", help=f"timestep grid: {' | '.join(GRIDS)} (default uniform)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
-    s.add_argument("--order", type=int, default=3, help="DEIS order (0-3)")
-    s.add_argument("--eps-scale", default=None,
-                   help="ε-scaling control: a constant s (divide ε by s) or skip:9,tau:0.99")
+    add_option_flags(s)
     s.add_argument("--n", "--num-images", type=int, default=None,
                    help=f"number of images, seeds 0..n-1 (default {DEFAULT_N}); spell it --num-images after "
                         "torchrun, whose parser would claim --n")
@@ -253,10 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the raw ones")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--legacy-pndm-index", action="store_true",
-                   help="the official PNDM code's ᾱ[t+1] pairing, to reproduce published numbers")
     s.set_defaults(func=cmd_sample)
 
+
+def _fid_parser(sub) -> None:
     f = sub.add_parser(
         "fid", help="FID (or FD-pixels) between image folders / .npz statistics",
         description="s2dm fid A B: Fréchet distance between two image folders or .npz statistics "
@@ -281,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     f.set_defaults(func=cmd_fid)
 
+
+def _eval_parser(sub) -> None:
     e = sub.add_parser(
         "eval", help="FID of checkpoints x samplers x steps into results.csv/.md/.png",
         description="Sample every (checkpoint, sampler, steps) cell with seeds offset..offset+n-1 (the same "
@@ -290,15 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samplers", default="ddim,pndm,deis",
                    help=f"comma-separated, from {', '.join(SAMPLERS)} (default ddim,pndm,deis)")
     e.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
+    add_option_flags(e, skip=EVAL_LISTS)  # every cell's other sampler options
     e.add_argument("--n", "--num-images", type=int, required=True, help="samples per cell (seeds offset..offset+n-1); spell it --num-images after torchrun, whose parser would claim --n")
     e.add_argument("--ref", required=True, help="reference statistics from `s2dm fid ref` (.npz)")
     e.add_argument("--out", required=True, help="output folder (resumable)")
     e.add_argument("--features", choices=("inception", "pixels"), default=None,
                    help="must match --ref (default: what --ref holds)")
-    e.add_argument("--grid", default="uniform", help=f"timestep grid: {' | '.join(GRIDS)} (default uniform)")
-    e.add_argument("--eta", type=float, default=0.0, help="DDIM η")
-    e.add_argument("--order", type=int, default=3, help="DEIS order")
-    e.add_argument("--eps-scale", default=None, help="ε-scaling control for every cell (see s2dm sample)")
     e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the raw ones")
     e.add_argument("--batch-size", type=int, default=256, help="sampling batch size")
@@ -309,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     _inception_args(e)
     e.set_defaults(func=cmd_eval)
 
+
+def _study_parser(sub) -> None:
     st = sub.add_parser(
         "study", help="train and evaluate a paired study (runs x seeds x cells) into report.md",
         description="Train every run x seed of a study YAML, evaluate every model in every "
@@ -322,21 +356,65 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no training or sampling: write the report of the cells scored so far")
     st.set_defaults(func=cmd_study)
 
+
+def _configs_parser(sub) -> None:
     cf = sub.add_parser("configs", help="list the shipped configs (usable by bare name)")
     cf.set_defaults(func=cmd_configs)
+
+
+VERB_PARSERS = (_train_parser, _convert_parser, _export_parser, _sample_parser, _fid_parser, _eval_parser,
+                _study_parser, _configs_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="s2dm", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for add in VERB_PARSERS:
+        add(sub)
     return p
 
 
+# An error's key as the Python API spells it, where the flag's dest is another name.
+KEY_DESTS = {"overrides": "set", "use_ema": "ema"}
+
+
+def flag_of(parser: argparse.ArgumentParser, verb: str, key: Optional[str]) -> Optional[str]:
+    """The flag of ``verb``'s argument that an error's ``key`` names (``eps_scale`` →
+    ``--eps-scale``), or None (no key, a config key, a positional argument)."""
+    if not key:
+        return None
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    dest = KEY_DESTS.get(key, key)
+    for action in verbs[verb]._actions:
+        if action.dest == dest and action.option_strings:
+            return action.option_strings[0]  # the long name: --n, not its alias --num-images
+    return None
+
+
+def error_message(exc: S2dmError, flag: Optional[str]) -> str:
+    """The error's message naming ``flag``: its leading key replaced by the flag
+    (``n must be ...`` → ``--n must be ...``), else the flag put in front (``--out: ...``)."""
+    text = str(exc)
+    if flag is None:
+        return text
+    lead = re.match(rf"{re.escape(exc.key)}(?![\w.])", text)
+    return flag + text[lead.end():] if lead else f"{flag}: {text}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         with dist.session():  # under torchrun: join the process group, print results once
             return args.func(args)
-    except UserError as exc:
+    except S2dmError as exc:
         if args.debug:
             raise
-        if dist.error_text(exc) is not None:
-            print(f"error: {dist.error_text(exc)}", file=sys.stderr)
+        text = dist.error_text(exc, error_message(exc, flag_of(parser, args.verb, exc.key)))
+        if text is not None:
+            print(f"error: {text}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         if dist.error_text(exc) is not None:

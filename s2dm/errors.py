@@ -1,12 +1,69 @@
-"""The one exception type for mistakes a user can fix (bad config, missing file, ...).
+"""The exception types for mistakes a user can fix (bad config, missing file, ...).
 
-The CLI turns it into a single error line and a non-zero exit; everything else is a bug
-and keeps its traceback.
+``S2dmError`` is the base: a problem with the user's input or files, reported as one line,
+exit status 2, no traceback. One subclass per kind says where the problem lies; ``key`` names
+the option or config key it is about (as the Python API and the configs spell it: ``"n"``,
+``"steps"``, ``"sample.sampler"``), so the CLI can name the matching flag. Messages name keys,
+files and values, never command-line flags: only ``cli.py`` speaks in flags. Everything else
+is a bug and keeps its traceback.
 """
 
+from typing import Optional
 
-class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+
+class S2dmError(Exception):
+    """A problem with the user's input or files: reported as one line, exit status 2, no traceback.
+
+    ``key``: the option or config key the error is about (``"n"``, ``"sample.sampler"``), or None.
+    ``all_ranks``: every torchrun rank raises this same error after agreeing on it (the CLI then
+    prints it once, without a rank prefix).
+    """
+
+    def __init__(self, message: str = "", *, key: Optional[str] = None, all_ranks: bool = False):
+        super().__init__(message)
+        self.key = key
+        self.all_ranks = all_ranks
+
+    def retold(self, message: str, key: Optional[str] = None) -> "S2dmError":
+        """The same kind of error with a new message (and key, else this one's): for code that
+        adds context, e.g. the option's name, without changing the error's class."""
+        return type(self)(message, key=self.key if key is None else key, all_ranks=self.all_ranks)
+
+
+class ConfigError(S2dmError):
+    """A config file, key, value or override."""
+
+
+class DataError(S2dmError):
+    """A data set, an image folder or an image file."""
+
+
+class CheckpointError(S2dmError):
+    """A checkpoint file, a run folder's checkpoints, the ``latest`` pointer."""
+
+
+class SamplerError(S2dmError):
+    """A sampler option, a timestep grid, eps_scale."""
+
+
+class MetricError(S2dmError):
+    """FID/FD inputs, statistics files, Inception weights."""
+
+
+class RunError(S2dmError):
+    """A training run: its output folder, device, non-finite losses, a refused resume."""
+
+
+class StudyError(S2dmError):
+    """A study YAML."""
+
+
+class InteropError(S2dmError):
+    """Converting published weights or exporting a checkpoint."""
+
+
+# The name before typed errors; kept so code that catches or raises UserError keeps working.
+UserError = S2dmError
 
 
 class Interrupted(Exception):

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import yaml
 
@@ -113,3 +115,63 @@ def test_num_workers_auto_and_capped(monkeypatch):
     assert dist.loader_workers("auto") == 8 and dist.loader_workers(4) == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks share the node's 32 CPUs
     assert dist.loader_workers("auto") == 3
+
+
+@pytest.mark.parametrize("overrides,key,words", [
+    (["sample.sampler=dimm"], "sample.sampler", "unknown sampler 'dimm'; choose one of ddim, ddpm"),
+    (["sample.grid=cosine"], "sample.grid", "unknown grid 'cosine'"),
+    (["sample.order=4"], "sample.order", "DEIS order must be one of (0, 1, 2, 3)"),
+    (["sample.eps_scale=skip:0"], "sample.eps_scale", "skip must be an integer"),
+    (["sample.eps_scale=shrink"], "sample.eps_scale", "cannot parse 'shrink'"),
+    (["sample.steps=2000"], "sample.steps", "exceeds"),
+    (["sample.steps=0"], "sample.steps", "positive"),
+    (["sample.sampler=pndm", "sample.steps=3"], "sample.steps", "at least 4"),
+    (["sample.eta=-0.5"], "sample.eta", ">= 0"),
+    (["sample.sampler=deis", "sample.eta=0.5"], "sample.eta", "sampler 'ddim' only"),
+    (["sample.grid=trailing", "sample.legacy_pndm_index=true"], "sample.legacy_pndm_index", "<= 998"),
+])
+def test_sample_options_are_checked_at_load(overrides, key, words):
+    """Every sampler option of the sample: section gets the check `s2dm sample` makes, at
+    config load (before step 1, not at the first preview grid), naming the key."""
+    with pytest.raises(UserError) as err:
+        load_config("configs/digits.yaml", overrides)
+    assert str(err.value).startswith(f"{key}: ") and words in str(err.value), str(err.value)
+
+
+def test_sample_section_has_the_sampler_options():
+    from s2dm.io.config import SampleConfig
+    from s2dm.samplers.options import SampleOptions
+
+    names = [f.name for f in dataclasses.fields(SampleConfig)]
+    assert names[:len(dataclasses.fields(SampleOptions))] == [f.name for f in dataclasses.fields(SampleOptions)]
+    assert names[len(dataclasses.fields(SampleOptions)):] == ["mosaic_images", "seed", "batch_size"]
+    cfg = load_config("configs/digits.yaml", ["sample.sampler=deis", "sample.order=2",
+                                              "sample.eps_scale=skip:9,tau:0.99", "sample.legacy_pndm_index=true"])
+    assert SampleOptions.of(cfg.sample) == SampleOptions(sampler="deis", steps=50, order=2,
+                                                         eps_scale="skip:9,tau:0.99", legacy_pndm_index=True)
+
+
+def test_a_sample_typo_fails_before_the_run_folder_exists(tmp_path, capsys):
+    from conftest import tiny_args
+
+    from s2dm.cli import main
+
+    out = tmp_path / "runs" / "typo"
+    assert main(tiny_args(out, 5, "sample.sampler=dimm")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sample.sampler: unknown sampler 'dimm'") and err.count("\n") == 1
+    assert not out.exists() and not out.parent.exists()
+
+
+def test_saved_configs_with_older_key_names_load_and_resume(tmp_path):
+    from s2dm.io.config import config_from_saved
+    from s2dm.training.loop import check_resumable
+
+    cfg = load_config("configs/digits.yaml")
+    saved = cfg.to_dict()
+    saved["sample"]["grid_images"] = saved["sample"].pop("mosaic_images")  # the name before "mosaic"
+    assert config_from_saved(saved).sample.mosaic_images == cfg.sample.mosaic_images == 100
+    check_resumable(cfg, saved)  # no error: the same run
+    saved["sample"]["grid_images"] = 7
+    with pytest.raises(UserError, match="sample.mosaic_images: the run folder was trained with 7"):
+        check_resumable(cfg, saved)

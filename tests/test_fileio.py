@@ -1,4 +1,4 @@
-"""Files s2dm writes follow the umask, as files written by open() do."""
+"""Atomic writes: files follow the umask (as open()'s do); the temp files a killed write leaves are removed."""
 import os
 import stat
 
@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_args
 from s2dm.cli import main
-from s2dm.util.fileio import atomic_write_text
+from s2dm.util.fileio import atomic_write_text, remove_stale_temps
 
 
 @pytest.fixture
@@ -38,6 +38,18 @@ def test_every_output_is_readable_by_others_under_umask_022(tmp_path, umask):
                  "--out", str(run / "ref.npz")]) == 0
     files = [p for p in run.rglob("*") if p.is_file()]
     names = {p.name for p in files}
-    assert {"latest", "ckpt_00000002.pt", "config.yaml", "log.jsonl", "000002.png", "grid.png",
+    assert {"latest", "ckpt_00000002.pt", "config.yaml", "log.jsonl", "000002.png", "mosaic.png",
             "metadata.json", "ref.npz"} <= names
     assert {p.name: oct(mode(p)) for p in files if mode(p) != 0o644} == {}
+
+
+def test_remove_stale_temps_matches_only_the_named_files(tmp_path):
+    a = atomic_write_text(tmp_path / "log.jsonl", "x\n")
+    stale = [tmp_path / ".log.jsonl.abcd1234.tmp", tmp_path / ".log.jsonl.zz_9.tmp"]
+    other = [tmp_path / ".config.yaml.abcd1234.tmp", tmp_path / "log.jsonl.tmp", tmp_path / ".log.jsonl"]
+    for p in stale + other:
+        p.write_text("partial")
+    assert sorted(remove_stale_temps(tmp_path, "log.jsonl")) == sorted(stale)
+    assert all(p.exists() for p in other) and a.read_text() == "x\n"
+    assert remove_stale_temps(tmp_path / "missing") == []
+    assert remove_stale_temps(tmp_path) == [other[0]]  # every name: only the hidden .NAME.*.tmp form

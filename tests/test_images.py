@@ -7,11 +7,11 @@ from PIL import Image
 from s2dm.errors import UserError
 from s2dm.util.images import (
     from_uint8,
-    grid_array,
+    mosaic_array,
     list_images,
     load_folder,
     load_image,
-    make_grid_png,
+    save_mosaic,
     save_png,
     to_uint8,
 )
@@ -187,12 +187,12 @@ def test_save_png_rejects_float_numpy(tmp_path):
 def test_grid_layout_upscale_and_padding(tmp_path):
     g = torch.Generator().manual_seed(0)
     imgs = torch.rand(10, 1, 8, 8, generator=g) * 2 - 1
-    grid = make_grid_png(imgs, tmp_path / "grid.png", nrow=5, pad=2)
+    grid = save_mosaic(imgs, tmp_path / "mosaic.png", nrow=5, pad=2)
     # 5 tiles of 8 px -> upscaled x7 (5*8*7 = 280 >= 256)
     k = 7
     assert grid.shape == (2 * 8 * k + 3 * 2, 5 * 8 * k + 6 * 2, 1)
     assert grid.shape[1] >= 256
-    np.testing.assert_array_equal(load_image(tmp_path / "grid.png", "L"), grid)
+    np.testing.assert_array_equal(load_image(tmp_path / "mosaic.png", "L"), grid)
     u = to_uint8(imgs)
     # image 6 sits in row 1, column 1; each pixel became a k x k block
     top, left = 2 + (8 * k + 2), 2 + (8 * k + 2)
@@ -205,11 +205,11 @@ def test_grid_layout_upscale_and_padding(tmp_path):
 def test_grid_default_square_and_rgb(tmp_path):
     imgs = torch.zeros(5, 3, 32, 32)
     imgs[:, 0] = 1.0  # red
-    grid = grid_array(imgs, pad=0, min_width=1)
+    grid = mosaic_array(imgs, pad=0, min_width=1)
     # ceil(sqrt(5)) = 3 per row, 2 rows, unused slot left as padding colour
     assert grid.shape == (64, 96, 3)
     assert (grid[:32, :32] == [255, 128, 128]).all()
     assert (grid[32:, 64:] == 255).all()
-    make_grid_png(imgs, tmp_path / "g.png")
+    save_mosaic(imgs, tmp_path / "g.png")
     assert Image.open(tmp_path / "g.png").mode == "RGB"
     assert Image.open(tmp_path / "g.png").size[0] >= 256

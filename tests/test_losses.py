@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from s2dm.core.losses import l0_loss, skip_step_loss
+from s2dm.errors import ConfigError
 from s2dm.core.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule.linear()
@@ -134,11 +135,12 @@ def test_shrink_factor_values_quoted_in_method():
 
 def test_bad_arguments_raise():
     x0, t, eps, _ = data([10])
-    with pytest.raises(ValueError):
+    # ConfigError: the same checks as the config's loss.variant, loss.tau, loss.skip, loss.reduction
+    with pytest.raises(ConfigError):
         skip_step_loss(Toy(), x0, t, SCHED, variant="other")
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         skip_step_loss(Toy(), x0, t, SCHED, tau=1.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         skip_step_loss(Toy(), x0, t, SCHED, skip=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         l0_loss(Toy(), x0, t, SCHED, reduction="median")

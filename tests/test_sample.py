@@ -4,6 +4,7 @@ import pytest
 
 from s2dm.cli import main
 from s2dm.errors import UserError
+from s2dm.samplers.options import SampleOptions
 from s2dm.sampling.folder import parse_seeds, sample_to_folder
 
 
@@ -14,9 +15,10 @@ def files(folder):
 @pytest.mark.parametrize("options", [dict(sampler="ddim"), dict(sampler="ddim", eta=1.0), dict(sampler="ddpm")])
 def test_images_depend_only_on_their_seed(tiny_run, tmp_path, options):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    sample_to_folder(tiny_run, a, seeds=list(range(6)), steps=5, batch_size=6, **options)
-    sample_to_folder(tiny_run, b, seeds=list(range(6)), steps=5, batch_size=4, **options)
-    sample_to_folder(tiny_run, c, seeds=[4, 5], steps=5, batch_size=1, **options)
+    options = SampleOptions(steps=5, **options)
+    sample_to_folder(tiny_run, a, options, seeds=list(range(6)), batch_size=6)
+    sample_to_folder(tiny_run, b, options, seeds=list(range(6)), batch_size=4)
+    sample_to_folder(tiny_run, c, options, seeds=[4, 5], batch_size=1)
     fa, fb, fc = files(a), files(b), files(c)
     assert len(fa) == 6 and fa == fb
     assert fc == {k: fa[k] for k in ("000004.png", "000005.png")}
@@ -25,17 +27,17 @@ def test_images_depend_only_on_their_seed(tiny_run, tmp_path, options):
 
 def test_resume_skips_existing_and_gives_same_images(tiny_run, tmp_path):
     out = tmp_path / "s"
-    sample_to_folder(tiny_run, out, seeds=list(range(5)), steps=5, batch_size=2)
+    sample_to_folder(tiny_run, out, SampleOptions(steps=5), seeds=list(range(5)), batch_size=2)
     before = files(out)
     kept = out / "000000.png"
     mtime = kept.stat().st_mtime_ns
     (out / "000001.png").unlink()
     (out / "000003.png").unlink()
-    meta = sample_to_folder(tiny_run, out, seeds=list(range(5)), steps=5, batch_size=2)
+    meta = sample_to_folder(tiny_run, out, SampleOptions(steps=5), seeds=list(range(5)), batch_size=2)
     assert files(out) == before and kept.stat().st_mtime_ns == mtime
     assert meta["n_images"] == 5 and meta["nfe"] == 5 and meta["timesteps"][-1] == -1
     with pytest.raises(UserError, match="steps"):
-        sample_to_folder(tiny_run, out, seeds=list(range(5)), steps=7)
+        sample_to_folder(tiny_run, out, SampleOptions(steps=7), seeds=list(range(5)))
 
 
 def test_cli_sample_writes_metadata_and_grid(tiny_run, tmp_path, capsys):
@@ -45,7 +47,7 @@ def test_cli_sample_writes_metadata_and_grid(tiny_run, tmp_path, capsys):
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["nfe"] == 5 + 9 and meta["settings"]["sampler"] == "pndm"
     assert meta["eps_scale"].startswith("skip-shrink") and meta["config"]["loss"]["type"] == "s2"
-    assert (out / "preview" / "grid.png").is_file() and len(files(out)) == 4
+    assert (out / "preview" / "mosaic.png").is_file() and len(files(out)) == 4
     assert "NFE 14" in capsys.readouterr().out
 
 

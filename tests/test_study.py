@@ -16,14 +16,14 @@ from conftest import ROOT
 TOY = {
     "train_config": str(ROOT / "configs" / "digits.yaml"),
     "set": {"model.ch": 16, "train.steps": 12, "train.batch_size": 32, "train.checkpoint_every": 12,
-            "train.sample_every": 1000, "train.log_every": 4, "optim.warmup": 0, "sample.grid_images": 4,
+            "train.sample_every": 1000, "train.log_every": 4, "optim.warmup": 0, "sample.mosaic_images": 4,
             "sample.steps": 3},
     "runs": {"baseline": {"set": {"loss.type": "l0"}, "seeds": [0]},
              "s2dm": {"set": {"loss.type": "s2"}, "seeds": [0]}},
     "baseline": "baseline",
     "effect": "s2dm",
     "eval": {"samplers": ["ddim", "deis"], "steps": [4], "n": 48, "batch_size": 32, "noise_draw": "baseline",
-             "grid_steps": 3},
+             "mosaic_steps": 3},
     "quick": {"samplers": ["ddim"]},
 }
 
@@ -34,6 +34,7 @@ def write_study(tmp_path, data=TOY, name="toy.yaml"):
     return path
 
 
+@pytest.mark.slow
 def test_study_writes_everything_and_resumes(tmp_path):
     cfg, out = write_study(tmp_path), tmp_path / "out"
     assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
@@ -53,7 +54,7 @@ def test_study_writes_everything_and_resumes(tmp_path):
     assert float(noise["ddim"]["value"]) != float(main_rows[("baseline", "ddim")]["value"])
     report = (out / "report.md").read_text()
     assert "s2dm − baseline" in report and "metric noise" in report and "## Reading, cell by cell" in report
-    for png in ("fd_vs_nfe.png", "grids/baseline.png", "grids/s2dm.png"):
+    for png in ("fd_vs_nfe.png", "mosaics/baseline.png", "mosaics/s2dm.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # resume: nothing is retrained or re-sampled
@@ -90,8 +91,10 @@ def test_quick_preset_and_plan(tmp_path):
 
 
 @pytest.mark.parametrize("change, words", [
-    (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
-    (lambda d: d["runs"]["baseline"].update(steps=3), "runs.baseline: unknown key 'steps'"),
+    (lambda d: d.update(bogus=1), "bogus: unknown key"),
+    (lambda d: d["runs"]["baseline"].update(steps=3), "runs.baseline.steps: unknown key"),
+    (lambda d: d["runs"]["baseline"].pop("seeds"), "runs.baseline.seeds: missing key"),
+    (lambda d: d["eval"].update(n="many"), "eval.n: expected int"),
     (lambda d: d["runs"].update(ctl={"weights_of": "nope", "eps_scale": "skip:9", "seeds": [0]}), "not a trained run"),
     (lambda d: d["eval"].update(samplers=["euler"]), "unknown sampler 'euler'"),
     (lambda d: d.update(baseline="missing"), "baseline 'missing'"),
@@ -126,9 +129,9 @@ def test_a_study_without_effect_reports_the_control(tmp_path):
 def test_a_training_config_is_not_a_study(tmp_path, capsys):
     assert main(["study", "--config", "configs/digits.yaml"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: configs/digits.yaml is a training config (it has sections data, model, "
-                          "diffusion, loss, optim, train, sample), not a study; study configs: "), err
-    assert "study_digits.yaml" in err and "(s2dm study --config study_digits.yaml)" in err
+    assert err.startswith("error: --config: configs/digits.yaml is a training config (it has sections data, "
+                          "model, diffusion, loss, optim, train, sample), not a study; study configs: "), err
+    assert "study_digits.yaml" in err and "(by bare name, e.g. study_digits.yaml)" in err
     # the shipped study configs are named by bare name, which finds them from anywhere
     (tmp_path / "mine.yaml").write_text((ROOT / "configs" / "digits.yaml").read_text())
     assert main(["study", "--config", str(tmp_path / "mine.yaml")]) == 2
@@ -148,7 +151,18 @@ def test_counts_ranges_and_zeros_print_plainly():
     assert "Over 1 cell the paired s2dm − baseline difference is -4.8 %; " in text
     assert "includes 0 in 1." in text and "in 0 cells" in text and "twice it in 0 of 1 cell." in text
     assert "draw-to-draw std (|a−b|/√2, two independent sample draws of one model) is 0.283;" in text
-    assert "The change the ε-scaling control makes" in text and " is -0.6 %, 12 % of the s2dm difference" in text
+    # the s2dm difference's interval includes 0: a ratio to it would be a ratio of noise
+    assert "The change the ε-scaling control makes" in text and " is -0.6 %; its share of the s2dm difference " \
+        "is not given" in text
+    # a difference told apart from 0 (every seed -1.0; the control -0.5 on every seed): the share is given
+    clear = ([_row("baseline", s, v) for s, v in enumerate([10.0, 12.0, 11.0])]
+             + [_row("s2dm", s, v - 1.0) for s, v in enumerate([10.0, 12.0, 11.0])]
+             + [_row("control", s, v - 0.5) for s, v in enumerate([10.0, 12.0, 11.0])])
+    (m,) = studyreport.cell_statistics(clear, "baseline")
+    assert "50 % of the s2dm difference in the same cell (1 cell where that difference is measurable)" in \
+        studyreport.overall_reading([m], "baseline", "s2dm", "control")
+    assert "50 % of the s2dm difference" in studyreport.reading(m, "baseline", "s2dm", "control")
+    assert "no share is given" in studyreport.reading(c, "baseline", "s2dm", "control")
     zero = [dict(r, value=r["value"] - 1e-12) for r in TABLE]  # a difference of -1e-12 is 0, not -0
     (z,) = studyreport.cell_statistics(zero + [_row("twin", s, v - 2e-12) for s, v in enumerate([10.0, 12.0, 11.0])],
                                        "baseline")
@@ -226,7 +240,7 @@ def test_reading_and_report_text():
     assert "s2dm − baseline = -0.533 (-4.8 %)" in text
     assert "the 95 % interval includes 0" in text  # [-1.653, +0.587]
     # control − baseline: -0.2, 0.1, -0.1 → mean -0.0667, 12.5 % of -0.533
-    assert "control moves the baseline by -0.067, 12 % of the s2dm difference" in text
+    assert "control moves the baseline by -0.067; no share is given: the s2dm difference is within the metric's noise" in text
     assert "does not exceed twice the metric's own draw-to-draw std (0.283)" in text
     assert studyreport.diff_text(c.diffs["s2dm"], 11.0).startswith("-0.533 [-1.653, +0.587] (-4.8 %)")
 

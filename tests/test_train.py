@@ -19,7 +19,7 @@ def test_short_run_lowers_loss_writes_everything(tmp_path):
     assert log[-1]["loss"] < 0.7 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
     for key in ("l0", "lskip", "loss_t_q1", "loss_t_q4", "grad_norm", "steps_per_s", "lr"):
         assert key in log[-1]
-    assert (out / "config.yaml").is_file() and (out / "samples" / "grid_00000040.png").is_file()
+    assert (out / "config.yaml").is_file() and (out / "samples" / "mosaic_00000040.png").is_file()
     ck = load_checkpoint(out)
     assert ck.step == 40 and isinstance(ck.model, UNet) and isinstance(ck.ema, UNet)
     assert ck.config == load_config(out / "config.yaml")
@@ -162,3 +162,52 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and err.count("\n") == 1
     assert not out.exists() and not out.parent.exists()
+
+
+@pytest.mark.parametrize("error", [UserError, RuntimeError])
+def test_a_failing_preview_grid_never_costs_the_checkpoint(tmp_path, monkeypatch, capsys, error):
+    """The step's checkpoint is written before its preview grid: a grid that fails (any
+    exception) stops the run with its error, and the checkpoint of that step is on disk."""
+    import s2dm.training.loop as train_mod
+
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    args = tiny_args(out, 20, "train.sample_every=10")  # TINY: a checkpoint every 10 steps
+    tried = []
+
+    def failing(ema, cfg, schedule, path, device):
+        tried.append(path.name)
+        raise error("the preview broke")
+
+    monkeypatch.setattr(train_mod, "write_mosaic", failing)
+    if error is UserError:
+        assert main(args) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == "error: the preview broke"
+    else:
+        with pytest.raises(RuntimeError, match="the preview broke"):
+            main(args)
+    assert tried == ["mosaic_00000010.png"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.pt")) == ["ckpt_00000010.pt"]
+    assert load_checkpoint(out).step == 10
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args) == 0  # resumes from step 10's checkpoint
+    assert "from step 10" in capsys.readouterr().out
+    assert (out / "samples" / "mosaic_00000020.png").is_file()
+    if error is RuntimeError:  # the resumed run is the run that never failed
+        assert main(tiny_args(straight, 20, "train.sample_every=10")) == 0
+        assert _digest(load_checkpoint(out).ema) == _digest(load_checkpoint(straight).ema)
+        assert (out / "samples" / "mosaic_00000020.png").read_bytes() == \
+            (straight / "samples" / "mosaic_00000020.png").read_bytes()
+
+
+def test_a_config_saved_before_the_sample_options_resumes(tmp_path):
+    """Runs saved before sample.order / eps_scale / legacy_pndm_index existed load and resume."""
+    from s2dm.io.config import config_from_saved
+    from s2dm.training.loop import check_resumable
+
+    cfg = load_config("configs/digits.yaml")
+    saved = cfg.to_dict()
+    for key in ("order", "eps_scale", "legacy_pndm_index"):
+        del saved["sample"][key]
+    assert config_from_saved(saved) == cfg
+    check_resumable(cfg, saved)  # no "sample.order: the run folder was trained with None"

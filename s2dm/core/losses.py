@@ -11,10 +11,13 @@ from typing import Optional
 
 import torch
 
+from ..errors import ConfigError
 from .schedule import NoiseSchedule
 
+LOSS_TYPES = ("l0", "s2")  # the plain ε-loss, or the skip-step loss
 REDUCTIONS = ("mean", "sum")
 VARIANTS = ("independent", "shared")
+T_SAMPLINGS = ("antithetic", "uniform")  # how a batch's timesteps are drawn
 
 
 def _per_sample(sq: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -23,7 +26,7 @@ def _per_sample(sq: torch.Tensor, reduction: str) -> torch.Tensor:
         return sq.flatten(1).mean(1)
     if reduction == "sum":
         return sq.flatten(1).sum(1)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    raise ConfigError(f"reduction must be one of {', '.join(REDUCTIONS)}, not {reduction!r}", key="reduction")
 
 
 def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -91,11 +94,11 @@ def skip_step_loss(
     ``generator`` (or the global RNG) when None; ``"shared"`` (the paper text): ε′ = ε.
     """
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}", key="variant")
     if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+        raise ConfigError(f"tau must lie in [0, 1], not {tau}", key="tau")
     if not 1 <= skip < schedule.T:
-        raise ValueError(f"skip must lie in [1, {schedule.T - 1}], got {skip}")
+        raise ConfigError(f"skip must lie in [1, {schedule.T - 1}], not {skip}", key="skip")
     noise, eps = _predict(model, x0, t, schedule, noise)
     if variant == "shared":
         eps_prime = noise

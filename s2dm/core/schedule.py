@@ -14,9 +14,12 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError, SamplerError
 
 TimeLike = Union[int, float, torch.Tensor]
+
+
+BETA_SCHEDULES = ("linear",)
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,9 +31,9 @@ class NoiseSchedule:
     def __post_init__(self):
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or len(betas) < 1:
-            raise ValueError("betas must be a non-empty 1-D sequence")
+            raise ConfigError("betas must be a non-empty 1-D sequence", key="betas")
         if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must lie in (0, 1)")
+            raise ConfigError("betas must lie in (0, 1)", key="betas")
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alphas_cumprod", torch.cumprod(1.0 - betas, dim=0))
         # ᾱ with ᾱ(−1) = 1 prepended: index i ↔ t = i − 1. Used by every lookup.
@@ -47,8 +50,9 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, diffusion) -> "NoiseSchedule":
         """Build from a ``DiffusionConfig`` (or anything with the same attributes)."""
-        if diffusion.beta_schedule != "linear":
-            raise UserError(f"diffusion.beta_schedule: unknown schedule {diffusion.beta_schedule!r}")
+        if diffusion.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"diffusion.beta_schedule: unknown schedule {diffusion.beta_schedule!r}",
+                              key="diffusion.beta_schedule")
         return cls.linear(diffusion.num_timesteps, diffusion.beta_start, diffusion.beta_end)
 
     # -- lookups ------------------------------------------------------------------------
@@ -124,9 +128,9 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
     """
     if isinstance(grid, str):
         if not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise UserError(f"steps must be a positive integer, got {steps!r}")
+            raise SamplerError(f"steps must be a positive integer, got {steps!r}", key="steps")
         if steps > T:
-            raise UserError(f"steps={steps} exceeds the number of training timesteps T={T}")
+            raise SamplerError(f"steps={steps} exceeds the number of training timesteps T={T}", key="steps")
         if grid == "uniform":
             points = [i * (T // steps) for i in range(steps)]
         elif grid == "quad":
@@ -141,14 +145,14 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
         elif grid == "trailing":
             points = (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64).tolist()
         else:
-            raise UserError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)} or pass a list")
+            raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)} or pass a list", key="grid")
     else:
         raw = [float(p) for p in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
         if any(p != int(p) for p in raw):
-            raise UserError(f"timestep grid points must be integers, got {raw}")
+            raise SamplerError(f"timestep grid points must be integers, got {raw}")
         points = [int(p) for p in raw]
         if len(points) != len(set(points)):
-            raise UserError(f"timestep grid has duplicate points: {points}")
+            raise SamplerError(f"timestep grid has duplicate points: {points}")
     points = sorted(points, reverse=True)
     walked = torch.tensor(points + [-1], dtype=torch.long)
     validate_grid(walked, T)
@@ -158,11 +162,11 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
 def validate_grid(walked: torch.Tensor, T: int) -> None:
     """A walked grid is strictly decreasing, inside [0, T−1] and ends at −1."""
     if walked.ndim != 1 or len(walked) < 2:
-        raise UserError("a timestep grid needs at least one step")
+        raise SamplerError("a timestep grid needs at least one step")
     if int(walked[-1]) != -1:
-        raise UserError("a walked timestep grid must end at -1")
+        raise SamplerError("a walked timestep grid must end at -1")
     body = walked[:-1]
     if int(body.min()) < 0 or int(body.max()) > T - 1:
-        raise UserError(f"timestep grid points must lie in [0, {T - 1}], got {body.tolist()}")
+        raise SamplerError(f"timestep grid points must lie in [0, {T - 1}], got {body.tolist()}")
     if not bool((walked[1:] < walked[:-1]).all()):
-        raise UserError(f"timestep grid must be strictly decreasing when walked: {walked.tolist()}")
+        raise SamplerError(f"timestep grid must be strictly decreasing when walked: {walked.tolist()}")

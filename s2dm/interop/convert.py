@@ -23,7 +23,7 @@ import torch
 
 from .._version import __version__
 from ..core.unet import build_model
-from ..errors import UserError
+from ..errors import InteropError
 from ..io.checkpoint import FORMAT_VERSION, first_mismatch
 from ..io.config import Config, ModelConfig, apply_overrides, config_from_dict, read_yaml
 from ..util.fileio import atomic_torch_save, sha256_file
@@ -45,18 +45,18 @@ def locate_diffusers(path: Path) -> Tuple[Path, Path, Optional[Path]]:
     """(weights file, config.json, scheduler_config.json or None) for a UNet folder, a
     pipeline folder (with unet/ inside) or a weights file with config.json beside it."""
     if not path.exists():
-        raise UserError(f"{path}: no such file or folder")
+        raise InteropError(f"{path}: no such file or folder", key="source")
     folder = path.parent if path.is_file() else path
     if path.is_dir() and (path / "unet").is_dir():
         folder = path / "unet"
     weights = path if path.is_file() else next((folder / n for n in _WEIGHT_NAMES if (folder / n).is_file()), None)
     if weights is None:
         if any(folder.glob("*.index.json")):
-            raise UserError(f"{folder}: sharded weights are not supported; save the UNet unsharded")
-        raise UserError(f"{folder}: no {' or '.join(_WEIGHT_NAMES[:2])}")
+            raise InteropError(f"{folder}: sharded weights are not supported; save the UNet unsharded")
+        raise InteropError(f"{folder}: no {' or '.join(_WEIGHT_NAMES[:2])}")
     config = folder / "config.json"
     if not config.is_file():
-        raise UserError(f"{weights}: no config.json beside it (the diffusers UNet2DModel config)")
+        raise InteropError(f"{weights}: no config.json beside it (the diffusers UNet2DModel config)")
     scheduler = folder.parent / "scheduler" / "scheduler_config.json"
     return weights, config, scheduler if scheduler.is_file() else None
 
@@ -65,9 +65,9 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read it as JSON ({exc})") from None
+        raise InteropError(f"{path}: cannot read it as JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+        raise InteropError(f"{path}: expected a JSON object")
     return data
 
 
@@ -78,21 +78,21 @@ def read_weights_file(path: Path) -> object:
         try:
             from safetensors.torch import load_file  # optional dependency
         except ImportError:
-            raise UserError("reading .safetensors needs the safetensors package: pip install safetensors") from None
+            raise InteropError("reading .safetensors needs the safetensors package: pip install safetensors") from None
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise UserError(f"{path}: cannot read it as safetensors, corrupt or truncated? ({exc})") from None
+            raise InteropError(f"{path}: cannot read it as safetensors, corrupt or truncated? ({exc})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt/foreign files
         if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
-            raise UserError(f"{path}: holds pickled Python objects besides weights, which are not loaded "
-                            "(that would run code from the file); an s2dm checkpoint needs no conversion") from None
+            raise InteropError(f"{path}: holds pickled Python objects besides weights, which are not loaded "
+                               "(that would run code from the file); an s2dm checkpoint needs no conversion") from None
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         detail = "" if not first or first.startswith("Weights only load failed") else f": {first}"
-        raise UserError(f"{path}: cannot read it as a torch weights file, corrupt or truncated? "
-                        f"({type(exc).__name__}{detail})") from None
+        raise InteropError(f"{path}: cannot read it as a torch weights file, corrupt or truncated? "
+                           f"({type(exc).__name__}{detail})") from None
 
 
 def _is_state_dict(obj) -> bool:
@@ -120,13 +120,13 @@ def unwrap_ddim(obj, where: str) -> Tuple[StateDict, Optional[StateDict], dict]:
     elif _is_state_dict(obj):
         sd = obj
     elif isinstance(obj, dict) and "format_version" in obj:
-        raise UserError(f"{where} is already an s2dm checkpoint; use it directly")
+        raise InteropError(f"{where} is already an s2dm checkpoint; use it directly")
     elif isinstance(obj, dict) and any(_is_state_dict(obj.get(k)) for k in ("model", "state_dict", "ema")):
         sd = next(obj[k] for k in ("model", "state_dict", "ema") if _is_state_dict(obj.get(k)))
         ema = obj.get("ema") if _is_state_dict(obj.get("ema")) else None
     else:
-        raise UserError(f"{where}: no state dict found (expected a dict of tensors, the DDIM repository's "
-                        "[model, optimizer, epoch, step, ema] list, or {'model': ...})")
+        raise InteropError(f"{where}: no state dict found (expected a dict of tensors, the DDIM repository's "
+                           "[model, optimizer, epoch, step, ema] list, or {'model': ...})")
     return _strip_module(sd), (_strip_module(ema) if ema is not None else None), notes
 
 
@@ -137,11 +137,11 @@ def read_diffusers(path: Path) -> Tuple[StateDict, ModelConfig, int, int, Option
     model, size, channels = model_from_diffusers_config(conf, str(config_file))
     raw = read_weights_file(weights_file)
     if not _is_state_dict(raw):
-        raise UserError(f"{weights_file}: not a state dict (a mapping of names to tensors)")
+        raise InteropError(f"{weights_file}: not a state dict (a mapping of names to tensors)")
     try:
         sd = diffusers_to_s2dm_state_dict(raw, len(model.ch_mult))
     except KeyError as exc:
-        raise UserError(f"{weights_file}: {exc.args[0]}: not a DDPM-layout UNet2DModel") from None
+        raise InteropError(f"{weights_file}: {exc.args[0]}: not a DDPM-layout UNet2DModel") from None
     diffusion = None
     if scheduler_file is not None:
         diffusion = diffusion_from_scheduler(read_json(scheduler_file), str(scheduler_file))
@@ -152,9 +152,9 @@ def diffusion_from_scheduler(conf: dict, where: str) -> dict:
     """The ``diffusion`` section a diffusers scheduler config describes; s2dm's samplers are
     for ε-prediction on DDPM's linear β schedule, so anything else is refused."""
     if conf.get("prediction_type", "epsilon") != "epsilon":
-        raise UserError(f"{where}: prediction_type: {conf['prediction_type']!r}; s2dm's models predict ε ('epsilon')")
+        raise InteropError(f"{where}: prediction_type: {conf['prediction_type']!r}; s2dm's models predict ε ('epsilon')")
     if conf.get("beta_schedule", "linear") != "linear" or conf.get("trained_betas") is not None:
-        raise UserError(f"{where}: beta_schedule: {conf.get('beta_schedule')!r}; s2dm knows DDPM's 'linear' only")
+        raise InteropError(f"{where}: beta_schedule: {conf.get('beta_schedule')!r}; s2dm knows DDPM's 'linear' only")
     return {"num_timesteps": int(conf.get("num_train_timesteps", 1000)), "beta_schedule": "linear",
             "beta_start": float(conf.get("beta_start", 1e-4)), "beta_end": float(conf.get("beta_end", 0.02))}
 
@@ -162,7 +162,7 @@ def diffusion_from_scheduler(conf: dict, where: str) -> dict:
 def read_ddim(path: Path, image_size: int) -> Tuple[StateDict, Optional[StateDict], ModelConfig, int, dict]:
     """(weights, EMA weights or None, model, channels, provenance) of a DDIM-layout file."""
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise InteropError(f"{path}: no such file", key="source")
     sd, ema, notes = unwrap_ddim(read_weights_file(path), str(path))
     model, channels = model_from_ddim_state_dict(sd, image_size, str(path))
     return sd, ema, model, channels, {"weights": path, **notes}
@@ -187,8 +187,8 @@ def assemble_config(config: Optional[str], overrides: Sequence[str], model: Mode
     if diffusion is not None:
         for key, value in diffusion.items():
             if value != getattr(cfg.diffusion, key):
-                raise UserError(f"diffusion.{key} is {value!r} in the scheduler config beside the weights "
-                                f"but {getattr(cfg.diffusion, key)!r} in the config")
+                raise InteropError(f"diffusion.{key} is {value!r} in the scheduler config beside the weights "
+                                   f"but {getattr(cfg.diffusion, key)!r} in the config")
     return cfg
 
 
@@ -200,7 +200,7 @@ def check_fits(cfg: Config, weights: StateDict, have: dict, where: str, what: st
     if bad or diff:
         parts = [diff] if diff else []
         parts += [f"first mismatching weight: {bad}"] if bad else []
-        raise UserError(f"{where}: the {what} weights do not fit {config_name}'s model: {'; '.join(parts)}")
+        raise InteropError(f"{where}: the {what} weights do not fit {config_name}'s model: {'; '.join(parts)}")
 
 
 def _float32(sd: StateDict) -> StateDict:
@@ -214,22 +214,23 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
     weights at ``source`` in ``layout`` ('diffusers' or 'ddim'). Returns a summary."""
     source, out = Path(source), Path(out)
     if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
+        raise InteropError(f"{out} exists; overwrite it with force=True", key="force")
     ema = None
     if layout == "diffusers":
         if image_size is not None:
-            raise UserError("--image-size is for --from ddim; diffusers' config.json has the sample_size")
+            raise InteropError("image_size is for layout 'ddim'; diffusers' config.json has the sample_size", key="image_size")
         sd, model, size, channels, diffusion, info = read_diffusers(source)
     elif layout == "ddim":
         size = image_size or (config_from_dict(apply_overrides(read_yaml(config), list(overrides))).data.image_size
                               if config else None)
         if size is None:
-            raise UserError("a DDIM-layout file does not record the image size: pass --image-size "
-                            "(32 for CIFAR10, 64 for CelebA) or --config X.yaml")
+            raise InteropError("a DDIM-layout file does not record the image size: give image_size "
+                               "(32 for CIFAR10, 64 for CelebA) or a config that has data.image_size",
+                               key="image_size")
         sd, ema, model, channels, info = read_ddim(source, size)
         diffusion = None
     else:
-        raise UserError(f"--from {layout!r}: expected diffusers or ddim")
+        raise InteropError(f"layout {layout!r}: expected diffusers or ddim", key="layout")
     cfg = assemble_config(config, overrides, model, size, channels, diffusion)
     have = architecture(model, size, channels)
     name = str(config) if config else "the config inferred from it"

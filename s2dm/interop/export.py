@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import InteropError
 from ..io.checkpoint import read_checkpoint, resolve_checkpoint
 from ..io.config import Config, config_from_saved
 from ..util.fileio import atomic_torch_save, atomic_write, atomic_write_text, sha256_file
@@ -36,11 +36,11 @@ def unet_config(cfg: Config) -> dict:
     does not depend on the defaults of the diffusers version that reads it."""
     m = cfg.model
     if m.ch_mult[0] != 1:
-        raise UserError(f"model.ch_mult: {m.ch_mult}; diffusers' UNet2DModel needs the first multiplier 1 "
-                        "(its input convolution has the first level's width)")
+        raise InteropError(f"model.ch_mult: {m.ch_mult}; diffusers' UNet2DModel needs the first multiplier 1 "
+                           "(its input convolution has the first level's width)")
     check_32_groups(cfg, "diffusers' UNet2DModel")
     if not m.resamp_with_conv and len(m.ch_mult) > 1:
-        raise UserError("model.resamp_with_conv: false; diffusers' UNet2DModel resamples with convolutions only")
+        raise InteropError("model.resamp_with_conv: false; diffusers' UNet2DModel resamples with convolutions only")
     kwargs = diffusers_unet_kwargs(in_channels=cfg.data.channels, ch=m.ch, ch_mult=m.ch_mult,
                                    num_res_blocks=m.num_res_blocks, attn_resolutions=m.attn_resolutions,
                                    dropout=m.dropout, image_size=cfg.data.image_size)
@@ -56,8 +56,8 @@ def check_32_groups(cfg: Config, target: str) -> None:
     for toy widths that 32 does not divide, which neither can express."""
     widths = [cfg.model.ch * k for k in cfg.model.ch_mult]
     if any(w % 32 for w in [cfg.model.ch] + widths):
-        raise UserError(f"model.ch / model.ch_mult: widths {widths}; {target} normalises with 32 groups, so "
-                        "every width must be a multiple of 32 (s2dm uses 8 groups for toy widths)")
+        raise InteropError(f"model.ch / model.ch_mult: widths {widths}; {target} normalises with 32 groups, so "
+                           "every width must be a multiple of 32 (s2dm uses 8 groups for toy widths)")
 
 
 def scheduler_config(cfg: Config) -> dict:
@@ -84,7 +84,7 @@ def scheduler_config(cfg: Config) -> dict:
 def pick_weights(state: dict, use_ema: bool, path) -> tuple:
     """(state dict, 'ema' or 'model'): the EMA weights by default, the raw ones on request."""
     if use_ema and state.get("ema") is None:
-        raise UserError(f"{path} has no EMA weights; pass --no-ema to export the raw ones")
+        raise InteropError(f"{path} has no EMA weights; export the raw ones with use_ema=False", key="use_ema")
     which = "ema" if use_ema else "model"
     return state[which], which
 
@@ -93,7 +93,7 @@ def write_diffusers(out: Path, cfg: Config, weights: dict, provenance: dict) -> 
     try:
         from safetensors.torch import save as safetensors_bytes  # optional dependency
     except ImportError:
-        raise UserError("writing diffusers weights needs the safetensors package: pip install safetensors") from None
+        raise InteropError("writing diffusers weights needs the safetensors package: pip install safetensors") from None
     conf = unet_config(cfg)
     tensors = s2dm_to_diffusers_state_dict(weights, len(cfg.model.ch_mult))
     # safetensors stores each tensor on its own: contiguous, float32 copies (no shared storage).
@@ -114,7 +114,7 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
     folder; 'ddim': a state-dict file) at ``out``. Returns a summary."""
     out = Path(out)
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not empty; pass --force to overwrite it")
+        raise InteropError(f"{out} exists and is not empty; overwrite it with force=True", key="force")
     path = resolve_checkpoint(ckpt)
     state = read_checkpoint(path)
     cfg = config_from_saved(state["config"])
@@ -123,13 +123,13 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
                   "weights": which, "config": cfg.to_dict(), "source": state.get("source")}
     if to == "diffusers":
         if out.is_file():
-            raise UserError(f"{out} is a file; --to diffusers writes a folder")
+            raise InteropError(f"{out} is a file; the diffusers layout is a folder", key="out")
         write_diffusers(out, cfg, weights, provenance)
     elif to == "ddim":
         if out.is_dir():
-            raise UserError(f"{out} is a folder; --to ddim writes one file")
+            raise InteropError(f"{out} is a folder; the ddim layout is one file", key="out")
         check_32_groups(cfg, "the DDIM repository's Model")
         atomic_torch_save({k: v.detach().float() for k, v in weights.items()}, out)
     else:
-        raise UserError(f"--to {to!r}: expected diffusers or ddim")
+        raise InteropError(f"to {to!r}: expected diffusers or ddim", key="to")
     return {"out": str(out), "weights": which, "step": int(state["step"]), "config": cfg}

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import UserError
+from ..errors import InteropError
 from ..io.config import ModelConfig
 
 StateDict = Dict[str, torch.Tensor]
@@ -134,7 +134,7 @@ def diffusers_unet_kwargs(in_channels: int = 3, ch: int = 128, ch_mult: Sequence
     count and only convolutional resamplers, so every width must be a multiple of 32."""
     widths = [ch * m for m in ch_mult]
     if any(w % 32 for w in [ch] + widths):
-        raise ValueError("diffusers' UNet2DModel uses 32 groups everywhere: widths must be multiples of 32")
+        raise InteropError("diffusers' UNet2DModel uses 32 groups everywhere: widths must be multiples of 32")
     res = [image_size // 2 ** i for i in range(len(ch_mult))]
     attn = [r in attn_resolutions for r in res]
     return dict(
@@ -181,9 +181,9 @@ def _same(a, b) -> bool:
 
 def model_from_diffusers_config(conf: dict, where: str) -> Tuple[ModelConfig, int, int]:
     """(ModelConfig, image size, channels) of a DDPM-layout ``UNet2DModel`` config; a
-    UserError naming the first setting s2dm's UNet cannot express."""
+    InteropError naming the first setting s2dm's UNet cannot express."""
     def refuse(key, why):
-        raise UserError(f"{where}: {key}: {why}; s2dm's UNet is the DDPM network and cannot express it")
+        raise InteropError(f"{where}: {key}: {why}; s2dm's UNet is the DDPM network and cannot express it")
 
     if conf.get("_class_name", "UNet2DModel") != "UNet2DModel":
         refuse("_class_name", f"{conf['_class_name']!r} is not a UNet2DModel")
@@ -240,14 +240,14 @@ def model_from_ddim_state_dict(sd: StateDict, image_size: int, where: str) -> Tu
     tensor against the model this describes."""
     for key in ("conv_in.weight", "down.0.block.0.conv1.weight"):
         if key not in sd:
-            raise UserError(f"{where}: no {key}: not a DDPM UNet state dict in the DDIM-repository layout")
+            raise InteropError(f"{where}: no {key}: not a DDPM UNet state dict in the DDIM-repository layout")
     ch, channels = sd["conv_in.weight"].shape[:2]
     levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"down\.(\d+)\.", k)))
     ch_mult = []
     for level in range(levels):
         key = f"down.{level}.block.0.conv1.weight"
         if key not in sd or sd[key].shape[0] % ch:
-            raise UserError(f"{where}: {key} is missing or not a multiple of ch={ch} wide")
+            raise InteropError(f"{where}: {key} is missing or not a multiple of ch={ch} wide")
         ch_mult.append(sd[key].shape[0] // ch)
     num_res_blocks = len({k.split(".")[3] for k in sd if k.startswith("down.0.block.")})
     attn_resolutions = [image_size >> lv for lv in range(levels) if f"down.{lv}.attn.0.q.weight" in sd]

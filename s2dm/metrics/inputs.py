@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import DataError, MetricError
 from ..util.images import PREVIEW_DIR, list_images, load_image
 
 PathLike = Union[str, os.PathLike]
@@ -27,9 +27,9 @@ def folder_files(folder: PathLike, n: Optional[int] = None) -> List[Path]:
         files = [f for f in files if f.parent != folder / PREVIEW_DIR]
     if n is not None:
         if n < 2:
-            raise UserError(f"--n must be at least 2, not {n}")
+            raise MetricError(f"n must be at least 2 (a covariance needs 2 images), not {n}", key="n")
         if len(files) < n:
-            raise UserError(f"--n {n}: {folder} holds only {len(files)} images")
+            raise MetricError(f"n {n}: {folder} holds only {len(files)} images", key="n")
         files = files[:n]
     return files
 
@@ -52,20 +52,20 @@ def scan_images(files: Sequence[PathLike], source: str = "") -> ImageSet:
     """Check image headers (cheap: nothing is decoded): readable, one size, >= 2 images."""
     files = [Path(f) for f in files]
     if len(files) < 2:
-        raise UserError(f"{source or 'input'} has {len(files)} image(s); statistics need at least 2")
+        raise MetricError(f"{source or 'input'} has {len(files)} image(s); statistics need at least 2")
     size, first, gray = None, None, True
     for path in files:
         try:
             with Image.open(path) as im:
                 hw, bands, mode = (im.size[1], im.size[0]), len(im.getbands()), im.mode
         except FileNotFoundError:
-            raise UserError(f"image file not found: {path}") from None
+            raise DataError(f"image file not found: {path}") from None
         except _DECODE_ERRORS as exc:
-            raise UserError(f"cannot decode image {path}: {exc}") from None
+            raise DataError(f"cannot decode image {path}: {exc}") from None
         if size is None:
             size, first = hw, path
         elif hw != size:
-            raise UserError(f"images in {source or path.parent} differ in size: {path} is {hw[1]}x{hw[0]} "
+            raise DataError(f"images in {source or path.parent} differ in size: {path} is {hw[1]}x{hw[0]} "
                             f"but {first} is {size[1]}x{size[0]}; make them all one size")
         gray = gray and mode != "P" and bands <= 2
     return ImageSet(files, size, gray, source)
@@ -73,7 +73,7 @@ def scan_images(files: Sequence[PathLike], source: str = "") -> ImageSet:
 
 class FileImages(torch.utils.data.Dataset):
     """uint8 CHW tensors, or the one-line error text of a file that does not decode (a
-    UserError raised in a DataLoader worker would arrive wrapped in a multi-line message)."""
+    DataError raised in a DataLoader worker would arrive wrapped in a multi-line message)."""
 
     def __init__(self, files: Sequence[Path], mode: str):
         self.files, self.mode = list(files), mode
@@ -84,7 +84,7 @@ class FileImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             arr = load_image(self.files[i], self.mode)  # PIL .convert(mode), as pytorch-fid
-        except UserError as exc:
+        except DataError as exc:
             return str(exc)
         return torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # a writable copy
 

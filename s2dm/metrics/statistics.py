@@ -10,7 +10,7 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import MetricError
 from ..util.dist import note
 from ..util.fileio import atomic_write
 from .inception import DIMS
@@ -26,9 +26,9 @@ def feature_kind(features: str, dims: int = 2048) -> str:
     if features == "pixels":
         return "pixels"
     if features != "inception":
-        raise UserError(f"--features must be one of {', '.join(FEATURES)}, not {features!r}")
+        raise MetricError(f"features must be one of {', '.join(FEATURES)}, not {features!r}", key="features")
     if dims not in DIMS:
-        raise UserError(f"--dims must be one of {', '.join(map(str, DIMS))}, not {dims}")
+        raise MetricError(f"dims must be one of {', '.join(map(str, DIMS))}, not {dims}", key="dims")
     return f"inception-{dims}"
 
 
@@ -38,7 +38,7 @@ def parse_kind(kind: str) -> Tuple[str, int]:
         return "pixels", 0
     if kind.startswith("inception-") and kind[len("inception-"):].isdigit():
         return "inception", int(kind[len("inception-"):])
-    raise UserError(f"unknown feature kind {kind!r}")
+    raise MetricError(f"unknown feature kind {kind!r}")
 
 
 def metric_name(kind: str) -> str:
@@ -98,7 +98,7 @@ class Stats:
         atomically (temp file + rename)."""
         path = Path(path)
         if path.suffix != ".npz":
-            raise UserError(f"statistics file must end in .npz: {path}")
+            raise MetricError(f"statistics file must end in .npz: {path}")
         arrays = dict(
             mu=self.mu.astype(np.float64), sigma=self.sigma.astype(np.float64),
             n=np.int64(-1 if self.n is None else self.n), features=np.str_(self.features),
@@ -110,7 +110,7 @@ class Stats:
         try:
             atomic_write(path, lambda f: np.savez(f, **arrays))
         except OSError as exc:
-            raise UserError(f"cannot write {path}: {exc.strerror}") from None
+            raise MetricError(f"cannot write {path}: {exc.strerror}") from None
         return path
 
     @classmethod
@@ -119,21 +119,21 @@ class Stats:
         Inception features of the dimension ``mu`` has)."""
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"statistics file not found: {path}")
+            raise MetricError(f"statistics file not found: {path}")
         try:
             with np.load(path, allow_pickle=False) as f:
                 data = {k: f[k] for k in f.files}
         except Exception as exc:  # zipfile/numpy raise several types for a bad file
-            raise UserError(f"cannot read statistics {path}: not an .npz file ({type(exc).__name__})") from None
+            raise MetricError(f"cannot read statistics {path}: not an .npz file ({type(exc).__name__})") from None
         missing = [k for k in ("mu", "sigma") if k not in data]
         if missing:
-            raise UserError(f"{path} has no {' or '.join(missing)} array; it is not a statistics file "
-                            "(make one with `s2dm fid ref`)")
+            raise MetricError(f"{path} has no {' or '.join(missing)} array; it is not a statistics file "
+                              "(make one with `s2dm fid ref`)")
         mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise UserError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+            raise MetricError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise UserError(f"{path}: mu/sigma contain NaN or infinite values")
+            raise MetricError(f"{path}: mu/sigma contain NaN or infinite values")
         if "features" in data:
             features = str(data["features"])
             parse_kind(features)
@@ -142,11 +142,11 @@ class Stats:
             note(f"{path} records no feature kind; taking it as pytorch-fid Inception "
                   f"{mu.shape[0]}-d statistics")
         else:
-            raise UserError(f"{path}: {mu.shape[0]}-d statistics without a 'features' entry; cannot tell "
-                            "what features they hold")
+            raise MetricError(f"{path}: {mu.shape[0]}-d statistics without a 'features' entry; cannot tell "
+                              "what features they hold")
         n = int(data["n"]) if "n" in data and int(data["n"]) >= 0 else None
         if n is not None and n < 2:
-            raise UserError(f"{path} was computed from {n} image(s); statistics need at least 2")
+            raise MetricError(f"{path} was computed from {n} image(s); statistics need at least 2")
         sha = str(data["weights_sha256"]) if "weights_sha256" in data else ""
         shape = tuple(int(s) for s in data["shape"]) if "shape" in data and data["shape"].size else None
         source = str(data["source"]) if "source" in data else ""
@@ -188,7 +188,7 @@ class RunningMoments:
 
     def finalize(self) -> Tuple[np.ndarray, np.ndarray]:
         if self.n < 2:
-            raise UserError(f"statistics need at least 2 images, got {self.n}")
+            raise MetricError(f"statistics need at least 2 images, got {self.n}")
         m = self.s / self.n
         sigma = (self.ss - self.n * np.outer(m, m)) / (self.n - 1)
         return self.shift + m, (sigma + sigma.T) / 2

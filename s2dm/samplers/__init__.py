@@ -5,9 +5,12 @@ Every update rule is a free function ``f(eps_fn, x, schedule, grid, *, generator
 and validates the grid, translates the legacy PNDM index convention at the edge (a shifted
 schedule view; the update rules never see it), and wraps ``eps_fn`` once to count NFE,
 apply the optional ε-scaling control (docs/method.md §4) and report progress.
+``check_options`` is the one check of the options; ``SampleOptions`` (options.py) declares
+them once for the command lines, configs and every caller.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -17,7 +20,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 
 from ..core.schedule import GRIDS, timestep_grid, validate_grid
-from ..errors import UserError
+from ..errors import S2dmError, SamplerError
 from .ddim import ddim, ddim_coefficients, step_alphas, walked_grid
 from .ddpm import ddpm
 from .deis import ORDERS, check_order, deis, deis_coefficients, deis_rho
@@ -73,41 +76,43 @@ def parse_eps_scale(text: Optional[str]) -> EpsScale:
     for part in body.split(","):
         match = re.fullmatch(r"\s*(skip|tau)\s*[:=]\s*([^\s,]+)\s*", part)
         if not match or match.group(1) in fields:
-            raise UserError(f"eps_scale: cannot parse {text!r}; use e.g. '1.005' or 'skip:9,tau:0.99'")
+            raise SamplerError(f"eps_scale: cannot parse {text!r}; use e.g. '1.005' or 'skip:9,tau:0.99'", key="eps_scale")
         fields[match.group(1)] = match.group(2)
     if "skip" not in fields:
-        raise UserError(f"eps_scale: {text!r} needs a skip, e.g. 'skip:9,tau:0.99'")
+        raise SamplerError(f"eps_scale: {text!r} needs a skip, e.g. 'skip:9,tau:0.99'", key="eps_scale")
     try:
         spec = {"skip": int(fields["skip"])}
         if "tau" in fields:
             spec["tau"] = float(fields["tau"])
     except ValueError:
-        raise UserError(f"eps_scale: bad number in {text!r}") from None
+        raise SamplerError(f"eps_scale: bad number in {text!r}", key="eps_scale") from None
     normalize_eps_scale(spec)
     return spec
 
 
 def normalize_eps_scale(spec: EpsScale, T: Optional[int] = None):
-    """None, ("const", s) or ("skip", skip, tau), validated (UserError); skip < T if T given."""
+    """None, ("const", s) or ("skip", skip, tau), validated (SamplerError); skip < T if T given."""
     if isinstance(spec, str):
         spec = parse_eps_scale(spec)
     if spec is None:
         return None
     if isinstance(spec, bool):
-        raise UserError(f"eps_scale: expected a number, dict or string, got {spec!r}")
+        raise SamplerError(f"eps_scale: expected a number, dict or string, got {spec!r}", key="eps_scale")
     if isinstance(spec, numbers.Real):
         if not (math.isfinite(spec) and spec > 0):
-            raise UserError(f"eps_scale: a constant must be a positive number, got {spec!r}")
+            raise SamplerError(f"eps_scale: a constant must be a positive number, got {spec!r}", key="eps_scale")
         return ("const", float(spec))
     if isinstance(spec, (tuple, list)) and len(spec) == 2:
         spec = {"skip": spec[0], "tau": spec[1]}
     if not isinstance(spec, dict) or "skip" not in spec or set(spec) - {"skip", "tau"}:
-        raise UserError(f"eps_scale: expected None, a number, {{'skip': k, 'tau': t}} or a string, got {spec!r}")
+        raise SamplerError(f"eps_scale: expected None, a number, {{'skip': k, 'tau': t}} or a string, got {spec!r}",
+                           key="eps_scale")
     skip, tau = spec["skip"], spec.get("tau", 0.99)
     if isinstance(skip, bool) or not isinstance(skip, numbers.Integral) or not 1 <= skip < (T or math.inf):
-        raise UserError(f"eps_scale: skip must be an integer in [1, {T - 1 if T else 'T-1'}], got {skip!r}")
+        raise SamplerError(f"eps_scale: skip must be an integer in [1, {T - 1 if T else 'T-1'}], got {skip!r}",
+                           key="eps_scale")
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau <= 1:
-        raise UserError(f"eps_scale: tau must lie in (0, 1], got {tau!r}")
+        raise SamplerError(f"eps_scale: tau must lie in (0, 1], got {tau!r}", key="eps_scale")
     return ("skip", int(skip), float(tau))
 
 
@@ -156,6 +161,20 @@ def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor
 MIN_STEPS = {"pndm": 4, "spndm": 2}  # their warm-up must end before the final step to −1
 
 
+@contextlib.contextmanager
+def _option(name: str):
+    """Name the option in an error raised inside: ``steps: ...`` (kept if already named), and
+    make it the error's ``key``; its class stays."""
+    try:
+        yield
+    except S2dmError as exc:
+        text = str(exc)
+        if text.startswith(f"{name}:"):
+            exc.key = name
+            raise
+        raise exc.retold(f"{name}: {text}", key=name) from None
+
+
 def check_options(
     schedule,
     *,
@@ -167,38 +186,53 @@ def check_options(
     eps_scale: EpsScale = None,
     legacy_pndm_index: bool = False,
 ) -> Dict[str, Any]:
-    """Validate sampling options without running anything (UserError on a bad one).
+    """Validate sampling options without running anything (SamplerError on a bad one, its
+    message starting with the option's name: ``sampler: unknown sampler 'x'; ...``).
 
     Returns the info ``sample`` would report, with ``nfe`` the expected count, so that a CLI
-    can fail (or write metadata) before it opens a progress bar or loads data.
+    can fail (or write metadata) before it opens a progress bar or loads data. The one
+    check of every option: ``SampleOptions.validate`` (samplers/options.py) calls it.
     """
-    if sampler not in REGISTRY:
-        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    with _option("sampler"):
+        if sampler not in REGISTRY:
+            raise SamplerError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     info: Dict[str, Any] = {"sampler": sampler, "grid": grid if isinstance(grid, str) else "explicit"}
-    if sampler == "ddim":
-        info["eta"] = float(eta)
-        if not info["eta"] >= 0:
-            raise UserError(f"eta must be >= 0, got {eta}")
-    elif eta:
-        raise UserError(f"eta applies to sampler 'ddim' only, not {sampler!r}")
-    elif sampler == "ddpm":
-        info["eta"] = 1.0  # the posterior step is DDIM with η = 1
-    if sampler in _DEIS:
-        info["order"] = check_order(order)
+    with _option("eta"):
+        if sampler == "ddim":
+            info["eta"] = float(eta)
+            if not info["eta"] >= 0:
+                raise SamplerError(f"must be >= 0, got {eta}")
+        elif eta:
+            raise SamplerError(f"applies to sampler 'ddim' only, not {sampler!r}")
+        elif sampler == "ddpm":
+            info["eta"] = 1.0  # the posterior step is DDIM with η = 1
+    with _option("order"):
+        checked_order = check_order(order)  # every sampler: a typo fails even where it is unused
+        if sampler in _DEIS:
+            info["order"] = checked_order
     view = LegacyIndexView(schedule) if legacy_pndm_index else schedule
-    walked = timestep_grid(grid, steps, schedule.T)
-    if legacy_pndm_index and int(walked[0]) > view.T - 1:
-        raise UserError(f"legacy_pndm_index pairs t with alpha_bar[t+1]: grid points must be <= {view.T - 1}")
-    walked = walked_grid(walked, view)
+    named = isinstance(grid, str)
+    with _option("grid"):
+        if named and grid not in GRIDS:
+            raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)} or pass a list")
+    with _option("steps" if named else "grid"):  # a named grid fails only on its steps
+        walked = timestep_grid(grid, steps, schedule.T)
+    with _option("legacy_pndm_index"):
+        if legacy_pndm_index and int(walked[0]) > view.T - 1:
+            raise SamplerError(f"pairs t with alpha_bar[t+1]: grid points must be <= {view.T - 1}")
+        walked = walked_grid(walked, view)
     n_steps = len(walked) - 1
-    if n_steps < MIN_STEPS.get(sampler, 1):
-        raise UserError(f"{sampler} needs at least {MIN_STEPS[sampler]} steps (its warm-up would call the "
-                        f"model at t=-1); got {n_steps}")
-    if info.get("eta"):
-        ddim_coefficients(*step_alphas(view, walked), info["eta"])  # σ² ≤ 1 − ᾱ_s on this grid
+    with _option("steps"):
+        if n_steps < MIN_STEPS.get(sampler, 1):
+            raise SamplerError(f"{sampler} needs at least {MIN_STEPS[sampler]} steps (its warm-up would call the "
+                               f"model at t=-1); got {n_steps}")
+    with _option("eta"):
+        if info.get("eta"):
+            ddim_coefficients(*step_alphas(view, walked), info["eta"])  # σ² ≤ 1 − ᾱ_s on this grid
+    with _option("eps_scale"):
+        scale = describe_eps_scale(normalize_eps_scale(eps_scale, schedule.T))
     info.update(steps=n_steps, timesteps=walked.tolist(), nfe=expected_nfe(sampler, n_steps),
-                eps_scale=describe_eps_scale(normalize_eps_scale(eps_scale, schedule.T)),
-                legacy_pndm_index=bool(legacy_pndm_index))
+                eps_scale=scale, legacy_pndm_index=bool(legacy_pndm_index))
     return info
 
 

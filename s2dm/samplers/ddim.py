@@ -15,7 +15,7 @@ from typing import Callable, Sequence, Tuple, Union
 import torch
 
 from ..core.schedule import validate_grid
-from ..errors import UserError
+from ..errors import SamplerError
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GridLike = Union[torch.Tensor, Sequence[int]]
@@ -23,10 +23,10 @@ GridLike = Union[torch.Tensor, Sequence[int]]
 
 # -- shared helpers -----------------------------------------------------------------------
 def walked_grid(grid: GridLike, schedule) -> torch.Tensor:
-    """The walked grid as a CPU LongTensor, validated against ``schedule.T`` (UserError)."""
+    """The walked grid as a CPU LongTensor, validated against ``schedule.T`` (SamplerError)."""
     walked = torch.as_tensor(grid).detach().cpu()
     if walked.is_floating_point() and not bool((walked == walked.round()).all()):
-        raise UserError(f"timestep grid points must be integers, got {walked.tolist()}")
+        raise SamplerError(f"timestep grid points must be integers, got {walked.tolist()}", key="grid")
     walked = walked.long()
     validate_grid(walked, schedule.T)
     return walked
@@ -74,7 +74,7 @@ def transfer_coefficients(abar_t: torch.Tensor, abar_s: torch.Tensor) -> Tuple[t
 def ddim_coefficients(
     abar_t: torch.Tensor, abar_s: torch.Tensor, eta: float
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a, b, σ) per step for DDIM with this η, float64 tensors; UserError where σ² > 1−ᾱ_s."""
+    """(a, b, σ) per step for DDIM with this η, float64 tensors; SamplerError where σ² > 1−ᾱ_s."""
     a, b = transfer_coefficients(abar_t, abar_s)
     if eta == 0:
         return a, b, torch.zeros_like(a)
@@ -85,7 +85,7 @@ def ddim_coefficients(
     direction = 1 - abar_s - sigma**2
     # η ≤ 1 keeps this ≥ 0 up to round-off; a larger η can make it negative (→ NaN).
     if bool((direction < -1e-12).any()):
-        raise UserError(f"eta={eta} is too large for this grid: 1 - alpha_bar_s - sigma^2 < 0")
+        raise SamplerError(f"eta={eta} is too large for this grid: 1 - alpha_bar_s - sigma^2 < 0", key="eta")
     b = direction.clamp(min=0).sqrt() - a * (1 - abar_t).sqrt()
     return a, b, sigma
 
@@ -113,7 +113,7 @@ def ddim(
     """
     eta = float(eta)
     if not eta >= 0:
-        raise UserError(f"eta must be >= 0, got {eta}")
+        raise SamplerError(f"eta must be >= 0, got {eta}", key="eta")
     walked = walked_grid(grid, schedule)
     a, b, sigma = ddim_coefficients(*step_alphas(schedule, walked), eta)
     return gaussian_steps(eps_fn, x, walked, a, b, sigma, generator)

@@ -23,7 +23,7 @@ from typing import List, Tuple
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import SamplerError
 from .ddim import EpsFn, GridLike, time_batch, walked_grid
 
 ORDERS = (0, 1, 2, 3)
@@ -72,7 +72,7 @@ def _unit_quadrature(schedule) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def check_order(order) -> int:
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or int(order) not in ORDERS:
-        raise UserError(f"DEIS order must be one of {ORDERS}, got {order!r}")
+        raise SamplerError(f"DEIS order must be one of {ORDERS}, got {order!r}", key="order")
     return int(order)
 
 
@@ -90,7 +90,7 @@ def deis_coefficients(schedule, times: Tuple[int, ...], order: int, variant: str
     if variant == "t":
         tau_q, w_q = _unit_quadrature(schedule)
     elif variant != "rho":
-        raise ValueError(f"unknown DEIS variant {variant!r}")
+        raise SamplerError(f"unknown DEIS variant {variant!r}; choose t or rho", key="variant")
     gl_x, gl_w = _gauss_legendre(_GL_POLY)
     out: Coefficients = []
     for i in range(len(times) - 1):

@@ -7,7 +7,7 @@ preview grids and ``s2dm study`` all sample through it.
 """
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import torch
 
@@ -26,7 +26,7 @@ def model_eps_fn(model: torch.nn.Module):
     return eps_fn
 
 
-def generate(
+def generate_batches(
     model: torch.nn.Module,
     schedule: NoiseSchedule,
     seeds: Iterable[int],
@@ -36,15 +36,25 @@ def generate(
     device="cpu",
     progress: bool = False,
     **sampler_options,
-) -> Tuple[torch.Tensor, dict]:
-    """Images in [−1, 1] (N, C, H, W) on the CPU for ``seeds``, and the sampler's info."""
+) -> Iterator[Tuple[List[int], torch.Tensor, dict]]:
+    """(the batch's seeds, its images in [−1, 1] (B, C, H, W) on the CPU, the sampler's info)
+    for ``seeds`` in batches of ``batch_size``; a caller that saves or scores each batch
+    holds one batch at a time."""
     seeds = list(seeds)
     eps_fn = model_eps_fn(model)
-    chunks, info = [], {}
     for i in range(0, len(seeds), batch_size):
         batch_seeds = seeds[i:i + batch_size]
         noise = PerSeedNoise(batch_seeds, device=device)
         x_T = noise.randn(image_shape)
         x0, info = run_sampler(eps_fn, x_T, schedule, generator=noise, progress=progress, **sampler_options)
-        chunks.append(x0.clamp(-1, 1).cpu())
+        yield batch_seeds, x0.clamp(-1, 1).cpu(), info
+
+
+def generate(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Iterable[int], **kwargs
+             ) -> Tuple[torch.Tensor, dict]:
+    """All images of ``seeds`` at once (N, C, H, W) and the sampler's info; keyword arguments
+    as ``generate_batches``."""
+    chunks, info = [], {}
+    for _, images, info in generate_batches(model, schedule, seeds, **kwargs):
+        chunks.append(images)
     return torch.cat(chunks), info

@@ -21,7 +21,7 @@ from typing import List
 
 import torch
 
-from ..errors import UserError
+from ..errors import SamplerError
 from .ddim import EpsFn, GridLike, step_alphas, time_batch, transfer_coefficients, walked_grid
 
 RK_STEPS = 3  # F-PNDM's pseudo Runge–Kutta warm-up steps
@@ -75,7 +75,8 @@ def _check_steps(walked: torch.Tensor, need: int, name: str) -> None:
     # timestep (≥ 0), never the terminal −1, so the warm-up must finish before the last step.
     steps = len(walked) - 1
     if steps < need:
-        raise UserError(f"{name} needs at least {need} steps (its warm-up would call the model at t=-1); got {steps}")
+        raise SamplerError(f"{name} needs at least {need} steps (its warm-up would call the model at t=-1); got {steps}",
+                           key="steps")
 
 
 def pndm(

@@ -5,7 +5,7 @@ does not depend on the batch size or on which other seeds are drawn in the same 
 
 Under torchrun the seeds still to do are split into contiguous parts, one per rank
 (``dist.shard``); each rank writes its own PNGs, and rank 0 alone checks the folder's
-settings, writes ``metadata.json`` and the preview grid once every rank is done. Since an
+settings, writes ``metadata.json`` and the preview mosaic once every rank is done. Since an
 image depends only on its seed, W ranks write the same files as one process.
 """
 from __future__ import annotations
@@ -21,134 +21,132 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..core.schedule import NoiseSchedule
-from ..errors import UserError
+from ..errors import CheckpointError, RunError, SamplerError
 from ..io.checkpoint import load_checkpoint
-from ..samplers import check_options, parse_eps_scale
-from ..samplers.generate import generate
+from ..samplers.generate import generate_batches
+from ..samplers.options import SampleOptions
 from ..util import dist
 from ..util.dist import pick_device
-from ..util.images import PREVIEW_DIR, load_image, make_grid_png, save_png
+from ..util.fileio import atomic_write_text, remove_stale_temps
+from ..util.images import PREVIEW_DIR, load_image, save_mosaic, save_png
+from ..util.records import first_difference
 
-DEFAULT_N = 64  # images when neither a number nor seeds are given: one preview grid's worth
-
-
-def folder_name(sampler: str, steps: int, grid: str = "uniform", eta: float = 0.0, order: int = 3,
-                eps_scale: Optional[str] = None, legacy_pndm_index: bool = False, use_ema: bool = True) -> str:
-    """``ddim-20``, plus every setting that differs from its default (``ddim-20-eta0.5-quad``),
-    so that two runs with different settings never share a folder."""
-    parts = [sampler, str(steps)]
-    if grid != "uniform":
-        parts.append(grid)
-    if eta:
-        parts.append(f"eta{eta:g}")
-    if sampler.startswith("deis") and order != 3:
-        parts.append(f"order{order}")
-    if eps_scale:
-        parts.append("eps" + re.sub(r"[^A-Za-z0-9.]+", "_", str(eps_scale)))
-    if legacy_pndm_index:
-        parts.append("legacy")
-    if not use_ema:
-        parts.append("noema")
-    return "-".join(parts)
+DEFAULT_N = 64  # images when neither a number nor seeds are given: one preview mosaic's worth
 
 
 def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
     """``"0-99"`` (inclusive), ``"1,5,9"``, mixtures like ``"0-9,20"``; or ``n`` → 0..n−1."""
     if n is not None and n < 1:
-        raise UserError(f"the number of images must be positive, got {n}")
+        raise SamplerError(f"n must be positive (the number of images), not {n}", key="n")
     if spec is None:
         return list(range(DEFAULT_N if n is None else n))
     out: List[int] = []
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not m:
-            raise UserError(f"--seeds {spec!r}: expected a range like 0-99 or a list like 1,5,9")
+            raise SamplerError(f"seeds {spec!r}: expected a range like 0-99 or a list like 1,5,9", key="seeds")
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
         if b < a:
-            raise UserError(f"--seeds {spec!r}: range {a}-{b} is empty")
+            raise SamplerError(f"seeds {spec!r}: range {a}-{b} is empty", key="seeds")
         out.extend(range(a, b + 1))
     if n is not None:
         out = out[:n]
     if len(set(out)) != len(out):
-        raise UserError(f"--seeds {spec!r} repeats seeds")
+        raise SamplerError(f"seeds {spec!r} repeats seeds", key="seeds")
     return out
 
 
-def _settings(args: dict, ck) -> dict:
+def _settings(options: SampleOptions, use_ema: bool, ck) -> dict:
     """What defines the images; resuming into a folder made with other settings is refused."""
-    return {"checkpoint": str(Path(ck.path).resolve()), "checkpoint_step": ck.step, **args}
+    return {"checkpoint": str(Path(ck.path).resolve()), "checkpoint_step": ck.step, **options.as_dict(),
+            "ema": bool(use_ema)}
 
 
 def sample_to_folder(
     ckpt: str,
     out: str,
+    options: Optional[SampleOptions] = None,
     *,
     seeds: Sequence[int],
-    sampler: str = "ddim",
-    steps: int = 50,
-    grid: str = "uniform",
-    eta: float = 0.0,
-    order: int = 3,
-    eps_scale: Optional[str] = None,
     use_ema: bool = True,
     batch_size: int = 256,
     device: str = "auto",
-    legacy_pndm_index: bool = False,
-    grid_images: int = 64,
+    mosaic_images: int = 64,
 ) -> dict:
     """Write ``{seed:06d}.png`` for every seed (skipping existing files), ``metadata.json``
-    and ``preview/grid.png``; returns the metadata. Under torchrun every rank calls it and
-    gets the metadata; the seeds are split across ranks."""
+    and ``preview/mosaic.png`` with the sampler ``options`` (default ``SampleOptions()``);
+    returns the metadata. Under torchrun every rank calls it and gets the metadata; the seeds
+    are split across ranks."""
+    options = SampleOptions() if options is None else SampleOptions.of(options)
     dev = pick_device(device)
     ck = load_checkpoint(ckpt, device=dev)
     model = ck.ema if use_ema and ck.ema is not None else ck.model
     if use_ema and ck.ema is None:
-        raise UserError(f"{ck.path} holds no EMA weights; pass --no-ema")
+        raise CheckpointError(f"{ck.path} holds no EMA weights; sample the raw ones with use_ema=False", key="use_ema")
     cfg = ck.config
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    options = dict(sampler=sampler, steps=steps, grid=grid, eta=eta, order=order,
-                   eps_scale=parse_eps_scale(eps_scale) if isinstance(eps_scale, str) else eps_scale,
-                   legacy_pndm_index=legacy_pndm_index)
-    info = check_options(schedule, **options)  # fail on a bad option before any work
+    info = options.validate(schedule)  # fail on a bad option before any work
     out = Path(out)
-    settings = _settings({**options, "eps_scale": eps_scale, "ema": bool(use_ema)}, ck)
-    meta_path = out / "metadata.json"
-
-    def prepare() -> List[int]:  # rank 0: the folder, its settings, the seeds still to do
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
-        if meta_path.is_file():
-            before = json.loads(meta_path.read_text()).get("settings", {})
-            for key, value in settings.items():
-                if before.get(key) != value:
-                    raise UserError(f"{out} holds images made with {key}={before.get(key)!r}, not {value!r}; "
-                                    "use another --out")
-        return [s for s in seeds if not (out / f"{s:06d}.png").exists()]
-
-    todo = dist.run0(prepare)
-    mine = dist.shard(todo)  # this rank's part (all of it in a plain process)
+    settings = _settings(options, use_ema, ck)
+    todo = dist.run0(lambda: _prepare(out, seeds, settings))
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info)
+    return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, mosaic_images, shape))
+
+
+def _prepare(out: Path, seeds: Sequence[int], settings: dict) -> List[int]:
+    """The folder, its settings, the seeds still to do (rank 0)."""
+    meta_path = out / "metadata.json"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot create output folder {out}: {exc.strerror}", key="out") from None
+    for folder, names in ((out, "[0-9]*.png"), (out, "metadata.json"), (out / PREVIEW_DIR, "mosaic.png")):
+        remove_stale_temps(folder, names)  # temp files of a killed run; no rank writes yet
+    if meta_path.is_file():
+        before = _read_settings(meta_path)
+        differ = first_difference(before, settings, ignore=set(before) - set(settings))
+        if differ:
+            key, was, now = differ
+            raise RunError(f"{out} holds images made with {key}={was!r}, not {now!r}; choose another output folder",
+                           key="out")
+    return [s for s in seeds if not (out / f"{s:06d}.png").exists()]
+
+
+def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, out: Path, seeds: Sequence[int],
+                       todo: List[int], shape, batch_size: int, device, info: dict) -> dict:
+    """This rank's part of ``todo`` as PNGs; returns the sampler's info of its last batch
+    (``info`` if it had none)."""
+    mine = dist.shard(todo)  # this rank's part (all of it in a plain process)
     world = dist.world_size()
     bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), unit="img", dynamic_ncols=True,
                desc="sample" if world == 1 else f"sample ({world} ranks, rank 0 shown x{world})",
                disable=not dist.is_main())
     with dist.same_outcome():
-        for i in range(0, len(mine), batch_size):
-            batch = mine[i:i + batch_size]
-            images, info = generate(model, schedule, batch, image_shape=shape, batch_size=batch_size,
-                                    device=dev, **options)
+        for batch, images, info in generate_batches(model, schedule, mine, image_shape=shape, batch_size=batch_size,
+                                                    device=device, **options.as_kwargs()):
             for seed, img in zip(batch, images):
                 save_png(img, out / f"{seed:06d}.png")
             bar.update(min(len(batch) * world, bar.total - bar.n))
     bar.close()
-    return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, grid_images, shape))
+    return info
 
 
-def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, grid_images: int,
+def _read_settings(meta_path: Path) -> dict:
+    """The settings a sample folder's metadata.json records; one RunError if it is unreadable."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("settings"), dict):
+            raise ValueError("no settings")
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunError(f"{meta_path} is truncated or corrupt ({exc}); delete it and rerun the same command "
+                       "to rebuild it from the images already there, or choose another output folder") from None
+    return meta["settings"]
+
+
+def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, mosaic_images: int,
             shape) -> dict:
-    """metadata.json and the preview grid, once every image is on disk (rank 0)."""
+    """metadata.json and the preview mosaic, once every image is on disk (rank 0)."""
     meta_path = out / "metadata.json"
     meta = {
         "settings": settings,
@@ -160,11 +158,11 @@ def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, gr
         "eps_scale": info.get("eps_scale"),
         "versions": {"s2dm": __version__, "torch": torch.__version__},
     }
-    meta_path.write_text(json.dumps(meta, indent=2))
-    first = sorted(seeds)[:grid_images]
-    grid_imgs = torch.stack([
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))  # a kill leaves the old file or none
+    first = sorted(seeds)[:mosaic_images]
+    mosaic_imgs = torch.stack([
         torch.from_numpy(np.array(load_image(out / f"{s:06d}.png", mode="L" if shape[0] == 1 else "RGB"))).permute(2, 0, 1)
         for s in first
     ]).float() / 127.5 - 1.0
-    make_grid_png(grid_imgs, out / PREVIEW_DIR / "grid.png")
+    save_mosaic(mosaic_imgs, out / PREVIEW_DIR / "mosaic.png")
     return meta

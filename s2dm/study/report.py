@@ -199,10 +199,9 @@ def reading(c: CellStats, baseline: str, effect: Optional[str], control: Optiona
                      "the paired runs share x_T, so most of that draw noise cancels in the difference.")
     if main == effect and control in c.diffs:
         cd = c.diffs[control]
-        share_text = num(100 * cd.mean / d.mean, ".0f") + " %" if d.mean != 0 else "—"
-        parts.append(f"The ε-scaling control moves the baseline by {_signed(cd.mean)}, "
-                     f"{share_text} of the {effect} difference"
-                     + ("" if _resolved(d) else " (a share of an unresolved difference means little)") + ".")
+        share = (num(100 * cd.mean / d.mean, ".0f") + f" % of the {effect} difference" if _measurable(c, effect)
+                 else f"no share is given: the {effect} difference is within the metric's noise")
+        parts.append(f"The ε-scaling control moves the baseline by {_signed(cd.mean)}; {share}.")
     return " ".join(parts)
 
 
@@ -289,7 +288,7 @@ def _runs_and_cost(study, cost: dict, ema: Dict[str, str]) -> List[str]:
         lines.append(f"- `{r.name}` (training {noun(len(r.seeds), 'seed')} {', '.join(map(str, r.seeds))}): {what}")
     common = ", ".join(f"`{k}={v}`" for k, v in study.overrides.items())
     lines += ["", f"Every run: `{Path(study.train_config).name}`" + (f" with {common}" if common else "")
-              + f". Grids: `grids/<run>.png` (DDIM, {study.grid_steps} steps, image seeds 0–99, first training seed).",
+              + f". Mosaics: `mosaics/<run>.png` (DDIM, {study.mosaic_steps} steps, image seeds 0–99, first training seed).",
               ""]
     if len(set(ema.values())) == 1:
         lines += [f"Every cell samples the EMA weights: {next(iter(ema.values()))}.", ""]
@@ -329,12 +328,27 @@ def overall_reading(cells: Sequence[CellStats], baseline: str, effect: Optional[
                  "the interval over training seeds is the test.")
     cs = [c for c in ds if control in c.diffs] if effect and control else []
     if cs:
-        shares = [100 * c.diffs[control].mean / c.diffs[effect].mean for c in cs if c.diffs[effect].mean != 0]
+        shared = [c for c in cs if _measurable(c, effect)]
+        shares = [100 * c.diffs[control].mean / c.diffs[effect].mean for c in shared]
         text += (f" The change the ε-scaling control makes (the baseline's own weights, ε multiplied by the "
                  f"predicted shrink factor) {_ranges(_rels(cs, control))}")
-        text += (f", {span(num(min(shares), '.0f'), num(max(shares), '.0f'))} % of the {effect} difference in "
-                 "the same cell." if shares else ".")
+        if shares:
+            text += (f", {span(num(min(shares), '.0f'), num(max(shares), '.0f'))} % of the {effect} difference in "
+                     f"the same cell ({plural(len(shared), 'cell')} where that difference is measurable).")
+        else:
+            text += (f"; its share of the {effect} difference is not given: that difference is within the "
+                     "metric's noise in every cell, and a ratio of noise means nothing.")
     return text
+
+
+def _measurable(c: CellStats, run: str) -> bool:
+    """The run's paired difference is told apart from zero: its interval excludes 0, or (one
+    seed, no interval) it exceeds twice the metric's draw-to-draw std."""
+    d = c.diffs[run]
+    if d.ci95 is not None:
+        return _resolved(d)
+    sd = noise_sd(c.noise)
+    return d.mean != 0 and sd is not None and abs(d.mean) > 2 * sd
 
 
 def _rels(cells: Sequence[CellStats], run: str) -> List[float]:

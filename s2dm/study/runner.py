@@ -18,31 +18,79 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-import yaml
 from tqdm.auto import tqdm
 
 from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
-from ..errors import UserError
+from ..errors import S2dmError, StudyError
 from ..io.checkpoint import load_checkpoint, resolve_checkpoint
-from ..io.config import Config, find_config, load_config, shipped_configs
+from ..io.config import Config, build_dataclass, find_config, load_config, read_yaml, shipped_configs
 from ..metrics.fid import FeatureExtractor, Stats, frechet_distance, metric_label, reference_stats
 from ..samplers import SAMPLERS, expected_nfe, parse_eps_scale
-from ..samplers.generate import generate
+from ..samplers.generate import generate, generate_batches
+from ..samplers.options import SampleOptions
 from ..training.loop import train
 from ..util.dist import pick_device
 from ..util.fileio import atomic_write_text
-from ..util.images import make_grid_png, to_uint8
+from ..util.images import save_mosaic, to_uint8
+from ..util.records import read_record, reusable_record
 from . import report
 
-STUDY_KEYS = {"train_config", "set", "runs", "baseline", "effect", "eval", "quick"}
-RUN_KEYS = {"set", "seeds", "weights_of", "eps_scale", "samplers"}
-EVAL_KEYS = {"samplers", "steps", "n", "features", "order", "batch_size", "noise_draw", "noise_seed_offset",
-             "fid", "grid_steps"}
-FID_KEYS = {"n", "steps", "samplers"}
-QUICK_KEYS = {"runs", "seeds", "samplers", "steps", "n", "set"}
+# -- the study YAML, as typed sections (built and checked like a run config) ---------------
+@dataclass
+class RunSpec:
+    seeds: List[int]
+    set: Dict[str, Any] = field(default_factory=dict)  # training-config overrides of this run
+    weights_of: Optional[str] = None  # a control: sample this run's weights ...
+    eps_scale: Optional[str] = None  # ... with this ε-scaling
+    samplers: Optional[List[str]] = None  # a subset of the study's samplers (None: all)
+
+
+@dataclass
+class FidSpec:
+    n: int = 0  # Inception FID on n samples per cell (0: off)
+    steps: List[int] = field(default_factory=lambda: [10])
+    samplers: Optional[List[str]] = None
+
+
+@dataclass
+class EvalSpec:
+    samplers: List[str] = field(default_factory=lambda: ["ddim"])
+    steps: List[int] = field(default_factory=lambda: [10])
+    n: int = 5000
+    features: str = "pixels"
+    order: int = 3
+    batch_size: int = 2500
+    noise_draw: Optional[str] = None
+    noise_seed_offset: int = 1_000_000
+    fid: FidSpec = field(default_factory=FidSpec)
+    mosaic_steps: int = 20
+
+
+@dataclass
+class QuickSpec:
+    runs: Optional[List[str]] = None
+    seeds: Optional[List[int]] = None
+    samplers: Optional[List[str]] = None
+    steps: Optional[List[int]] = None
+    n: Optional[int] = None
+    set: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyFile:
+    train_config: str
+    runs: Dict[str, RunSpec]
+    baseline: str
+    eval: EvalSpec
+    set: Dict[str, Any] = field(default_factory=dict)  # overrides for every run
+    effect: Optional[str] = None
+    quick: Optional[QuickSpec] = None
+
+
+STUDY_KEYS = {f.name for f in dataclasses.fields(StudyFile)}
 TRAINING_SECTIONS = [f.name for f in dataclasses.fields(Config)]
 
 
@@ -79,83 +127,58 @@ class Study:
     fid_n: int = 0
     fid_steps: List[int] = field(default_factory=lambda: [10])
     fid_samplers: Optional[List[str]] = None
-    grid_steps: int = 20
+    mosaic_steps: int = 20
     quick: bool = False
-
-
-def _check_keys(d: dict, allowed: set, where: str) -> None:
-    if not isinstance(d, dict):
-        raise UserError(f"{where}: expected a mapping, got {type(d).__name__}")
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
 def _int_list(value, where: str) -> List[int]:
     if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                            for v in value):
-        raise UserError(f"{where}: expected a non-empty list of integers, got {value!r}")
+        raise StudyError(f"{where}: expected a non-empty list of integers, got {value!r}")
     if len(set(value)) != len(value):
-        raise UserError(f"{where}: repeats an item: {value!r}")
+        raise StudyError(f"{where}: repeats an item: {value!r}")
     return list(value)
 
 
 def load_study(path, quick: bool = False) -> Study:
     """Read and validate a study YAML; ``quick`` applies its ``quick:`` preset."""
     given, path = path, find_config(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
+    raw = read_yaml(path)
     _not_a_training_config(raw, path, given)
-    _check_keys(raw, STUDY_KEYS, str(path))
-    for key in ("train_config", "runs", "baseline", "eval"):
-        if key not in raw:
-            raise UserError(f"{path}: missing key {key!r}")
-    train_config = (path.parent / raw["train_config"]).resolve()
+    try:
+        spec = build_dataclass(StudyFile, raw)
+    except S2dmError as exc:  # a key or value of the study YAML: a StudyError naming the file and key
+        raise StudyError(f"{path}: {exc}") from None
+    train_config = (path.parent / spec.train_config).resolve()
     if not train_config.is_file():
-        raise UserError(f"{path}: train_config {raw['train_config']} not found at {train_config}")
-    runs = {}
-    _check_keys(raw["runs"], set(raw["runs"]) if isinstance(raw["runs"], dict) else set(), f"{path}: runs")
-    for name, spec in raw["runs"].items():
-        where = f"{path}: runs.{name}"
-        _check_keys(spec, RUN_KEYS, where)
-        if "seeds" not in spec:
-            raise UserError(f"{where}: missing key 'seeds'")
-        run = Run(name, _int_list(spec["seeds"], f"{where}.seeds"), dict(spec.get("set") or {}),
-                  spec.get("weights_of"), spec.get("eps_scale"), spec.get("samplers"))
+        raise StudyError(f"{path}: train_config {spec.train_config} not found at {train_config}")
+    runs = {name: Run(name, _int_list(r.seeds, f"{path}: runs.{name}.seeds"), dict(r.set), r.weights_of,
+                      r.eps_scale, r.samplers) for name, r in spec.runs.items()}
+    for run in runs.values():
         if run.eps_scale is not None:
             parse_eps_scale(str(run.eps_scale))
-        runs[name] = run
-    for run in runs.values():
         if run.weights_of is not None:
             src = runs.get(run.weights_of)
             if src is None or not src.trained:
-                raise UserError(f"{path}: runs.{run.name}.weights_of names {run.weights_of!r}, not a trained run")
+                raise StudyError(f"{path}: runs.{run.name}.weights_of names {run.weights_of!r}, not a trained run")
             if not set(run.seeds) <= set(src.seeds):
-                raise UserError(f"{path}: runs.{run.name}.seeds must be seeds of {run.weights_of}")
+                raise StudyError(f"{path}: runs.{run.name}.seeds must be seeds of {run.weights_of}")
             if run.overrides:
-                raise UserError(f"{path}: runs.{run.name} samples {run.weights_of}'s weights; it cannot `set` training keys")
-    effect = raw.get("effect")
-    if effect is not None and (not isinstance(effect, str) or effect not in runs or effect == raw["baseline"]):
-        raise UserError(f"{path}: effect {effect!r} must name a run other than the baseline "
-                        f"(runs: {', '.join(runs)}), or be left out")
-    ev = raw["eval"]
-    _check_keys(ev, EVAL_KEYS, f"{path}: eval")
-    fid = ev.get("fid") or {}
-    _check_keys(fid, FID_KEYS, f"{path}: eval.fid")
+                raise StudyError(f"{path}: runs.{run.name} samples {run.weights_of}'s weights; it cannot `set` training keys")
+    if spec.effect is not None and (spec.effect not in runs or spec.effect == spec.baseline):
+        raise StudyError(f"{path}: effect {spec.effect!r} must name a run other than the baseline "
+                         f"(runs: {', '.join(runs)}), or be left out")
+    ev = spec.eval
     study = Study(
-        path=path, train_config=train_config, overrides=dict(raw.get("set") or {}), runs=runs,
-        baseline=raw["baseline"], effect=effect,
-        samplers=list(ev.get("samplers", ["ddim"])), steps=_int_list(ev.get("steps", [10]), "eval.steps"),
-        n=int(ev.get("n", 5000)), features=ev.get("features", "pixels"), order=int(ev.get("order", 3)),
-        batch_size=int(ev.get("batch_size", 2500)), noise_draw=ev.get("noise_draw"),
-        noise_seed_offset=int(ev.get("noise_seed_offset", 1_000_000)), fid_n=int(fid.get("n", 0)),
-        fid_steps=_int_list(fid.get("steps", [10]), "eval.fid.steps"), fid_samplers=fid.get("samplers"),
-        grid_steps=int(ev.get("grid_steps", 20)),
+        path=path, train_config=train_config, overrides=dict(spec.set), runs=runs,
+        baseline=spec.baseline, effect=spec.effect, samplers=list(ev.samplers),
+        steps=_int_list(ev.steps, "eval.steps"), n=ev.n, features=ev.features, order=ev.order,
+        batch_size=ev.batch_size, noise_draw=ev.noise_draw, noise_seed_offset=ev.noise_seed_offset,
+        fid_n=ev.fid.n, fid_steps=_int_list(ev.fid.steps, "eval.fid.steps"), fid_samplers=ev.fid.samplers,
+        mosaic_steps=ev.mosaic_steps,
     )
     if quick:
-        _apply_quick(study, raw.get("quick"), path)
+        _apply_quick(study, spec.quick, path)
     _validate(study, SAMPLERS)
     return study
 
@@ -171,51 +194,53 @@ def _not_a_training_config(raw, path: Path, given) -> None:
     sections = [k for k in TRAINING_SECTIONS if k in raw]
     if sections:
         studies = [p.name for p in shipped_study_configs()]  # bare names find them from anywhere
-        raise UserError(f"{given} is a training config (it has sections {', '.join(sections)}), not a study; "
-                        f"study configs: {', '.join(studies)} (s2dm study --config {studies[0]})")
+        raise StudyError(f"{given} is a training config (it has sections {', '.join(sections)}), not a study; "
+                         f"study configs: {', '.join(studies)} (by bare name, e.g. {studies[0]})", key="config")
 
 
-def _apply_quick(study: Study, q, path: Path) -> None:
-    if not q:
-        raise UserError(f"{path} has no `quick:` preset")
-    _check_keys(q, QUICK_KEYS, f"{path}: quick")
-    if "runs" in q:
-        missing = [r for r in q["runs"] if r not in study.runs]
+def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
+    if q is None:
+        raise StudyError(f"{path} has no `quick:` preset")
+    if q.runs is not None:
+        missing = [r for r in q.runs if r not in study.runs]
         if missing:
-            raise UserError(f"{path}: quick.runs names unknown run {missing[0]!r}")
-        study.runs = {k: v for k, v in study.runs.items() if k in q["runs"]}
-    if "seeds" in q:
-        seeds = _int_list(q["seeds"], "quick.seeds")
+            raise StudyError(f"{path}: quick.runs names unknown run {missing[0]!r}")
+        study.runs = {k: v for k, v in study.runs.items() if k in q.runs}
+    if q.seeds is not None:
+        seeds = _int_list(q.seeds, "quick.seeds")
         for run in study.runs.values():
             run.seeds = [s for s in run.seeds if s in seeds] or seeds[:1]
-    for key in ("samplers", "steps", "n"):
-        if key in q:
-            setattr(study, key, q[key] if key != "steps" else _int_list(q[key], "quick.steps"))
-    study.overrides.update(q.get("set") or {})
+    if q.samplers is not None:
+        study.samplers = list(q.samplers)
+    if q.steps is not None:
+        study.steps = _int_list(q.steps, "quick.steps")
+    if q.n is not None:
+        study.n = q.n
+    study.overrides.update(q.set)
     study.quick = True
 
 
 def _validate(study: Study, samplers) -> None:
     where = str(study.path)
     if study.baseline not in study.runs or not study.runs[study.baseline].trained:
-        raise UserError(f"{where}: baseline {study.baseline!r} is not a trained run of the study")
+        raise StudyError(f"{where}: baseline {study.baseline!r} is not a trained run of the study")
     if study.effect is not None and study.effect not in study.runs:
         study.effect = None  # e.g. dropped by a quick preset
     if study.noise_draw is not None and study.noise_draw not in study.runs:
-        raise UserError(f"{where}: eval.noise_draw names unknown run {study.noise_draw!r}")
+        raise StudyError(f"{where}: eval.noise_draw names unknown run {study.noise_draw!r}")
     for run in study.runs.values():
         if run.samplers is not None:
             bad = [s for s in run.samplers if s not in samplers]
             if bad:
-                raise UserError(f"{where}: runs.{run.name}.samplers: unknown sampler {bad[0]!r}")
+                raise StudyError(f"{where}: runs.{run.name}.samplers: unknown sampler {bad[0]!r}")
             run.samplers = [s for s in run.samplers if s in study.samplers]  # a quick preset may drop some
     for s in list(study.samplers) + list(study.fid_samplers or []):
         if s not in samplers:
-            raise UserError(f"{where}: unknown sampler {s!r}; choose from {', '.join(samplers)}")
+            raise StudyError(f"{where}: unknown sampler {s!r}; choose from {', '.join(samplers)}")
     if study.n < 2:
-        raise UserError(f"{where}: eval.n must be at least 2, not {study.n}")
+        raise StudyError(f"{where}: eval.n must be at least 2, not {study.n}")
     if study.features != "pixels":
-        raise UserError(f"{where}: eval.features must be pixels (Inception FID goes under eval.fid)")
+        raise StudyError(f"{where}: eval.features must be pixels (Inception FID goes under eval.fid)")
 
 
 # ---------------------------------------------------------------- models and cells
@@ -241,7 +266,7 @@ def train_all(study: Study, out: Path, train_missing: bool = True) -> Dict[str, 
             folder = out / "runs" / name
             cost = folder / "study_done.json"
             cfg = run_config(study, run, seed)
-            done = json.loads(cost.read_text()) if cost.is_file() else {}
+            done = read_record(cost) or {}  # a study_done.json cut short by a kill: train (resume) again
             if done.get("config") == cfg.to_dict() and (folder / "checkpoints").is_dir():
                 seconds[name] = done["seconds"]  # trained with this very config: not touched again
                 continue
@@ -326,16 +351,13 @@ def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, r
     """Sample the cell's image seeds in memory, quantise as a PNG would be, score against ref."""
     t0 = time.time()
     seeds = list(image_seeds(study, cell))
-    eps_scale = parse_eps_scale(run.eps_scale) if run.eps_scale else None
+    options = SampleOptions(sampler=cell.sampler, steps=cell.steps, order=study.order,
+                            eps_scale=run.eps_scale or None)
 
-    def batches():
-        for i in range(0, len(seeds), study.batch_size):
-            images, _ = generate(model, schedule, seeds[i:i + study.batch_size], image_shape=shape,
-                                 batch_size=study.batch_size, device=device, sampler=cell.sampler,
-                                 steps=cell.steps, order=study.order, eps_scale=eps_scale)
-            yield to_uint8(images)
-
-    stats = extractor.stats_of_uint8(batches(), len(seeds), f"{run.name} {cell.key}")
+    batches = generate_batches(model, schedule, seeds, image_shape=shape, batch_size=study.batch_size,
+                               device=device, **options.as_kwargs())
+    stats = extractor.stats_of_uint8((to_uint8(images) for _, images, _ in batches), len(seeds),
+                                     f"{run.name} {cell.key}")
     return {"value": frechet_distance(stats, ref), "metric": metric_label(ref.metric, cell.n),
             "nfe": expected_nfe(cell.sampler, cell.steps), "seconds": time.time() - t0}
 
@@ -365,11 +387,10 @@ def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = T
             loaded[key] = load_checkpoint(ckpt, device=device)  # every model once (a study's are small)
         ck = loaded[key]
         settings = _cell_settings(study, cell, ckpt, ck.step, run, refs[cell.metric])
-        if path.is_file():
-            rec = json.loads(path.read_text())
-            if rec.get("settings") == settings:
-                records.append(rec)
-                continue
+        rec = reusable_record(path, "settings", settings)
+        if rec is not None:
+            records.append(rec)
+            continue
         bar.set_postfix_str(f"{cell.run} s{cell.seed} {cell.key}")
         cfg = ck.config
         shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -382,10 +403,10 @@ def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = T
     return records
 
 
-def write_grids(study: Study, out: Path) -> None:
-    """A 10×10 grid per run (its first seed's model, DDIM at ``grid_steps``, image seeds 0..99)."""
+def write_mosaics(study: Study, out: Path) -> None:
+    """A 10×10 mosaic per run (its first seed's model, DDIM at ``mosaic_steps``, image seeds 0..99)."""
     for run in study.runs.values():
-        path = out / "grids" / f"{run.name}.png"
+        path = out / "mosaics" / f"{run.name}.png"
         source = out / "runs" / model_name(run.weights_of or run.name, run.seeds[0])
         if path.is_file() or not (source / "study_done.json").is_file():
             continue
@@ -394,9 +415,10 @@ def write_grids(study: Study, out: Path) -> None:
         cfg = ck.config
         images, _ = generate(ck.ema, NoiseSchedule.from_config(cfg.diffusion), range(100),
                              image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                             batch_size=100, device=device, sampler="ddim", steps=study.grid_steps,
-                             eps_scale=parse_eps_scale(run.eps_scale) if run.eps_scale else None)
-        make_grid_png(images, path)
+                             batch_size=100, device=device,
+                             **SampleOptions(sampler="ddim", steps=study.mosaic_steps,
+                                            eps_scale=run.eps_scale or None).as_kwargs())
+        save_mosaic(images, path)
 
 
 def run_study(config, out=None, quick: bool = False, progress: bool = True, report_only: bool = False) -> Path:
@@ -408,7 +430,7 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     t0 = time.time()
     train_seconds = train_all(study, out, train_missing=not report_only)
     records = evaluate_all(study, out, progress=progress, score=not report_only)
-    write_grids(study, out)
+    write_mosaics(study, out)
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
     report.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png")

@@ -28,7 +28,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, TextIO
 
 import numpy as np
 import torch
@@ -40,14 +40,16 @@ from ..core.ema import ema_decay_at, make_ema, update_ema
 from ..core.losses import l0_loss, skip_step_loss
 from ..core.schedule import NoiseSchedule
 from ..core.unet import build_model, count_parameters
-from ..errors import Interrupted, UserError
+from ..errors import CheckpointError, Interrupted, RunError
 from ..io.checkpoint import init_weights_from, load_state_strict, read_checkpoint, save_run_checkpoint
-from ..io.config import LEGACY_VALUES, Config
+from ..io.config import Config, saved_as_current
 from ..io.data import load_dataset
 from ..samplers.generate import generate
+from ..samplers.options import SampleOptions
 from ..util import dist
 from ..util.dist import pick_device
-from ..util.images import make_grid_png
+from ..util.images import save_mosaic
+from ..util.records import first_difference
 from .draws import PlannedBatches, StepDraws, draw_step
 from .precision import autocast, check_supported, make_scaler, to_channels_last
 from .runlog import Window, truncate_log
@@ -83,13 +85,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def check_resumable(cfg: Config, saved: dict) -> None:
-    now, before = _flatten(cfg.to_dict()), {**LEGACY_VALUES, **_flatten(saved)}
-    for key in sorted(set(now) | set(before)):
-        if key not in RESUMABLE_CHANGES and now.get(key) != before.get(key):
-            raise UserError(
-                f"{key}: the run folder was trained with {before.get(key)!r}, the command asks for "
-                f"{now.get(key)!r}; use a new --out, or --resume never --force to start over"
-            )
+    differ = first_difference(_flatten(saved_as_current(saved)), _flatten(cfg.to_dict()), ignore=RESUMABLE_CHANGES)
+    if differ:
+        key, was, now = differ
+        raise RunError(f"{key}: the run folder was trained with {was!r}, the config asks for {now!r}; "
+                       "start a new run folder, or start over with resume='never', force=True", key=key)
 
 
 @dataclass
@@ -162,7 +162,7 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
     for path in candidates:
         try:
             saved = read_checkpoint(path, map_location=device)
-        except UserError as exc:
+        except CheckpointError as exc:
             if dist.is_main():
                 print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
             continue
@@ -177,14 +177,15 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
         if path != candidates[0] and dist.is_main():
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
-    raise UserError(f"no readable checkpoint in {ckpt_dir}; use --resume never --force to start over")
+    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}; start over with resume='never', force=True")
 
 
 def check_folder(out: Path, resume: str, force: bool) -> bool:
     """Check the run folder, creating nothing; returns whether there is a checkpoint to resume."""
     has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt"))
     if resume == "never" and has_ckpt and not force:
-        raise UserError(f"{out} already holds checkpoints; pass --force to start over, or --resume auto")
+        raise RunError(f"{out} already holds checkpoints; start over with force=True, or resume it with "
+                       "resume='auto'", key="force")
     return has_ckpt and resume == "auto"
 
 
@@ -199,7 +200,7 @@ def prepare_folder(out: Path, resume: str) -> None:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+        raise RunError(f"cannot write to output folder {out}: {exc.strerror or exc}", key="out") from None
 
 
 class StopRequest:
@@ -315,17 +316,59 @@ def save(state: RunState, cfg: Config, ckpt_dir: Path) -> Path:
     try:
         return save_run_checkpoint(ckpt_dir, state.to_checkpoint(cfg), cfg.train.keep_last)
     except OSError as exc:
-        raise UserError(f"could not save the checkpoint of step {state.step} in {ckpt_dir}: "
-                        f"{exc.strerror or exc}; earlier checkpoints are intact") from None
+        raise RunError(f"could not save the checkpoint of step {state.step} in {ckpt_dir}: "
+                       f"{exc.strerror or exc}; earlier checkpoints are intact") from None
+
+
+@dataclass
+class _Run:
+    """What one ``train`` call works with between its steps: the run's pieces, its counters
+    and (rank 0) the open log file."""
+
+    cfg: Config
+    out: Path
+    device: torch.device
+    dataset: torch.utils.data.Dataset
+    schedule: NoiseSchedule
+    state: RunState
+    last_ckpt: Optional[Path]
+    init: Optional[dict]
+    window: Optional[Window] = None
+    log: Optional[TextIO] = None
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    overflow_total: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def write(self, record: dict) -> None:
+        """One line of the JSONL log (rank 0)."""
+        if dist.is_main():
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
 
 
 def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, init_from=None) -> Path:
     """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path.
     Under torchrun every rank calls it; rank 0 alone writes into ``out``."""
-    out = Path(out)
-    ckpt_dir, grid_dir, log_path = out / "checkpoints", out / "samples", out / "log.jsonl"
-    main_rank, world = dist.is_main(), dist.world_size()
-    per_rank = dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
+    run = _set_up(cfg, Path(out), resume, force, init_from)
+    state = run.state
+    if state.step >= cfg.train.steps:
+        dist.print0(f"{run.out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
+        return run.last_ckpt
+    if dist.world_size() > 1:
+        dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
+                    f"= {dist.world_size()} ranks x {dist.per_rank_batch(cfg.train.batch_size)} per rank")
+    state.net = wrap_for_training(cfg, state.model, run.device)
+    return _loop(run)
+
+
+def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run:
+    """Everything before step 1: folder state, device, data, weights, the run folder."""
+    log_path = out / "log.jsonl"
+    dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
     # Everything that can fail before step 1 (folder state, device, data, checkpoints, weights
     # to start from) is checked before the run folder is created: no empty run folders.
     resuming = dist.run0(lambda: check_folder(out, resume, force))
@@ -333,122 +376,139 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
     dataset = load_dataset(cfg.data)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     state = new_state(cfg, device)
-    last_ckpt = restore(state, cfg, ckpt_dir, device) if resuming else None
+    last_ckpt = restore(state, cfg, out / "checkpoints", device) if resuming else None
     init = init_weights_from(init_from, state.model, state.ema, cfg, resumed=bool(last_ckpt))  # new runs only
     dist.run0(lambda: prepare_folder(out, resume))
-    if main_rank:
+    if dist.is_main():
         if last_ckpt:
             truncate_log(log_path, state.step)
             print(f"resuming {out} from step {state.step}")
         else:
             log_path.unlink(missing_ok=True)
         cfg.dump(out / "config.yaml")
-    if state.step >= cfg.train.steps:
-        dist.print0(f"{out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
-        return last_ckpt
-    if world > 1:
-        dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
-                    f"= {world} ranks x {per_rank} per rank")
-    state.net = wrap_for_training(cfg, state.model, device)
+    return _Run(cfg, out, device, dataset, schedule, state, last_ckpt, init)
 
-    rows = rank_rows(cfg) if world > 1 else None
-    loader = torch.utils.data.DataLoader(
+
+def _loader(run: _Run) -> torch.utils.data.DataLoader:
+    """The batches of the steps still to do (this rank's rows of each under torchrun)."""
+    cfg, dataset = run.cfg, run.dataset
+    rows = rank_rows(cfg) if dist.world_size() > 1 else None
+    return torch.utils.data.DataLoader(
         dataset, batch_sampler=PlannedBatches(len(dataset), cfg.train.batch_size, cfg.train.seed,
-                                              state.step, cfg.train.steps, rows=rows),
-        num_workers=dist.loader_workers(cfg.data.num_workers), pin_memory=device.type == "cuda",
+                                              run.state.step, cfg.train.steps, rows=rows),
+        num_workers=dist.loader_workers(cfg.data.num_workers), pin_memory=run.device.type == "cuda",
     )
-    window = Window(cfg.diffusion.num_timesteps)
+
+
+def _loop(run: _Run) -> Path:
+    """The steps from ``run.state.step`` to ``train.steps``; returns the newest checkpoint."""
+    cfg, state, main_rank = run.cfg, run.state, dist.is_main()
+    loader = _loader(run)
+    run.window = Window(cfg.diffusion.num_timesteps)
     if state.log_window and main_rank:
-        window.load_state_dict(state.log_window)
-    nonfinite_in_row = nonfinite_total = overflow_total = 0
-    bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {out.name}", unit="step",
+        run.window.load_state_dict(state.log_window)
+    bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {run.out.name}", unit="step",
                dynamic_ncols=True, disable=not main_rank)
-    log_file = open(log_path, "a") if main_rank else contextlib.nullcontext()
+    log_file = open(run.out / "log.jsonl", "a") if main_rank else contextlib.nullcontext()
     # The bar closes before any error line is printed, so that line stays the last one.
     with bar, log_file as log, StopRequest() as stop:
-        def write(record: dict) -> None:
-            if main_rank:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-
+        run.log = log
         if state.step == 0:
-            write({"step": 0, "event": "start", "parameters": count_parameters(state.model),
-                   "dataset_size": len(dataset), "device": str(device), "batch_size": cfg.train.batch_size,
-                   "world_size": world, "batch_per_rank": per_rank, "backend": dist.backend(),
-                   "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
-                   "compile": cfg.train.compile, "init_from": init})
+            run.write(_start_record(run))
         for x0 in loader:
-            res = train_step(cfg, state, x0, schedule, device, stop_requested=stop.signal is not None)
-            if res.overflow:  # fp16: the GradScaler skipped the step and lowered its scale
-                overflow_total += 1
-                state.step += 1
-                bar.update(1)
-            elif not res.finite:
-                nonfinite_in_row += 1
-                nonfinite_total += 1
-                write({"step": state.step + 1, "event": "nonfinite_skipped", "loss": res.loss,
-                       "grad_norm": res.grad_norm})
-                if nonfinite_in_row >= cfg.train.max_nonfinite:
-                    err = UserError(
-                        f"loss was non-finite for {nonfinite_in_row} steps in a row (step {state.step + 1}); "
-                        f"stopped without saving. Last checkpoint: {last_ckpt or 'none'}"
-                    )
-                    err.all_ranks = True  # every rank agreed on every skip and raises this
-                    raise err
-                state.step += 1  # the step is spent: its batch and draws are not reused
-                bar.update(1)
-            else:
-                nonfinite_in_row = 0
-                state.step += 1
-                window.add(res.t, res.terms, res.grad_norm)
-                bar.update(1)
-            done = state.step
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                if world > 1:  # the window's means over the global batch
-                    window.all_reduce(dist.all_reduce_sum)
-                rec = {"step": done, **window.summary(cfg.train.batch_size),
-                       "lr": state.opt.param_groups[0]["lr"], "nonfinite_skipped": nonfinite_total}
-                if state.scaler is not None:
-                    rec.update(loss_scale=state.scaler.get_scale(), fp16_overflow_skipped=overflow_total)
-                write(rec)
-                if "loss" in rec:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
-                window.reset()
-            # Ranks stop at the step they agreed on in train_step's all-reduce; one process
-            # also honours a signal that arrived during this step's bookkeeping.
-            due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
-            stopping = res.stop or (world == 1 and stop.signal is not None)
-            if due or stopping:  # every rank agrees on both
-                if world > 1:  # rank 0 keeps the global partial sums, the others start afresh
-                    window.all_reduce(dist.all_reduce_sum)
-                    if not main_rank:
-                        window.clear()
-                state.log_window = window.state_dict()
-            with dist.same_outcome():  # a failed save on rank 0 stops every rank
-                if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
-                    write_grid(state.ema, cfg, schedule, grid_dir / f"grid_{done:08d}.png", device)
-                if main_rank and (due or stopping):
-                    last_ckpt = save(state, cfg, ckpt_dir)
-            if world == 1 and due and stop.signal is not None:
-                stopping = True  # it arrived while this step's checkpoint was written: stop here
-            if stopping:
-                signum = int(stop.signal or signal.SIGTERM)
-                write({"step": done, "event": "stopped", "signal": signum})
-                last_ckpt = dist.broadcast_object(last_ckpt)
-                exc = Interrupted(f"stopped by signal {signum} at step {done}; saved {last_ckpt}", 128 + signum)
-                exc.all_ranks = True
-                raise exc
-    return dist.broadcast_object(last_ckpt)
+            res = train_step(cfg, state, x0, run.schedule, run.device, stop_requested=stop.signal is not None)
+            _count_step(run, res)
+            bar.update(1)
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                _log_window(run, bar)
+            _save_and_preview(run, res, stop)
+    return dist.broadcast_object(run.last_ckpt)
 
 
-def write_grid(ema, cfg: Config, schedule: NoiseSchedule, path: Path, device) -> None:
-    """A PNG grid from the EMA model with the config's sampler and fixed seeds."""
-    n = cfg.sample.grid_images
+def _start_record(run: _Run) -> dict:
+    cfg = run.cfg
+    return {"step": 0, "event": "start", "parameters": count_parameters(run.state.model),
+            "dataset_size": len(run.dataset), "device": str(run.device), "batch_size": cfg.train.batch_size,
+            "world_size": dist.world_size(), "batch_per_rank": dist.per_rank_batch(cfg.train.batch_size),
+            "backend": dist.backend(), "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
+            "compile": cfg.train.compile, "init_from": run.init}
+
+
+def _count_step(run: _Run, res: StepResult) -> None:
+    """The step's bookkeeping: counters, the log window, a stop after too many non-finite
+    losses in a row. Every step is spent, taken or skipped: its batch and draws are not reused."""
+    if res.overflow:  # fp16: the GradScaler skipped the step and lowered its scale
+        run.overflow_total += 1
+    elif not res.finite:
+        run.nonfinite_in_row += 1
+        run.nonfinite_total += 1
+        run.write({"step": run.state.step + 1, "event": "nonfinite_skipped", "loss": res.loss,
+                   "grad_norm": res.grad_norm})
+        if run.nonfinite_in_row >= run.cfg.train.max_nonfinite:
+            raise RunError(  # every rank agreed on every skip and raises this
+                f"loss was non-finite for {run.nonfinite_in_row} steps in a row (step {run.state.step + 1}); "
+                f"stopped without saving. Last checkpoint: {run.last_ckpt or 'none'}", all_ranks=True
+            )
+    else:
+        run.nonfinite_in_row = 0
+        run.window.add(res.t, res.terms, res.grad_norm)
+    run.state.step += 1
+
+
+def _log_window(run: _Run, bar) -> None:
+    """One log line: the window's means since the last one (over the global batch)."""
+    cfg, state, window = run.cfg, run.state, run.window
+    if dist.world_size() > 1:  # the window's means over the global batch
+        window.all_reduce(dist.all_reduce_sum)
+    rec = {"step": state.step, **window.summary(cfg.train.batch_size),
+           "lr": state.opt.param_groups[0]["lr"], "nonfinite_skipped": run.nonfinite_total}
+    if state.scaler is not None:
+        rec.update(loss_scale=state.scaler.get_scale(), fp16_overflow_skipped=run.overflow_total)
+    run.write(rec)
+    if "loss" in rec:
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
+    window.reset()
+
+
+def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest) -> None:
+    """The step's checkpoint (when due or stopping), THEN its preview mosaic: a preview that
+    fails, whatever the exception, cannot cost the checkpoint; the run stops with its error."""
+    cfg, state, window = run.cfg, run.state, run.window
+    done, world, main_rank = state.step, dist.world_size(), dist.is_main()
+    # Ranks stop at the step they agreed on in train_step's all-reduce; one process
+    # also honours a signal that arrived during this step's bookkeeping.
+    due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+    stopping = res.stop or (world == 1 and stop.signal is not None)
+    if due or stopping:  # every rank agrees on both
+        if world > 1:  # rank 0 keeps the global partial sums, the others start afresh
+            window.all_reduce(dist.all_reduce_sum)
+            if not main_rank:
+                window.clear()
+        state.log_window = window.state_dict()
+    with dist.same_outcome():  # a failed save (or mosaic) on rank 0 stops every rank
+        if main_rank and (due or stopping):
+            run.last_ckpt = save(state, cfg, run.ckpt_dir)
+        if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
+            write_mosaic(state.ema, cfg, run.schedule, run.out / "samples" / f"mosaic_{done:08d}.png", run.device)
+    if world == 1 and due and stop.signal is not None:
+        stopping = True  # it arrived while this step's checkpoint or mosaic was written: stop here
+    if stopping:
+        signum = int(stop.signal or signal.SIGTERM)
+        run.write({"step": done, "event": "stopped", "signal": signum})
+        run.last_ckpt = dist.broadcast_object(run.last_ckpt)
+        exc = Interrupted(f"stopped by signal {signum} at step {done}; saved {run.last_ckpt}", 128 + signum)
+        exc.all_ranks = True
+        raise exc
+
+
+def write_mosaic(ema, cfg: Config, schedule: NoiseSchedule, path: Path, device) -> None:
+    """A PNG mosaic from the EMA model with the config's sampler options and fixed seeds."""
+    n = cfg.sample.mosaic_images
     images, _ = generate(ema, schedule, range(cfg.sample.seed, cfg.sample.seed + n),
                          image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                         sampler=cfg.sample.sampler, steps=cfg.sample.steps, grid=cfg.sample.grid,
-                         eta=cfg.sample.eta, batch_size=cfg.sample.batch_size, device=device)
-    make_grid_png(images, path)
+                         batch_size=cfg.sample.batch_size, device=device,
+                         **SampleOptions.of(cfg.sample).as_kwargs())
+    save_mosaic(images, path)
 
 
 def versions() -> dict:

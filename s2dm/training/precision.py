@@ -17,21 +17,22 @@ import contextlib
 
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError
+from ..io.config import PRECISIONS
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def check_supported(precision: str, device: torch.device) -> None:
     """A clear error where the device cannot run the precision."""
     if precision not in DTYPES:
-        raise UserError(f"train.precision: {precision!r} is not one of {', '.join(DTYPES)}")
+        raise ConfigError(f"train.precision: {precision!r} is not one of {', '.join(DTYPES)}", key="train.precision")
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"train.precision: bf16 needs a GPU with bfloat16 support (Ampere or newer); "
-                        f"{torch.cuda.get_device_name(device)} has none: use fp16 or fp32")
+        raise ConfigError(f"train.precision: bf16 needs a GPU with bfloat16 support (Ampere or newer); "
+                          f"{torch.cuda.get_device_name(device)} has none: use fp16 or fp32", key="train.precision")
     if device.type not in ("cuda", "cpu") and precision != "fp32":
-        raise UserError(f"train.precision: {precision} autocast is supported on cuda and cpu, not "
-                        f"{device.type}; use fp32")
+        raise ConfigError(f"train.precision: {precision} autocast is supported on cuda and cpu, not "
+                          f"{device.type}; use fp32", key="train.precision")
 
 
 def autocast(precision: str, device: torch.device):

@@ -12,8 +12,8 @@ rank then uses ``cuda:LOCAL_RANK`` for ``--device auto`` / ``cuda``.
 
 Errors: a rank that raises while the others wait in a collective would hang them, so code
 that may fail on one rank only runs inside ``same_outcome()``, which gathers every rank's
-``UserError`` and raises the first one on all ranks (marked ``all_ranks``, so the CLI prints it
-once, on rank 0).
+``S2dmError`` and raises the first one, of its class, on all ranks (``all_ranks=True``, so the
+CLI prints it once, on rank 0).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import ConfigError, RunError, S2dmError
 
 
 # ---------------------------------------------------------------- the process group
@@ -36,7 +36,7 @@ def env_world_size() -> int:
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
-        raise UserError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+        raise RunError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
 def is_initialized() -> bool:
@@ -65,14 +65,14 @@ def init(timeout_minutes: float = 30.0) -> bool:
 
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise UserError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start several ranks with "
-                        "torchrun --nproc_per_node N -m s2dm ...")
+        raise RunError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start several ranks with "
+                       "torchrun (nproc_per_node N, then -m s2dm ...)")
     if not dist.is_available():
-        raise UserError("this PyTorch build has no torch.distributed; run one process (no torchrun)")
+        raise RunError("this PyTorch build has no torch.distributed; run one process (no torchrun)")
     if torch.cuda.is_available():
         local = int(os.environ["LOCAL_RANK"])
         if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise RunError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) are visible")
         torch.cuda.set_device(local)
     dist.init_process_group(backend=backend_for_machine(),
                             timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -100,14 +100,16 @@ def session():
         cleanup()
 
 
-def error_text(exc: BaseException) -> Optional[str]:
-    """How a rank reports an error: rank 0 reports every error; other ranks stay quiet about
-    errors every rank raised (``all_ranks``) and prefix their own with their rank."""
+def error_text(exc: BaseException, message: Optional[str] = None) -> Optional[str]:
+    """How a rank reports an error (its ``message``, default ``str(exc)``): rank 0 reports every
+    error; other ranks stay quiet about errors every rank raised (``all_ranks``) and prefix
+    their own with their rank."""
+    message = str(exc) if message is None else message
     if env_rank() == 0:
-        return str(exc)
+        return message
     if getattr(exc, "all_ranks", False):
         return None
-    return f"[rank {env_rank()}] {exc}"
+    return f"[rank {env_rank()}] {message}"
 
 
 def cleanup() -> None:
@@ -177,22 +179,22 @@ def note(msg: str, once: bool = False) -> None:
 # ---------------------------------------------------------------- devices
 
 def pick_device(name: str | None) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; an unavailable or unknown device is a UserError.
+    """``auto`` → CUDA when available, else CPU; an unavailable or unknown device is a RunError.
     Under torchrun ``auto`` and ``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``."""
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if str(name).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name}: CUDA is not available on this machine")
+        raise RunError(f"device {name}: CUDA is not available on this machine", key="device")
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device {name!r} is not a device (try cpu, cuda, cuda:1)") from None
+        raise RunError(f"device {name!r} is not a device (try cpu, cuda, cuda:1)", key="device") from None
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise RunError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)", key="device")
     if dev.type == "cuda" and world_size() > 1:
         if dev.index is not None and dev.index != local_rank():
-            raise UserError(f"device {name}: under torchrun each rank uses its own GPU (cuda:LOCAL_RANK); "
-                            "pass --device cuda (or auto)")
+            raise RunError(f"device {name}: under torchrun each rank uses its own GPU (cuda:LOCAL_RANK); "
+                           "use device cuda (or auto)", key="device")
         dev = torch.device("cuda", local_rank())
     return dev
 
@@ -262,27 +264,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 @contextlib.contextmanager
 def same_outcome():
-    """Run a block that may raise ``UserError`` on some ranks only; afterwards every rank
-    raises the first rank's error (or none). A plain process just runs the block."""
+    """Run a block that may raise ``S2dmError`` on some ranks only; afterwards every rank
+    raises the first rank's error (or none), of the same class and key, with ``all_ranks``.
+    A plain process just runs the block."""
     if world_size() == 1:
         yield
         return
-    message = None
+    raised = None
     try:
         yield
-    except UserError as exc:
-        message = str(exc)
-    messages = all_gather_object(message)
-    first = next((m for m in messages if m is not None), None)
+    except S2dmError as exc:
+        raised = (type(exc), str(exc), exc.key)
+    first = next((r for r in all_gather_object(raised) if r is not None), None)
     if first is not None:
-        err = UserError(first)
-        err.all_ranks = True
-        raise err
+        cls, message, key = first
+        raise cls(message, key=key, all_ranks=True)
 
 
 def run0(fn: Callable[[], Any]) -> Any:
     """``fn()`` on rank 0 only (file-system changes, reads that must agree); its result, or
-    its UserError, reaches every rank."""
+    its S2dmError, reaches every rank."""
     result = None
     with same_outcome():
         if is_main():
@@ -311,8 +312,6 @@ def per_rank_batch(global_batch: int, key: str = "train.batch_size") -> int:
     per-rank mean losses is the mean over the global batch)."""
     w = world_size()
     if global_batch % w:
-        err = UserError(f"{key}: {global_batch} is not divisible by the {w} ranks torchrun started; "
-                        f"the global batch is split evenly (choose a multiple of {w})")
-        err.all_ranks = True
-        raise err
+        raise ConfigError(f"{key}: {global_batch} is not divisible by the {w} ranks torchrun started; "
+                          f"the global batch is split evenly (choose a multiple of {w})", key=key, all_ranks=True)
     return global_batch // w

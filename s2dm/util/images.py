@@ -1,4 +1,4 @@
-"""Image files in and out: list/load image folders, write single PNGs and PNG grids.
+"""Image files in and out: list/load image folders, write single PNGs and PNG mosaics.
 
 Conventions: arrays on disk-side are uint8 HWC (C = 1 or 3); tensors model-side are float
 CHW in [-1, 1]. The uint8 <-> [-1, 1] maps are ``to_uint8`` and ``from_uint8``.
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import ConfigError, DataError
 from .fileio import atomic_write
 
-# ``s2dm sample`` puts its preview grid in a subfolder: tools that read only the top level
+# ``s2dm sample`` puts its preview mosaic in a subfolder: tools that read only the top level
 # (python -m pytorch_fid) then see nothing but the per-seed samples; ``s2dm fid`` skips it.
 PREVIEW_DIR = "preview"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -35,7 +35,7 @@ def list_images(folder: PathLike) -> list[Path]:
     """Sorted image files under ``folder`` (recursive; hidden files and folders skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"image folder not found: {folder}")
+        raise DataError(f"image folder not found: {folder}")
     found = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder).parts
@@ -45,7 +45,7 @@ def list_images(folder: PathLike) -> list[Path]:
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             found.append(path)
     if not found:
-        raise UserError(
+        raise DataError(
             f"no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) found in {folder} "
             "(searched recursively)"
         )
@@ -60,9 +60,9 @@ def open_image(path: PathLike) -> Image.Image:
             # load() on a lazily opened file keeps the handle; copy detaches from it.
             return im.copy()
     except FileNotFoundError:
-        raise UserError(f"image file not found: {path}") from None
+        raise DataError(f"image file not found: {path}") from None
     except _DECODE_ERRORS as e:
-        raise UserError(f"cannot decode image {path}: {e}") from None
+        raise DataError(f"cannot decode image {path}: {e}") from None
 
 
 def load_image(path: PathLike, mode: str = "RGB") -> np.ndarray:
@@ -100,7 +100,7 @@ def load_folder(
     if channels is None:
         channels = 1 if _is_gray(open_image(paths[0])) else 3
     if channels not in (1, 3):
-        raise UserError(f"channels must be 1 or 3 for an image folder, not {channels}")
+        raise ConfigError(f"channels must be 1 or 3 for an image folder, not {channels}", key="channels")
     mode = "L" if channels == 1 else "RGB"
     expected = None
     if size is not None:
@@ -114,18 +114,18 @@ def load_folder(
         if first_hw is None:
             first_hw, first_path = hw, path
             if expected is not None and hw != expected:
-                raise UserError(
+                raise DataError(
                     f"{path} is {_size_text(hw)} but {_size_text(expected)} was expected"
                 )
             if resize_to is not None and hw[0] != hw[1]:
-                raise UserError(
+                raise DataError(
                     f"{path} is {_size_text(hw)}, not square; crop the images in {folder} "
                     "to squares before resizing them"
                 )
             out_hw = (resize_to, resize_to) if resize_to is not None else hw
             out = np.empty((len(paths), *out_hw, channels), dtype=np.uint8)
         elif hw != first_hw:
-            raise UserError(
+            raise DataError(
                 f"images in {folder} differ in size: {path} is {_size_text(hw)} but "
                 f"{first_path} is {_size_text(first_hw)}; make them all one size"
             )
@@ -202,7 +202,7 @@ def save_png(image: Union[np.ndarray, torch.Tensor], path: PathLike) -> Path:
     return _atomic_save(_pil(_hwc_uint8(image)), path)
 
 
-def grid_array(
+def mosaic_array(
     images: torch.Tensor,
     nrow: Optional[int] = None,
     pad: int = 2,
@@ -226,17 +226,17 @@ def grid_array(
     if k > 1:
         x = x.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
         h, w = h * k, w * k
-    grid = torch.full(
+    mosaic = torch.full(
         (c, nrows * h + (nrows + 1) * pad, ncol * w + (ncol + 1) * pad), pad_value, dtype=torch.uint8
     )
     for i in range(n):
         r, col = divmod(i, ncol)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[:, top:top + h, left:left + w] = x[i]
-    return grid.permute(1, 2, 0).numpy()
+        mosaic[:, top:top + h, left:left + w] = x[i]
+    return mosaic.permute(1, 2, 0).numpy()
 
 
-def make_grid_png(
+def save_mosaic(
     images: torch.Tensor,
     path: PathLike,
     nrow: Optional[int] = None,
@@ -244,8 +244,8 @@ def make_grid_png(
     pad_value: int = 255,
     min_width: int = 256,
 ) -> np.ndarray:
-    """Write (N, C, H, W) images (float in [-1, 1]) as one PNG grid; returns the grid
-    (uint8 HWC). See ``grid_array`` for the layout."""
-    grid = grid_array(images, nrow=nrow, pad=pad, pad_value=pad_value, min_width=min_width)
-    _atomic_save(_pil(grid), path)
-    return grid
+    """Write (N, C, H, W) images (float in [-1, 1]) as one PNG mosaic; returns the mosaic
+    (uint8 HWC). See ``mosaic_array`` for the layout."""
+    mosaic = mosaic_array(images, nrow=nrow, pad=pad, pad_value=pad_value, min_width=min_width)
+    _atomic_save(_pil(mosaic), path)
+    return mosaic
