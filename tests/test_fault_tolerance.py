@@ -103,7 +103,9 @@ def test_sigkill_during_checkpoint_write(tmp_path, reference, at):
     assert f"ckpt_{at:08d}.pt" not in names  # the half-written file never took the real name
     if at > 2:
         assert load_checkpoint(out).step == at - 2  # the previous one is intact and `latest`
+    assert list((out / "checkpoints").glob(".ckpt_*.tmp"))  # the kill left the half-written temp file
     finish_and_compare(out, reference)
+    assert not list((out / "checkpoints").glob(".*.tmp"))  # the next save removed it
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, reference, capsys):

@@ -8,7 +8,6 @@ for fp32/bf16; absent in older files), ``rng`` and version strings. Run folders 
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -18,7 +17,8 @@ from torch import nn
 
 from ..core.unet import build_model
 from ..errors import CheckpointError
-from ..util.fileio import atomic_torch_save, atomic_write_text, sha256_file
+from ..util.dist import note
+from ..util.fileio import atomic_torch_save, atomic_write_text, remove_stale_temps, sha256_file
 from .config import Config, config_from_saved
 
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int)
     old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-1]
     for stale in old[: max(0, len(old) - keep_last)]:
         stale.unlink(missing_ok=True)
+    remove_stale_temps(ckpt_dir)  # half-written files of a save that a kill interrupted (one writer: rank 0)
     return path
 
 
@@ -165,8 +166,7 @@ def init_weights_from(path, model: nn.Module, ema: nn.Module, cfg, resumed: bool
     if path is None:
         return None
     if resumed:
-        print(f"note: resuming the run folder; --init-from {path} is ignored (its checkpoints hold the weights)",
-              file=sys.stderr)
+        note(f"resuming the run folder; --init-from {path} is ignored (its checkpoints hold the weights)")
         return None
     try:
         path = resolve_checkpoint(path)

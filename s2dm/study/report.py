@@ -294,6 +294,8 @@ def _runs_and_cost(study, cost: dict, ema: Dict[str, str]) -> List[str]:
         lines += [f"Every cell samples the EMA weights: {next(iter(ema.values()))}.", ""]
     elif ema:
         lines += ["Every cell samples the EMA weights: " + "; ".join(f"`{r}` {e}" for r, e in ema.items()) + ".", ""]
+    lines += ["The method behind these numbers is in s2dm's docs/method.md: the losses (§2), the shrink factor and "
+              "the ε-scaling control (§3, §4), the paired design (§7) and the metric's label (§8).", ""]
     lines += ["## Cost and versions", "",
               f"- training: {cost['train_seconds'] / 60:.1f} min; sampling and scoring: "
               f"{cost['eval_seconds'] / 60:.1f} min (wall time of each model's training and each cell, summed over "
