@@ -16,7 +16,8 @@ import torch
 from s2dm.core.schedule import NoiseSchedule
 from s2dm.io.checkpoint import save_run_checkpoint
 from s2dm.io.config import load_config
-from s2dm.training.loop import RunState, new_state, train_step
+from s2dm.training.loop import train_step
+from s2dm.training.state import RunState, new_state
 
 
 def measure(config: str, batch: int, repeats: int) -> dict:

@@ -165,7 +165,7 @@ def test_a_sample_typo_fails_before_the_run_folder_exists(tmp_path, capsys):
 
 def test_saved_configs_with_older_key_names_load_and_resume(tmp_path):
     from s2dm.io.config import config_from_saved
-    from s2dm.training.loop import check_resumable
+    from s2dm.training.state import check_resumable
 
     cfg = load_config("configs/digits.yaml")
     saved = cfg.to_dict()

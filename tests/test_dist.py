@@ -308,7 +308,7 @@ def test_bf16_on_the_cpu_trains(tmp_path):
 
 
 def test_fp16_grad_scaler_state_is_saved_and_restored(tmp_path):
-    from s2dm.training.loop import new_state, restore
+    from s2dm.training.state import new_state, restore
 
     # fp16 on a CPU is slow: a narrower model and 4 steps (2 + 2 resumed)
     cfg_args = ("train.precision=fp16", "train.device=cpu", "train.checkpoint_every=2", "train.log_every=2",

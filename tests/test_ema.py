@@ -6,7 +6,7 @@ from conftest import tiny_args
 from s2dm.cli import main
 from s2dm.core.ema import ema_decay_at, make_ema, update_ema
 from s2dm.io.config import config_from_saved, load_config
-from s2dm.training.loop import new_state
+from s2dm.training.state import new_state
 
 
 def test_decay_schedule_by_hand():

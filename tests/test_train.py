@@ -203,7 +203,7 @@ def test_a_failing_preview_grid_never_costs_the_checkpoint(tmp_path, monkeypatch
 def test_a_config_saved_before_the_sample_options_resumes(tmp_path):
     """Runs saved before sample.order / eps_scale / legacy_pndm_index existed load and resume."""
     from s2dm.io.config import config_from_saved
-    from s2dm.training.loop import check_resumable
+    from s2dm.training.state import check_resumable
 
     cfg = load_config("configs/digits.yaml")
     saved = cfg.to_dict()

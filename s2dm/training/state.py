@@ -1,0 +1,160 @@
+"""A training run's state and folder: what a checkpoint holds and restores (model, EMA,
+optimiser, GradScaler, step, the log window), which config changes a resume accepts, and the
+run folder's checks. ``loop.py`` drives the steps; this module knows the files."""
+from __future__ import annotations
+
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..core import seeds
+from ..core.ema import make_ema
+from ..core.unet import build_model
+from ..errors import CheckpointError, RunError
+from ..io.checkpoint import load_state_strict, read_checkpoint, save_run_checkpoint
+from ..io.config import Config, saved_as_current
+from ..util import dist
+from ..util.records import first_difference
+from .precision import check_supported, make_scaler, to_channels_last
+
+
+# Keys that may differ when a run is resumed (they change cadence, length or speed, not the
+# model or the loss). precision may change too (e.g. back to fp32 after fp16 trouble); the
+# run then no longer continues bit-exactly, which is the user's explicit choice.
+RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
+                     "train.sample_every", "train.keep_last", "train.device", "data.num_workers",
+                     "data.root", "train.max_nonfinite", "train.precision", "train.channels_last",
+                     "train.compile"}
+
+
+# -- the run ---------------------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_resumable(cfg: Config, saved: dict) -> None:
+    differ = first_difference(_flatten(saved_as_current(saved)), _flatten(cfg.to_dict()), ignore=RESUMABLE_CHANGES)
+    if differ:
+        key, was, now = differ
+        raise RunError(f"{key}: the run folder was trained with {was!r}, the config asks for {now!r}; "
+                       "start a new run folder, or start over with resume='never', force=True", key=key)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores: the modules, the optimiser (and fp16 GradScaler) and the
+    step counter. ``net`` is what the training forward calls: ``model`` itself, or ``model``
+    wrapped in DDP and/or torch.compile (``wrap_for_training``)."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: int = 0
+    scaler: Optional[torch.amp.GradScaler] = None
+    net: Optional[torch.nn.Module] = None
+    # The log window's sums since the last log line (global over ranks, on rank 0), so that a
+    # run stopped between two log lines logs the same numbers after resuming.
+    log_window: Optional[dict] = None
+
+    def to_checkpoint(self, cfg: Config) -> dict:
+        return {
+            "step": self.step, "config": cfg.to_dict(), "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "log_window": self.log_window,
+            # Every draw is derived from (seed, step), so these are not needed to resume;
+            # they are kept so that a run's full RNG state at the checkpoint is on record.
+            "rng": rng_states(), "data_position": self.step * cfg.train.batch_size,
+            "versions": versions(),
+        }
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def new_state(cfg: Config, device: torch.device) -> RunState:
+    """Fresh weights from (train.seed, INIT), whatever loss.type is (the same on every rank)."""
+    device = torch.device(device)
+    check_supported(cfg.train.precision, device)
+    torch.manual_seed(seeds.derive_seed(cfg.train.seed, seeds.INIT))
+    model = build_model(cfg).to(device)
+    if cfg.train.channels_last:
+        model = to_channels_last(model)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    return RunState(model, make_ema(model), opt, scaler=make_scaler(cfg.train.precision, device))
+
+
+def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Path]:
+    """Load the newest readable checkpoint of ``ckpt_dir`` into ``state``; a corrupt newest
+    file is reported and the previous one used. Returns the checkpoint used."""
+    candidates = sorted(ckpt_dir.glob("ckpt_*.pt"), reverse=True)
+    for path in candidates:
+        try:
+            saved = read_checkpoint(path, map_location=device)
+        except CheckpointError as exc:
+            if dist.is_main():
+                print(f"warning: {exc}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        check_resumable(cfg, saved["config"])
+        load_state_strict(state.model, saved["model"], "model", path)
+        load_state_strict(state.ema, saved["ema"], "EMA", path)
+        state.opt.load_state_dict(saved["optimizer"])
+        if state.scaler is not None and saved.get("scaler"):
+            state.scaler.load_state_dict(saved["scaler"])  # fp16: the loss scale continues
+        state.step = int(saved["step"])
+        state.log_window = saved.get("log_window")
+        if path != candidates[0] and dist.is_main():
+            print(f"resuming from {path.name} instead", file=sys.stderr)
+        return path
+    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}; start over with resume='never', force=True")
+
+
+def check_folder(out: Path, resume: str, force: bool) -> bool:
+    """Check the run folder, creating nothing; returns whether there is a checkpoint to resume."""
+    has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt"))
+    if resume == "never" and has_ckpt and not force:
+        raise RunError(f"{out} already holds checkpoints; start over with force=True, or resume it with "
+                       "resume='auto'", key="force")
+    return has_ckpt and resume == "auto"
+
+
+def prepare_folder(out: Path, resume: str) -> None:
+    """Create the run folder (once everything that can fail before step 1 has been checked);
+    a fresh run (``--resume never --force``) drops the old run's checkpoints."""
+    if resume == "never" and (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"cannot write to output folder {out}: {exc.strerror or exc}", key="out") from None
+
+
+def save(state: RunState, cfg: Config, ckpt_dir: Path) -> Path:
+    try:
+        return save_run_checkpoint(ckpt_dir, state.to_checkpoint(cfg), cfg.train.keep_last)
+    except OSError as exc:
+        raise RunError(f"could not save the checkpoint of step {state.step} in {ckpt_dir}: "
+                       f"{exc.strerror or exc}; earlier checkpoints are intact") from None
+
+
+def versions() -> dict:
+    return {"s2dm": __version__, "torch": torch.__version__}
