@@ -36,6 +36,7 @@ import os, sys
 rank = int(os.environ.get("RANK", "0"))
 import s2dm.io.config as C
 import s2dm.training.loop as T
+import s2dm.training.state as S
 record = os.path.join(os.environ["S2DM_TEST_WRITES"], f"rank{rank}.txt")
 
 def note(what):
@@ -49,7 +50,7 @@ def hook(name, obj, attr):
         return orig(*a, **k)
     setattr(obj, attr, wrapped)
 
-hook("checkpoint", T, "save_run_checkpoint")
+hook("checkpoint", S, "save_run_checkpoint")
 hook("grid", T, "write_mosaic")
 hook("config", C.Config, "dump")
 hook("truncate_log", T, "truncate_log")
