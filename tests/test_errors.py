@@ -19,7 +19,7 @@ from s2dm.io.config import load_config
 from s2dm.io.data import load_dataset
 from s2dm.metrics.evaluate import evaluate
 from s2dm.samplers.options import SampleOptions
-from s2dm.study.runner import load_study
+from s2dm.study.spec import load_study
 from s2dm.training.loop import train
 
 KINDS = (ConfigError, DataError, CheckpointError, SamplerError, MetricError, RunError, StudyError, InteropError)

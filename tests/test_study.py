@@ -8,7 +8,8 @@ import yaml
 from s2dm.cli import main
 from s2dm.errors import UserError
 from s2dm.study import report as studyreport
-from s2dm.study.runner import load_study, plan_cells
+from s2dm.study.runner import plan_cells
+from s2dm.study.spec import load_study
 from s2dm.util import textfmt
 
 from conftest import ROOT
