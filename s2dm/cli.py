@@ -16,14 +16,13 @@ import typing
 from pathlib import Path
 from typing import List, Optional
 
-import yaml
-
 from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import newest_run, run_folder_of
 from .io.config import CONFIG_DIR, load_config, shipped_configs
 from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
 from .sampling.folder import DEFAULT_N, parse_seeds, sample_to_folder
+from .study.spec import shipped_study_configs
 from .util import dist
 from .util.textfmt import num, plural
 
@@ -92,10 +91,10 @@ def cmd_sample(args) -> int:
 
 def cmd_configs(args) -> int:
     print(f"shipped configs ({CONFIG_DIR}); pass a bare name, e.g. s2dm train --config digits.yaml")
+    studies = set(shipped_study_configs())
     for path in shipped_configs():
         first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-        kind = "study" if "runs" in (yaml.safe_load(path.read_text()) or {}) else "train"
-        print(f"  {path.name:<26} {kind:<6} {first}")
+        print(f"  {path.name:<26} {'study' if path in studies else 'train':<6} {first}")
     return 0
 
 

@@ -74,12 +74,13 @@ class SampleOptions:
     def folder_name(self, use_ema: bool = True) -> str:
         """``ddim-20``, plus every setting that differs from its default (``ddim-20-quad-eta0.5``),
         so that two runs with different settings never share a folder."""
+        default = SampleOptions()
         parts = [self.sampler, str(self.steps)]
-        if self.grid != "uniform":
+        if self.grid != default.grid:
             parts.append(self.grid)
-        if self.eta:
+        if self.eta != default.eta:
             parts.append(f"eta{self.eta:g}")
-        if self.sampler.startswith("deis") and self.order != 3:
+        if self.sampler.startswith("deis") and self.order != default.order:
             parts.append(f"order{self.order}")
         if self.eps_scale:
             parts.append("eps" + re.sub(r"[^A-Za-z0-9.]+", "_", str(self.eps_scale)))
