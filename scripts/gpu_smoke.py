@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -749,6 +750,9 @@ def check_bench(ctx: Context, part: Part) -> str:
     """``scripts/bench_gpu.sh`` with reduced arguments (one short window, no compile variant:
     train-bf16-compile above measured compile)."""
     name = f"{part.name}:bench-gpu"
+    if importlib.util.find_spec("diffusers") is None:
+        raise CheckFailed("bench_gpu.py needs diffusers (its reference UNet), which is not installed; "
+                          "bash scripts/setup.sh test installs it")
     env = ctx.child_env(PYTHON=ctx.python)
     if ctx.weights and not ctx.weights[2]:  # real weights: where bench_gpu.py looks, inside the work folder
         hub = ctx.work / "torch_home" / "hub" / "checkpoints"
