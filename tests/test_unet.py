@@ -62,3 +62,23 @@ def test_gradients_reach_every_parameter():
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def test_a_batch_sharing_one_timestep_embeds_it_once_with_the_same_result():
+    """Samplers pass t expanded (stride 0): the embedding is computed for one row and
+    broadcast. Same ε as with t materialised per row, up to float32 rounding: measured
+    relative max |Δ| ≤ 9.3e-7 over 5 weight draws × 4 timesteps; tolerance 1e-5."""
+    calls = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        m = UNet(in_channels=1, ch=16, ch_mult=(1, 2), attn_resolutions=(4,), image_size=8, dropout=0.0).eval()
+        for p in m.parameters():
+            p.data.normal_(0, 0.2)  # no zero-initialised layers: every path counts
+        m.temb.dense[0].register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+        x = torch.randn(64, 1, 8, 8)
+        for t0 in (0, 1, 500, 999):
+            shared = torch.tensor(t0).expand(64)
+            with torch.inference_mode():
+                once, per_row = m(x, shared), m(x, shared.contiguous())
+            assert (once - per_row).abs().max() <= 1e-5 * per_row.abs().max()
+    assert set(calls[0::2]) == {1} and set(calls[1::2]) == {64}  # embedded once vs per row

@@ -13,10 +13,12 @@ float round-off, make it cheaper (scripts/bench_train.py measures them):
   low-resolution pixel. 2.25× fewer multiply-adds than convolving the upsampled image, and
   the 4× larger upsampled tensor is never built.
 * ``AttnBlock``: the q, k, v weights are concatenated at call time into one (B·HW × C)·(C × 3C)
-  product laid out as the attention kernel wants it, and the output projection is a batched
-  GEMM that writes the residual stream's layout: no transposing copies.
+  product laid out as the attention kernel wants it; q, k, v and the output projection are
+  2-D GEMMs over all B·HW pixels at once.
 * ``ResnetBlock``: SiLU(temb) is computed once per forward instead of once per block, and the
   time-embedding and residual additions write into the convolution outputs.
+* One timestep for the whole batch (t expanded with stride 0, as the samplers pass it): the
+  embedding and every block's time projection are computed for one row and broadcast.
 """
 from __future__ import annotations
 
@@ -83,22 +85,18 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        hn = self.norm(x).reshape(b, c, h * w)
-        # q, k, v as ONE product (B, HW, C)·(C, 3C): each of q, k, v comes out (B, HW, C)
-        # with unit stride over C, the layout the fused kernel takes without copying.
+        hn = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        # q, k, v as ONE (B·HW × C)·(C × 3C) product: each of q, k, v comes out (B, HW, C) with
+        # unit stride over C, the layout the fused kernel takes without copying. One 2-D GEMM,
+        # not a batched one over an expanded weight, whose backward is B small GEMMs + a sum.
         w_qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight]).reshape(3 * c, c)
         b_qkv = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        qkv = torch.baddbmm(b_qkv, hn.transpose(1, 2), w_qkv.t().expand(b, c, 3 * c))
-        q, k, v = qkv[:, None].split(c, dim=3)  # (B, 1 head, HW, C) each
+        q, k, v = F.linear(hn, w_qkv, b_qkv)[:, None].split(c, dim=3)  # (B, 1 head, HW, C) each
         # Default scale 1/√C as in DDPM.
         out = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
-        # proj_out(out) as one batched GEMM that writes x's memory layout directly.
-        w_out = self.proj_out.weight.reshape(c, c)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            y = torch.baddbmm(self.proj_out.bias, out, w_out.t().expand(b, c, c))  # (B, HW, C)
-            return x + y.view(b, h, w, c).permute(0, 3, 1, 2)
-        y = torch.baddbmm(self.proj_out.bias[:, None], w_out.expand(b, c, c), out.transpose(1, 2))  # (B, C, HW)
-        return x + y.view(b, c, h, w)
+        # proj_out(out), again one 2-D GEMM; its (B, HW, C) result is x's NHWC layout.
+        y = F.linear(out, self.proj_out.weight.reshape(c, c), self.proj_out.bias)
+        return x + y.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
@@ -215,7 +213,9 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = timestep_embedding(t, self.ch)
+        # One t for the whole batch (a sampler's step passes it expanded, stride 0): embed it
+        # once; the (1, C) projections broadcast over the batch.
+        temb = timestep_embedding(t[:1] if t.stride(0) == 0 else t, self.ch)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))
         temb_act = F.silu(temb)  # every ResnetBlock projects SiLU(temb): computed once
 

@@ -36,10 +36,12 @@ def time_batch(t: Union[int, float], x: torch.Tensor) -> torch.Tensor:
     """t as a (B,) tensor on x's device: int64 for integer t, float32 for a fractional one.
 
     float32 holds every half-integer below 2^23 exactly, which is all PNDM mid-points need.
+    It is one element expanded to B (stride 0): the UNet sees that the whole batch shares t
+    and embeds it once.
     """
     if float(t) == int(t):
-        return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-    return torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+        return torch.tensor(int(t), dtype=torch.long, device=x.device).expand(x.shape[0])
+    return torch.tensor(float(t), dtype=torch.float32, device=x.device).expand(x.shape[0])
 
 
 def randn_like_from(x: torch.Tensor, generator=None) -> torch.Tensor:
