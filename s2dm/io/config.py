@@ -69,6 +69,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     warmup: int = 0  # linear lr warm-up steps (the DDIM configs use none)
+    fused: bool = True  # Adam's fused kernel (one call for all parameters); false: its per-parameter loop
 
 
 @dataclass
@@ -199,7 +200,7 @@ def config_from_dict(data: dict) -> Config:
 
 # Keys added after runs had been saved: a saved config without one was made with the value
 # given here (the behaviour before the key existed), not with today's default.
-LEGACY_VALUES = {"train.ema_warmup": False,
+LEGACY_VALUES = {"train.ema_warmup": False, "optim.fused": False,
                  # the sampler options the preview grids used before sample: had these keys
                  "sample.order": 3, "sample.eps_scale": None, "sample.legacy_pndm_index": False}
 

@@ -26,12 +26,12 @@ from .precision import check_supported, make_scaler, to_channels_last
 
 
 # Keys that may differ when a run is resumed (they change cadence, length or speed, not the
-# model or the loss). precision may change too (e.g. back to fp32 after fp16 trouble); the
+# model or the loss). precision and optim.fused (the same Adam, other rounding) may change too (e.g. back to fp32 after fp16 trouble); the
 # run then no longer continues bit-exactly, which is the user's explicit choice.
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
                      "train.sample_every", "train.keep_last", "train.device", "data.num_workers",
                      "data.root", "train.max_nonfinite", "train.precision", "train.channels_last",
-                     "train.compile"}
+                     "train.compile", "optim.fused"}
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -95,8 +95,9 @@ def new_state(cfg: Config, device: torch.device) -> RunState:
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = to_channels_last(model)
+    # fused=False is Adam's per-parameter loop, the implementation of runs saved before the key.
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, fused=cfg.optim.fused)
     return RunState(model, make_ema(model), opt, scaler=make_scaler(cfg.train.precision, device))
 
 
