@@ -169,7 +169,7 @@ def cmd_eval(args) -> int:
 def cmd_study(args) -> int:
     from .study.runner import run_study  # CLI start-up time: pytorch-fid, scipy
 
-    out = run_study(args.config, args.out, quick=args.quick, report_only=args.report_only)
+    out = run_study(args.config, args.out, quick=args.quick, report_only=args.report_only, workers=args.workers)
     report = (out / "report.md").read_text()
     print(report.split("\n## ")[0].rstrip())  # the headline section
     print(f"report: {out / 'report.md'}; table: {out / 'results.csv'}; plot: {out / 'fd_vs_nfe.png'}")
@@ -353,6 +353,9 @@ def _study_parser(sub) -> None:
     st.add_argument("--quick", action="store_true", help="the YAML's quick preset (fewer runs, seeds, cells)")
     st.add_argument("--report-only", action="store_true",
                     help="no training or sampling: write the report of the cells scored so far")
+    st.add_argument("--workers", default="auto",
+                    help="models trained / cells scored at once on a CPU, one thread each (default auto: one "
+                         "per CPU); the results do not depend on it")
     st.set_defaults(func=cmd_study)
 
 

@@ -266,3 +266,26 @@ def read_csv(path) -> list:
             row["value"], row["seconds"] = float(row["value"]), float(row["seconds"])
             rows.append(row)
     return rows
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Two worker processes (one thread each) and one in-process job at a time give the same
+    weights and so the same numbers, bit for bit: every study job runs one thread."""
+    cfg = write_study(tmp_path)
+    tables = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        assert main(["study", "--config", str(cfg), "--out", str(out), "--workers", workers, "--quick"]) == 0
+        rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
+        tables.append([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+        assert (out / "mosaics" / "baseline.png").is_file()
+    assert len(tables[0]) == 3 and tables[0] == tables[1]
+    assert (tmp_path / "out1" / "mosaics" / "s2dm.png").read_bytes() == (tmp_path / "out2" / "mosaics" / "s2dm.png").read_bytes()
+
+
+def test_a_bad_worker_count_is_one_error_line(tmp_path, capsys):
+    assert main(["study", "--config", str(write_study(tmp_path)), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --workers: expected 'auto' or a positive integer, got '0'"]
+    assert not (tmp_path / "o" / "runs").exists()

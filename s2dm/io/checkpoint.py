@@ -9,6 +9,7 @@ for fp32/bf16; absent in older files), ``rng`` and version strings. Run folders 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,6 +28,14 @@ LATEST = "latest"
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt_{step:08d}.pt"
+
+
+def checkpoint_step(path: Union[str, Path]) -> int:
+    """The training step of a checkpoint (file or run folder): from its file name, as
+    ``save_run_checkpoint`` names it, without loading it; else read from the file."""
+    path = resolve_checkpoint(path)
+    match = re.fullmatch(r"ckpt_(\d{8})\.pt", path.name)
+    return int(match.group(1)) if match else int(read_checkpoint(path)["step"])
 
 
 def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int) -> Path:

@@ -17,13 +17,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Union
 
 from tqdm.auto import tqdm
 
 from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
-from ..io.checkpoint import load_checkpoint, resolve_checkpoint
+from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
 from ..metrics.fid import FeatureExtractor, Stats, frechet_distance, metric_label, reference_stats
 from ..samplers import expected_nfe
@@ -34,6 +34,8 @@ from ..util.dist import pick_device
 from ..util.fileio import atomic_write_text
 from ..util.images import save_mosaic, to_uint8
 from ..util.records import read_record, reusable_record
+from ..util.textfmt import plural
+from ..util.workers import one_thread, run_jobs, worker_count
 from . import report
 from .spec import Run, Study, load_study
 
@@ -48,29 +50,58 @@ def run_config(study: Study, run: Run, seed: int):
     return load_config(study.train_config, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
-def train_all(study: Study, out: Path, train_missing: bool = True) -> Dict[str, float]:
-    """Train (or resume) every run × seed; returns the seconds each model's training took.
-    ``train_missing=False`` only reads the record of the runs already trained."""
-    seconds = {}
+def train_all(study: Study, out: Path, train_missing: bool = True, workers: Union[int, str] = 1,
+              progress: bool = True) -> Dict[str, float]:
+    """Train (or resume) every run × seed, ``workers`` models at a time (util/workers.py);
+    returns the seconds each model's training took. ``train_missing=False`` only reads the
+    record of the runs already trained."""
+    seconds, jobs = {}, []
     for run in study.runs.values():
         if not run.trained:
             continue
         for seed in run.seeds:
             name = model_name(run.name, seed)
-            folder = out / "runs" / name
-            cost = folder / "study_done.json"
-            cfg = run_config(study, run, seed)
-            done = read_record(cost) or {}  # a study_done.json cut short by a kill: train (resume) again
-            if done.get("config") == cfg.to_dict() and (folder / "checkpoints").is_dir():
+            done = _training_record(study, out, run, seed)
+            if done is not None:
                 seconds[name] = done["seconds"]  # trained with this very config: not touched again
-                continue
-            if not train_missing:
-                continue
-            t0 = time.time()
-            train(cfg, folder, resume="auto")  # resumes a half-done run; refuses a changed config
-            seconds[name] = done.get("seconds", 0.0) + time.time() - t0
-            atomic_write_text(cost, json.dumps({"seconds": seconds[name], "config": cfg.to_dict()}))
+            elif train_missing:
+                jobs.append((study, out, run.name, seed))
+    count = worker_count(workers, len(jobs), pick_device("auto"))
+    bar = tqdm(total=len(jobs), desc=f"study training ({plural(count, 'worker')})", unit="model",
+               dynamic_ncols=True, disable=not (progress and jobs))
+
+    def finished(i: int, result) -> None:
+        name, took = result
+        seconds[name] = took
+        bar.update(1)
+        bar.write(f"trained {name} in {took:.0f} s")
+
+    with bar:
+        # One model alone shows its own steps; several at once show one line per model.
+        run_jobs(_train_job, [job + (progress and count == 1,) for job in jobs], count, finished)
     return seconds
+
+
+def _training_record(study: Study, out: Path, run: Run, seed: int):
+    """The run's study_done.json if it was trained with this very config (else None)."""
+    folder = out / "runs" / model_name(run.name, seed)
+    done = read_record(folder / "study_done.json") or {}  # cut short by a kill: train (resume) again
+    if done.get("config") == run_config(study, run, seed).to_dict() and (folder / "checkpoints").is_dir():
+        return done
+    return None
+
+
+def _train_job(study: Study, out: Path, run_name: str, seed: int, progress: bool):
+    """Train (or resume) one model and record its cost; runs in a worker process."""
+    name = model_name(run_name, seed)
+    folder = out / "runs" / name
+    cfg = run_config(study, study.runs[run_name], seed)
+    earlier = (read_record(folder / "study_done.json") or {}).get("seconds", 0.0)
+    t0 = time.time()
+    train(cfg, folder, resume="auto", progress=progress)  # resumes a half-done run; refuses a changed config
+    took = earlier + time.time() - t0
+    atomic_write_text(folder / "study_done.json", json.dumps({"seconds": took, "config": cfg.to_dict()}))
+    return name, took
 
 
 @dataclass
@@ -156,45 +187,72 @@ def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, r
             "nfe": expected_nfe(cell.sampler, cell.steps), "seconds": time.time() - t0}
 
 
-def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = True) -> List[dict]:
-    """Score every planned cell not already recorded; returns every cell's record.
-    ``score=False`` only collects the records there are (a report of a study in progress)."""
-    device = pick_device("auto")
+def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = True,
+                 workers: Union[int, str] = 1) -> List[dict]:
+    """Score every planned cell not already recorded, ``workers`` cells at a time; returns
+    every cell's record in plan order. ``score=False`` only collects the records there are (a
+    report of a study in progress)."""
     cells = plan_cells(study)
-    refs = {"pixels": reference(study, out, "pixels")}
-    extractors = {"pixels": FeatureExtractor("pixels", device="cpu", progress=False)}
-    if any(c.metric == "inception" for c in cells):
-        refs["inception"] = reference(study, out, "inception")
-        extractors["inception"] = FeatureExtractor("inception", progress=False)
-    records, loaded = [], {}
-    bar = tqdm(cells, desc="study cells", unit="cell", dynamic_ncols=True, disable=not progress)
-    for cell in bar:
-        run = study.runs[cell.run]
-        path = out / "cells" / model_name(cell.run, cell.seed) / f"{cell.key}.json"
-        if not score:
-            if path.is_file():
-                records.append(json.loads(path.read_text()))
-            continue
-        ckpt = _checkpoint_of(study, out, run, cell.seed)
-        key = str(ckpt)
-        if key not in loaded:
-            loaded[key] = load_checkpoint(ckpt, device=device)  # every model once (a study's are small)
-        ck = loaded[key]
-        settings = _cell_settings(study, cell, ckpt, ck.step, run, refs[cell.metric])
-        rec = reusable_record(path, "settings", settings)
-        if rec is not None:
-            records.append(rec)
-            continue
-        bar.set_postfix_str(f"{cell.run} s{cell.seed} {cell.key}")
-        cfg = ck.config
-        shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-        scored = score_cell(ck.ema, NoiseSchedule.from_config(cfg.diffusion), study, cell, run,
-                            extractors[cell.metric], refs[cell.metric], shape, device)
-        rec = {"run": cell.run, "seed": cell.seed, "sampler": cell.sampler, "steps": cell.steps,
-               "draw": cell.draw, "metric_kind": cell.metric, **scored, "settings": settings}
-        atomic_write_text(path, json.dumps(rec, indent=2))
-        records.append(rec)
+    paths = [out / "cells" / model_name(c.run, c.seed) / f"{c.key}.json" for c in cells]
+    if not score:
+        return [json.loads(p.read_text()) for p in paths if p.is_file()]
+    refs = {metric: reference(study, out, metric) for metric in {c.metric for c in cells}}
+    steps, records, jobs = {}, [None] * len(cells), []
+    for i, (cell, path) in enumerate(zip(cells, paths)):
+        ckpt = _checkpoint_of(study, out, study.runs[cell.run], cell.seed)
+        if ckpt not in steps:  # the step alone, not the weights: scoring loads them where it runs
+            steps[ckpt] = checkpoint_step(ckpt)
+        settings = _cell_settings(study, cell, ckpt, steps[ckpt], study.runs[cell.run], refs[cell.metric])
+        records[i] = reusable_record(path, "settings", settings)
+        if records[i] is None:
+            jobs.append((study, cell, ckpt, settings, path, i))
+    count = worker_count(workers, len(jobs), pick_device("auto"))
+    bar = tqdm(total=len(cells), initial=len(cells) - len(jobs), desc=f"study cells ({plural(count, 'worker')})",
+               unit="cell", dynamic_ncols=True, disable=not progress)
+
+    def finished(_, rec) -> None:
+        records[rec.pop("index")] = rec
+        bar.update(1)
+        bar.set_postfix_str(f"{rec['run']} s{rec['seed']} {rec['sampler']}-{rec['steps']}")
+
+    with bar:
+        run_jobs(_score_job, jobs, count, finished)
     return records
+
+
+# What a worker process keeps between its jobs: the study's reference statistics and feature
+# extractors, and the models it has loaded (the last few: a study's are small, and its cells are
+# planned step count by step count, so consecutive jobs often sample the same model).
+_WORKER_CACHE: Dict[str, object] = {}
+_MODELS_KEPT = 4
+
+
+def _cached(key, make):
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = make()
+    return _WORKER_CACHE[key]
+
+
+def _score_job(study: Study, cell: Cell, ckpt: Path, settings: dict, path: Path, index: int) -> dict:
+    """Score one cell and write its record; runs in a worker process (or in-process)."""
+    device = pick_device("auto")
+    models = _cached("models", dict)
+    if ckpt not in models:
+        while len(models) >= _MODELS_KEPT:
+            models.pop(next(iter(models)))
+        models[ckpt] = load_checkpoint(ckpt, device=device)
+    ck = models[ckpt]
+    ref = _cached(settings["ref"], lambda: Stats.load(settings["ref"]))
+    extractor = _cached(f"extractor-{cell.metric}", lambda: FeatureExtractor(
+        cell.metric, device="cpu" if cell.metric == "pixels" else device, progress=False))
+    cfg = ck.config
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    scored = score_cell(ck.ema, NoiseSchedule.from_config(cfg.diffusion), study, cell, study.runs[cell.run],
+                        extractor, ref, shape, device)
+    rec = {"run": cell.run, "seed": cell.seed, "sampler": cell.sampler, "steps": cell.steps,
+           "draw": cell.draw, "metric_kind": cell.metric, **scored, "settings": settings}
+    atomic_write_text(path, json.dumps(rec, indent=2))
+    return {**rec, "index": index}
 
 
 def write_mosaics(study: Study, out: Path) -> None:
@@ -215,16 +273,20 @@ def write_mosaics(study: Study, out: Path) -> None:
         save_mosaic(images, path)
 
 
-def run_study(config, out=None, quick: bool = False, progress: bool = True, report_only: bool = False) -> Path:
+def run_study(config, out=None, quick: bool = False, progress: bool = True, report_only: bool = False,
+              workers: Union[int, str] = "auto") -> Path:
     """The whole study: train, evaluate, grids, results.csv, report.md, fd_vs_nfe.png.
-    ``report_only``: no training or sampling, the report of the cells scored so far."""
+    ``report_only``: no training or sampling, the report of the cells scored so far.
+    ``workers``: jobs (models to train, cells to score) run at once on a CPU, each with one
+    thread (util/workers.py); ``auto`` is one per CPU. The results do not depend on it."""
     study = load_study(config, quick=quick)
     out = Path(out) if out else Path("runs") / (Path(config).stem + ("-quick" if quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    train_seconds = train_all(study, out, train_missing=not report_only)
-    records = evaluate_all(study, out, progress=progress, score=not report_only)
-    write_mosaics(study, out)
+    with one_thread():  # what runs here (reference statistics, mosaics) as in the workers
+        train_seconds = train_all(study, out, train_missing=not report_only, workers=workers, progress=progress)
+        records = evaluate_all(study, out, progress=progress, score=not report_only, workers=workers)
+        write_mosaics(study, out)
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
     report.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png")

@@ -200,6 +200,7 @@ class _Run:
     init: Optional[dict]
     window: Optional[Window] = None
     log: Optional[TextIO] = None
+    progress: bool = True
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     overflow_total: int = 0
@@ -215,10 +216,13 @@ class _Run:
             self.log.flush()
 
 
-def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, init_from=None) -> Path:
+def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, init_from=None,
+          progress: bool = True) -> Path:
     """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path.
-    Under torchrun every rank calls it; rank 0 alone writes into ``out``."""
+    Under torchrun every rank calls it; rank 0 alone writes into ``out``. ``progress``: the
+    progress bar (off for a study's worker processes, whose bars would interleave)."""
     run = _set_up(cfg, Path(out), resume, force, init_from)
+    run.progress = progress
     state = run.state
     if state.step >= cfg.train.steps:
         dist.print0(f"{run.out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
@@ -273,7 +277,7 @@ def _loop(run: _Run) -> Path:
     if state.log_window and main_rank:
         run.window.load_state_dict(state.log_window)
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {run.out.name}", unit="step",
-               dynamic_ncols=True, disable=not main_rank)
+               dynamic_ncols=True, disable=not (main_rank and run.progress))
     log_file = open(run.out / "log.jsonl", "a") if main_rank else contextlib.nullcontext()
     # The bar closes before any error line is printed, so that line stays the last one.
     with bar, log_file as log, StopRequest() as stop:

@@ -1,0 +1,86 @@
+"""Independent CPU jobs on single-threaded worker processes (``s2dm study`` on a CPU).
+
+A model as small as the digits study's (0.18 M parameters) cannot keep two cores busy from one
+process: its operations are too small to split well between threads. Two processes with one
+thread each, each on its own job, do about twice the work of one process with two threads;
+two processes that each use every core slow each other several times over. Hence: one thread
+per job, as many jobs at once as there are CPUs.
+
+Every job runs with ONE thread whatever the number of workers, in-process too: a float
+reduction split over threads rounds differently, so a study's numbers would otherwise depend
+on the machine's core count. With one thread they do not (same CPU kind, same libraries).
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..errors import RunError
+from .dist import available_cpus
+
+
+def worker_count(setting: Union[int, str], jobs: int, device: torch.device) -> int:
+    """``auto``: one worker per CPU this process may use, at most one per job; off the CPU
+    (a GPU does the work) one. A positive number is taken as given, at most one per job."""
+    text = str(setting).strip().lower()
+    if text != "auto" and not (text.isdigit() and int(text) > 0):
+        raise RunError(f"workers: expected 'auto' or a positive integer, got {setting!r}", key="workers")
+    if jobs <= 1 or torch.device(device).type != "cpu":
+        return 1
+    return min(available_cpus() if text == "auto" else int(text), jobs)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body with one intra-op thread (the previous count restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _start_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
+             on_done: Optional[Callable[[int, Any], None]] = None) -> List[Any]:
+    """``fn(*job)`` for every job, ``workers`` at a time, each with one thread; the results in
+    job order. ``on_done(i, result)`` is called in this process as each job finishes (in the
+    order they finish). ``fn`` and the jobs must be picklable (module-level function, plain
+    data) when ``workers`` > 1: new processes are spawned, not forked, so that no worker
+    inherits this process's threads or open files.
+
+    The first job to fail stops the rest (jobs not yet started are cancelled, running ones
+    finish) and its exception is raised here. Ctrl-C reaches the workers too (same process
+    group): a training job saves its checkpoint and stops, and this call waits for that.
+    """
+    results: List[Any] = [None] * len(jobs)
+    if workers <= 1 or len(jobs) <= 1:
+        with one_thread():
+            for i, job in enumerate(jobs):
+                results[i] = fn(*job)
+                if on_done is not None:
+                    on_done(i, results[i])
+        return results
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker)
+    try:
+        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                i = futures[future]
+                results[i] = future.result()  # a job's exception is raised here
+                if on_done is not None:
+                    on_done(i, results[i])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
