@@ -36,7 +36,7 @@ class EvalSpec:
     n: int = 5000
     features: str = "pixels"
     order: int = 3
-    batch_size: int = 2500
+    batch_size: int = 500
     noise_draw: Optional[str] = None
     noise_seed_offset: int = 1_000_000
     fid: FidSpec = field(default_factory=FidSpec)
@@ -95,7 +95,7 @@ class Study:
     n: int
     features: str = "pixels"
     order: int = 3
-    batch_size: int = 2500
+    batch_size: int = 500
     noise_draw: Optional[str] = None
     noise_seed_offset: int = 1_000_000
     fid_n: int = 0

@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Speed of the paths a study spends its time on, against the same paths as they were before
+the speed work, measured in ONE process (alternating rounds, best of each); prints Markdown.
+
+``sampling``: image-NFE/s of ``s2dm.samplers.generate.generate`` (what ``s2dm sample``,
+``s2dm eval`` and ``s2dm study`` run), DDIM, for the study model (digits, ``model.ch: 16``,
+batch 2500), the digits default (batch 500) and the CIFAR10 model. "before" is the same call
+with the network as it was: t materialised per image (the time embedding computed B times)
+and attention projections as batched GEMMs over a weight expanded B times. Beside each
+figure: the fraction of the arithmetic limit, the model's FLOPs per image-NFE × image-NFE/s ÷
+the GFLOP/s of a 2048² matmul on the same threads; and whether the images are the same
+(largest difference in uint8 levels between the two paths' PNG pixels).
+
+``training``: steps/s of the real ``train_step`` (draws, S²-DM loss, backward, clip, Adam,
+EMA) at batch 128 for the study model and the digits default; "before" is the network as it
+was and Adam's per-parameter loop (``optim.fused: false``).
+
+``workers``: what ``s2dm study`` does with its jobs on a CPU: training steps/s and sampling
+image-NFE/s of one process with every thread, against N processes with one thread each
+running at once (N = the CPUs), summed. Each number comes from child processes started by
+this script, so this part measures processes, not one process.
+
+``compile`` (not in the default run: each compile costs 10–70 s here): the study model's
+forward with ``torch.compile`` (inductor, frozen weights) against eager, with the compile
+time and the break-even: the image-NFE after which the compiled forward has paid for itself.
+
+    .venv/bin/python scripts/bench_speed.py                 # ~4 min on 2 CPU cores, alone
+    .venv/bin/python scripts/bench_speed.py --parts compile
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from s2dm import build_model, load_config  # noqa: E402
+from s2dm.core.schedule import NoiseSchedule  # noqa: E402
+from s2dm.core.unet import AttnBlock  # noqa: E402
+from s2dm.io.data import load_dataset  # noqa: E402
+from s2dm.samplers.generate import generate  # noqa: E402
+from s2dm.training.loop import train_step, wrap_for_training  # noqa: E402
+from s2dm.training.state import new_state  # noqa: E402
+from s2dm.util.images import to_uint8  # noqa: E402
+from s2dm.util.dist import available_cpus  # noqa: E402
+
+MODELS = {  # name: (config, overrides, sampling batch before, now)
+    # The study sampled 2,500 images per call; 500 keep each call's activations in a core's
+    # cache (study_digits.yaml's eval.batch_size), the same images (any batch size gives them).
+    "study (digits, ch 16)": ("digits.yaml", {"model.ch": 16}, 2500, 500),
+    "digits default (ch 32)": ("digits.yaml", {}, 256, 256),  # s2dm sample's --batch-size
+    "CIFAR10 (ch 128)": ("cifar10.yaml", {}, None, None),  # --cifar-batch
+}
+
+
+# -- the network as it was before the speed work -----------------------------------------------
+def _attention_before(self, x):
+    """AttnBlock.forward before: q/k/v and the output projection as batched GEMMs over a weight
+    expanded to the batch (whose backward is B small GEMMs and a sum)."""
+    b, c, h, w = x.shape
+    hn = self.norm(x).reshape(b, c, h * w)
+    w_qkv = torch.cat([self.q.weight, self.k.weight, self.v.weight]).reshape(3 * c, c)
+    b_qkv = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+    qkv = torch.baddbmm(b_qkv, hn.transpose(1, 2), w_qkv.t().expand(b, c, 3 * c))
+    q, k, v = qkv[:, None].split(c, dim=3)
+    out = F.scaled_dot_product_attention(q, k, v)[:, 0]
+    w_out = self.proj_out.weight.reshape(c, c)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = torch.baddbmm(self.proj_out.bias, out, w_out.t().expand(b, c, c))
+        return x + y.view(b, h, w, c).permute(0, 3, 1, 2)
+    y = torch.baddbmm(self.proj_out.bias[:, None], w_out.expand(b, c, c), out.transpose(1, 2))
+    return x + y.view(b, c, h, w)
+
+
+class Before(torch.nn.Module):
+    """The same weights, run as before: t materialised per image, the old attention."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = copy.deepcopy(model)
+        for module in self.inner.modules():
+            if isinstance(module, AttnBlock):
+                module.forward = types.MethodType(_attention_before, module)
+
+    def forward(self, x, t):
+        return self.inner(x, t.contiguous())
+
+
+def as_before(model):
+    """Patch a model in place to the old attention (training keeps its own module)."""
+    for module in model.modules():
+        if isinstance(module, AttnBlock):
+            module.forward = types.MethodType(_attention_before, module)
+    return model
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def alternate(fns: dict, rounds: int) -> dict:
+    """Best time of each variant over ``rounds`` rounds, the order alternating (after one
+    untimed call each)."""
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[k]()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def matmul_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def flops_per_image(model, shape) -> float:
+    x = torch.randn(2, *shape)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x, torch.tensor(500).expand(2))
+    return counter.get_total_flops() / 2
+
+
+def model_of(name, cifar_batch: int = 8):
+    """(config, model in eval mode, sampling batch before, now)."""
+    config, sets, before, now = MODELS[name]
+    cfg = load_config(config, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    torch.manual_seed(0)
+    return cfg, build_model(cfg).eval(), before or cifar_batch, now or cifar_batch
+
+
+# -- parts -------------------------------------------------------------------------------------
+def part_sampling(args, out):
+    peak = matmul_gflops()
+    rows = []
+    for name in args.models:
+        cfg, model, before, now = model_of(name, args.cifar_batch)
+        shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        schedule = NoiseSchedule.from_config(cfg.diffusion)
+        n = max(before, now)  # images per round: whole batches of both
+        steps = args.steps if n >= 64 else 2
+        images = {}
+
+        def run(net, key, batch):
+            def go():
+                images[key], _ = generate(net, schedule, range(n), image_shape=shape, batch_size=batch,
+                                          sampler="ddim", steps=steps)
+            return go
+
+        best = alternate({"before": run(Before(model).eval(), "before", before), "now": run(model, "now", now)},
+                         args.rounds)
+        levels = (to_uint8(images["now"]).int() - to_uint8(images["before"]).int()).abs()
+        flops = flops_per_image(model, shape)
+        rate = {k: n * steps / v for k, v in best.items()}
+        rows.append([name, f"{before} → {now}", f"ddim-{steps}", f"{rate['before']:,.0f}", f"{rate['now']:,.0f}",
+                     f"**{rate['now'] / rate['before']:.2f}×**", f"{flops / 1e6:,.1f}",
+                     f"{rate['before'] * flops / 1e9 / peak:.0%} → {rate['now'] * flops / 1e9 / peak:.0%}",
+                     f"{int(levels.max())} ({float((levels > 0).float().mean()):.1e} of pixels)"])
+        print(f"  sampling {name}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
+    out += [f"**Sampling: image-NFE/s of `generate`** ({torch.get_num_threads()} threads; matmul {peak:.0f} GFLOP/s)",
+            "", table(["model", "batch", "sampler", "before", "now", "speed-up", "MFLOP / image-NFE",
+                       "of arithmetic limit", "PNG difference (uint8 levels)"], rows), ""]
+
+
+def training_step_fn(cfg, before: bool):
+    cfg = copy.deepcopy(cfg)
+    cfg.optim.fused = not before
+    state = new_state(cfg, torch.device("cpu"))
+    if before:
+        as_before(state.model)
+    state.net = wrap_for_training(cfg, state.model, torch.device("cpu"))
+    data = load_dataset(cfg.data)
+    x0 = torch.stack([data[i] for i in range(cfg.train.batch_size)])
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+
+    def steps(n):
+        for _ in range(n):
+            train_step(cfg, state, x0, schedule, "cpu")
+            state.step += 1
+    return steps
+
+
+def part_training(args, out):
+    rows = []
+    for name in args.models:
+        if name.startswith("CIFAR"):
+            continue  # minutes per step on a CPU; bench_gpu.py measures it on a GPU
+        cfg = model_of(name)[0]
+        fns = {k: training_step_fn(cfg, k == "before") for k in ("before", "now")}
+        n = args.train_steps
+        best = alternate({k: (lambda f=f: f(n)) for k, f in fns.items()}, args.rounds)
+        rate = {k: n / v for k, v in best.items()}
+        rows.append([name, str(cfg.train.batch_size), f"{rate['before']:.2f}", f"{rate['now']:.2f}",
+                     f"**{rate['now'] / rate['before']:.2f}×**"])
+        print(f"  training {name}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
+    out += [f"**Training: steps/s of `train_step`** ({torch.get_num_threads()} threads; S²-DM loss, "
+            "clip, Adam, EMA)", "", table(["model", "batch", "before", "now", "speed-up"], rows), ""]
+
+
+def worker_main(args) -> None:
+    """A child of the ``workers`` part: one job for ``--seconds``, its rate printed as JSON."""
+    torch.set_num_threads(args.threads)
+    cfg, model, _, batch = model_of(args.models[0])
+    if args.worker == "train":
+        steps = training_step_fn(cfg, before=False)
+        steps(3)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < args.seconds:
+            steps(5)
+            n += 5
+    else:
+        shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        schedule = NoiseSchedule.from_config(cfg.diffusion)
+        generate(model, schedule, range(batch), image_shape=shape, batch_size=batch, sampler="ddim", steps=1)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < args.seconds:
+            generate(model, schedule, range(batch), image_shape=shape, batch_size=batch, sampler="ddim", steps=5)
+            n += 5 * batch
+    print(json.dumps({"rate": n / (time.perf_counter() - t0)}))
+
+
+def children(kind: str, model: str, threads: int, count: int, seconds: float) -> float:
+    """Summed rate of ``count`` children running at once with ``threads`` threads each."""
+    cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(threads), "--seconds", str(seconds),
+           "--models", model]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
+    return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["rate"] for p in procs)
+
+
+def part_workers(args, out):
+    cpus = available_cpus()
+    name = next(iter(MODELS))
+    rows = []
+    for kind, unit in (("train", "steps/s"), ("sample", "image-NFE/s")):
+        one = children(kind, name, cpus, 1, args.seconds)
+        many = children(kind, name, 1, cpus, args.seconds)
+        rows.append([kind, unit, f"{one:,.1f}", f"{many:,.1f}", f"**{many / one:.2f}×**"])
+        print(f"  workers {kind}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
+    out += [f"**Workers: the {name} model, 1 process × {cpus} threads vs {cpus} processes × 1 thread "
+            f"(summed)**", "", table(["job", "unit", f"1 × {cpus} threads", f"{cpus} × 1 thread", "gain"], rows), ""]
+
+
+def part_compile(args, out):
+    import torch._inductor.config as inductor_config  # only this part compiles
+
+    inductor_config.freezing = True  # weights as constants: oneDNN's prepacked convolutions
+    cfg, model, _, batch = model_of(next(iter(MODELS)))
+    x = torch.randn(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    t = torch.tensor(500).expand(batch)
+    compiled = torch.compile(copy.deepcopy(model), dynamic=False)
+    with torch.inference_mode():
+        cost = _timed(lambda: compiled(x, t))
+        best = alternate({"eager": lambda: model(x, t), "compiled": lambda: compiled(x, t)}, args.rounds)
+        diff = float((compiled(x, t) - model(x, t)).abs().max())
+    rate = {k: batch / v for k, v in best.items()}
+    saving = 1 / rate["eager"] - 1 / rate["compiled"]
+    even = f"{cost / saving:,.0f}" if saving > 0 else "never"
+    out += [f"**torch.compile of the study model's forward** (batch {batch}, {torch.get_num_threads()} threads)", "",
+            table(["eager image-NFE/s", "compiled", "speed-up", "first call incl. compile (s)",
+                   "break-even (image-NFE)", "max |Δε|"],
+                  [[f"{rate['eager']:,.0f}", f"{rate['compiled']:,.0f}", f"{rate['compiled'] / rate['eager']:.2f}×",
+                    f"{cost:.0f}", even, f"{diff:.1e}"]]), ""]
+
+
+def table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="+", choices=("sampling", "training", "workers", "compile"),
+                   default=["sampling", "training", "workers"])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling call (default 10)")
+    p.add_argument("--cifar-batch", type=int, default=8, help="CIFAR10 sampling batch on a CPU (default 8)")
+    p.add_argument("--train-steps", type=int, default=20, help="training steps per timed round (default 20)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (default 5)")
+    p.add_argument("--seconds", type=float, default=20, help="workers part: seconds per child (default 20)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--worker", choices=("train", "sample"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        worker_main(args)
+        return 0
+    start = time.perf_counter()
+    out = [f"`python scripts/bench_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"), ""]
+    for part in args.parts:
+        globals()[f"part_{part}"](args, out)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out.append(f"torch {torch.__version__}; {available_cpus()} CPUs; load average {load:.1f} at the end "
+               f"(more than the CPU count: other processes shared them); total {time.perf_counter() - start:.0f} s.")
+    print("\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
