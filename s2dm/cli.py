@@ -24,6 +24,7 @@ from .samplers.options import SampleOptions
 from .sampling.folder import DEFAULT_N, parse_seeds, sample_to_folder
 from .study.spec import shipped_study_configs
 from .util import dist
+from .util.memory import keep_freed_memory
 from .util.textfmt import num, plural
 
 DESCRIPTION = """\
@@ -408,6 +409,7 @@ def error_message(exc: S2dmError, flag: Optional[str]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # the process is s2dm's: small models run ~1.3x faster (util/memory.py)
     try:
         with dist.session():  # under torchrun: join the process group, print results once
             return args.func(args)

@@ -1,30 +1,34 @@
 #!/usr/bin/env python
 """Speed of the paths a study spends its time on, against the same paths as they were before
-the speed work, measured in ONE process (alternating rounds, best of each); prints Markdown.
+the speed work; prints Markdown.
 
-``sampling``: image-NFE/s of ``s2dm.samplers.generate.generate`` (what ``s2dm sample``,
-``s2dm eval`` and ``s2dm study`` run), DDIM, for the study model (digits, ``model.ch: 16``,
-batch 2500), the digits default (batch 500) and the CIFAR10 model. "before" is the same call
-with the network as it was: t materialised per image (the time embedding computed B times)
-and attention projections as batched GEMMs over a weight expanded B times. Beside each
-figure: the fraction of the arithmetic limit, the model's FLOPs per image-NFE × image-NFE/s ÷
-the GFLOP/s of a 2048² matmul on the same threads; and whether the images are the same
-(largest difference in uint8 levels between the two paths' PNG pixels).
+``sampling`` (one process, alternating rounds, best of each): image-NFE/s of
+``s2dm.samplers.generate.generate`` (what ``s2dm sample``, ``s2dm eval`` and ``s2dm study``
+run), DDIM, for the study model (digits, ``model.ch: 16``), the digits default and the CIFAR10
+model. "before" is the same call with the network as it was (t materialised per image, so the
+time embedding was computed B times; attention projections as batched GEMMs over a weight
+expanded B times) and, for the study model, the study's old batch of 2,500 images per call.
+Beside each figure: the fraction of the arithmetic limit (the model's FLOPs per image-NFE ×
+image-NFE/s ÷ the GFLOP/s of a 2048² matmul on the same threads) and whether the images are
+the same (largest difference between the two paths' PNG pixels, in uint8 levels).
 
-``training``: steps/s of the real ``train_step`` (draws, S²-DM loss, backward, clip, Adam,
-EMA) at batch 128 for the study model and the digits default; "before" is the network as it
-was and Adam's per-parameter loop (``optim.fused: false``).
+``training`` (one process, alternating): steps/s of the real ``train_step`` (draws, S²-DM
+loss, backward, clip, Adam, EMA) at batch 128 for the study model and the digits default;
+"before" is the network as it was and Adam's per-parameter loop (``optim.fused: false``).
 
-``workers``: what ``s2dm study`` does with its jobs on a CPU: training steps/s and sampling
-image-NFE/s of one process with every thread, against N processes with one thread each
-running at once (N = the CPUs), summed. Each number comes from child processes started by
-this script, so this part measures processes, not one process.
+Both in-process parts run with freed memory kept (util/memory.py), as the CLI does.
+
+``study`` (child processes, rotating rounds): the study model's training steps/s and sampling
+image-NFE/s as ``s2dm study`` gets them: "before" (one process with every thread, glibc's
+allocator defaults, the old code and batch), "one process" (the same layout with today's code
+and memory kept: ``s2dm train`` and ``s2dm sample``), and "study workers" (one single-threaded
+process per CPU, summed).
 
 ``compile`` (not in the default run: each compile costs 10–70 s here): the study model's
 forward with ``torch.compile`` (inductor, frozen weights) against eager, with the compile
 time and the break-even: the image-NFE after which the compiled forward has paid for itself.
 
-    .venv/bin/python scripts/bench_speed.py                 # ~4 min on 2 CPU cores, alone
+    .venv/bin/python scripts/bench_speed.py                 # ~7 min on 2 CPU cores, alone
     .venv/bin/python scripts/bench_speed.py --parts compile
 """
 from __future__ import annotations
@@ -55,6 +59,7 @@ from s2dm.training.loop import train_step, wrap_for_training  # noqa: E402
 from s2dm.training.state import new_state  # noqa: E402
 from s2dm.util.images import to_uint8  # noqa: E402
 from s2dm.util.dist import available_cpus  # noqa: E402
+from s2dm.util.memory import keep_freed_memory  # noqa: E402
 
 MODELS = {  # name: (config, overrides, sampling batch before, now)
     # The study sampled 2,500 images per call; 500 keep each call's activations in a core's
@@ -219,47 +224,73 @@ def part_training(args, out):
 
 
 def worker_main(args) -> None:
-    """A child of the ``workers`` part: one job for ``--seconds``, its rate printed as JSON."""
+    """A child of the ``study`` part: one job for ``--seconds``, its rate printed as JSON;
+    ``--before``: the code, batch and allocator settings as they were."""
     torch.set_num_threads(args.threads)
-    cfg, model, _, batch = model_of(args.models[0])
+    if not args.before:
+        keep_freed_memory()
+    cfg, model, before, now = model_of(args.models[0])
     if args.worker == "train":
-        steps = training_step_fn(cfg, before=False)
+        steps = training_step_fn(cfg, before=args.before)
         steps(3)
         t0, n = time.perf_counter(), 0
         while time.perf_counter() - t0 < args.seconds:
             steps(5)
             n += 5
     else:
+        batch = before if args.before else now
+        net = Before(model).eval() if args.before else model
         shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         schedule = NoiseSchedule.from_config(cfg.diffusion)
-        generate(model, schedule, range(batch), image_shape=shape, batch_size=batch, sampler="ddim", steps=1)
+
+        def call(steps):  # as a study cell: 5,000 images in batches
+            generate(net, schedule, range(max(before, now)), image_shape=shape, batch_size=batch,
+                     sampler="ddim", steps=steps)
+        call(1)
         t0, n = time.perf_counter(), 0
         while time.perf_counter() - t0 < args.seconds:
-            generate(model, schedule, range(batch), image_shape=shape, batch_size=batch, sampler="ddim", steps=5)
-            n += 5 * batch
+            call(5)
+            n += 5 * max(before, now)
     print(json.dumps({"rate": n / (time.perf_counter() - t0)}))
 
 
-def children(kind: str, model: str, threads: int, count: int, seconds: float) -> float:
+def children(kind: str, model: str, threads: int, count: int, seconds: float, before: bool) -> float:
     """Summed rate of ``count`` children running at once with ``threads`` threads each."""
     cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(threads), "--seconds", str(seconds),
-           "--models", model]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(count)]
+           "--models", model] + (["--before"] if before else [])
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(count)]
     return sum(json.loads(p.communicate()[0].strip().splitlines()[-1])["rate"] for p in procs)
 
 
-def part_workers(args, out):
+def part_study(args, out):
+    """The study model's jobs as ``s2dm study`` runs them, in child processes."""
     cpus = available_cpus()
     name = next(iter(MODELS))
+    layouts = {  # name: (threads, processes, before)
+        "before": (cpus, 1, True),
+        "one process": (cpus, 1, False),
+        "study workers": (1, cpus, False),
+    }
     rows = []
     for kind, unit in (("train", "steps/s"), ("sample", "image-NFE/s")):
-        one = children(kind, name, cpus, 1, args.seconds)
-        many = children(kind, name, 1, cpus, args.seconds)
-        rows.append([kind, unit, f"{one:,.1f}", f"{many:,.1f}", f"**{many / one:.2f}×**"])
-        print(f"  workers {kind}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
-    out += [f"**Workers: the {name} model, 1 process × {cpus} threads vs {cpus} processes × 1 thread "
-            f"(summed)**", "", table(["job", "unit", f"1 × {cpus} threads", f"{cpus} × 1 thread", "gain"], rows), ""]
+        # Rounds rotate the layouts; the best round of each counts (separate processes: a round
+        # that other processes disturbed only loses).
+        best = dict.fromkeys(layouts, 0.0)
+        for r in range(args.worker_rounds):
+            order = list(layouts)[r % 3:] + list(layouts)[:r % 3]
+            for layout in order:
+                threads, count, before = layouts[layout]
+                best[layout] = max(best[layout], children(kind, name, threads, count, args.seconds, before))
+        one, study = best["one process"] / best["before"], best["study workers"] / best["before"]
+        rows.append([kind, unit] + [f"{v:,.1f}" for v in best.values()] + [f"{one:.2f}×", f"**{study:.2f}×**"])
+        print(f"  study {kind}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
+    out += [f"**The study model end to end, in child processes** (best of {args.worker_rounds} rotating rounds of "
+            f"{args.seconds:g} s each)", "",
+            f"before: 1 process × {cpus} threads, glibc's allocator defaults, the old network, sampling batch "
+            f"{MODELS[name][2]}, Adam's loop. one process: the same process layout with today's code "
+            f"(`s2dm train`, `s2dm sample`). study workers: {cpus} processes × 1 thread, summed (`s2dm study`).", "",
+            table(["job", "unit", "before", "one process", "study workers", "one process ÷ before",
+                   "study ÷ before"], rows), ""]
 
 
 def part_compile(args, out):
@@ -291,22 +322,25 @@ def table(header, rows) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", choices=("sampling", "training", "workers", "compile"),
-                   default=["sampling", "training", "workers"])
+    p.add_argument("--parts", nargs="+", choices=("sampling", "training", "study", "compile"),
+                   default=["sampling", "training", "study"])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling call (default 10)")
     p.add_argument("--cifar-batch", type=int, default=8, help="CIFAR10 sampling batch on a CPU (default 8)")
     p.add_argument("--train-steps", type=int, default=20, help="training steps per timed round (default 20)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (default 5)")
-    p.add_argument("--seconds", type=float, default=20, help="workers part: seconds per child (default 20)")
+    p.add_argument("--seconds", type=float, default=10, help="study part: seconds per child (default 10)")
+    p.add_argument("--worker-rounds", type=int, default=3, help="study part: rounds per layout (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--worker", choices=("train", "sample"), help=argparse.SUPPRESS)
+    p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
         worker_main(args)
         return 0
+    keep_freed_memory()  # as the CLI: both code paths of the in-process parts run with it
     start = time.perf_counter()
     out = [f"`python scripts/bench_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"), ""]
     for part in args.parts:

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..errors import RunError
 from .dist import available_cpus
+from .memory import keep_freed_memory
 
 
 def worker_count(setting: Union[int, str], jobs: int, device: torch.device) -> int:
@@ -47,6 +48,7 @@ def one_thread() -> Iterator[None]:
 
 def _start_worker() -> None:
     torch.set_num_threads(1)
+    keep_freed_memory()
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
@@ -75,7 +77,7 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
         futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
         pending = set(futures)
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 i = futures[future]
                 results[i] = future.result()  # a job's exception is raised here
