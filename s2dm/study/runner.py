@@ -233,16 +233,22 @@ def _cached(key, make):
     return _WORKER_CACHE[key]
 
 
+def _file_key(path) -> tuple:
+    """A file as it is now: a file rewritten at the same path (a retrained run) is another key."""
+    stat = Path(path).stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
 def _score_job(study: Study, cell: Cell, ckpt: Path, settings: dict, path: Path, index: int) -> dict:
     """Score one cell and write its record; runs in a worker process (or in-process)."""
     device = pick_device("auto")
-    models = _cached("models", dict)
-    if ckpt not in models:
+    models, key = _cached("models", dict), _file_key(ckpt)
+    if key not in models:
         while len(models) >= _MODELS_KEPT:
             models.pop(next(iter(models)))
-        models[ckpt] = load_checkpoint(ckpt, device=device)
-    ck = models[ckpt]
-    ref = _cached(settings["ref"], lambda: Stats.load(settings["ref"]))
+        models[key] = load_checkpoint(ckpt, device=device)
+    ck = models[key]
+    ref = _cached(_file_key(settings["ref"]), lambda: Stats.load(settings["ref"]))
     extractor = _cached(f"extractor-{cell.metric}", lambda: FeatureExtractor(
         cell.metric, device="cpu" if cell.metric == "pixels" else device, progress=False))
     cfg = ck.config
