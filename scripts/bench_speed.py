@@ -346,8 +346,8 @@ def main(argv=None) -> int:
     for part in args.parts:
         globals()[f"part_{part}"](args, out)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    out.append(f"torch {torch.__version__}; {available_cpus()} CPUs; load average {load:.1f} at the end "
-               f"(more than the CPU count: other processes shared them); total {time.perf_counter() - start:.0f} s.")
+    out.append(f"torch {torch.__version__}; {available_cpus()} CPUs; load average {load:.1f} at the end (this "
+               f"script's own processes count in it); total {time.perf_counter() - start:.0f} s.")
     print("\n".join(out))
     return 0
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up, then the skip-step-loss study on scikit-learn's
 # 8×8 digits (no download). `--quick`: baseline, S²-DM and the ε-scaling control, one seed,
-# four cells (~8 min on 2 CPU cores + set-up); without it the full study (~2 h). Prints the table.
+# four cells (~5 min on 2 CPU cores + set-up); without it the full study (~35 min). Prints the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -297,9 +297,12 @@ def _runs_and_cost(study, cost: dict, ema: Dict[str, str]) -> List[str]:
     lines += ["The method behind these numbers is in s2dm's docs/method.md: the losses (§2), the shrink factor and "
               "the ε-scaling control (§3, §4), the paired design (§7) and the metric's label (§8).", ""]
     lines += ["## Cost and versions", "",
+              f"- this invocation: {cost['this_invocation_seconds'] / 60:.1f} min of wall time, up to "
+              f"{cost.get('workers', 1)} jobs at once (one thread each)",
               f"- training: {cost['train_seconds'] / 60:.1f} min; sampling and scoring: "
               f"{cost['eval_seconds'] / 60:.1f} min (wall time of each model's training and each cell, summed over "
-              "invocations; on a shared machine these include the time other jobs took)",
+              "models, cells and invocations: jobs that ran at once add up to more than the wall time; on a shared "
+              "machine these include the time other jobs took)",
               f"- s2dm {__version__}, torch {torch.__version__}",
               "- `results.csv`: one row per model × cell (draw `noise` = the second, independent draw); "
               "`fd_vs_nfe.png`: mean ± std over seeds, one colour and marker per run in every panel, "
