@@ -69,6 +69,8 @@ UserError = S2dmError
 class Interrupted(Exception):
     """A run stopped on request (SIGTERM/SIGINT) after saving; carries the exit code."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int = 130):
+        # A default: unpickling (a study worker's stop reaching its parent) calls the class
+        # with the message alone, then restores exit_code from the instance's __dict__.
         super().__init__(message)
         self.exit_code = exit_code

@@ -1,6 +1,7 @@
 """Typed errors: one class per kind of problem (s2dm/errors.py), one ``error:`` line each from
 the CLI, library messages in API/config terms and the CLI naming the flag by the error's key."""
 import ast
+import pickle
 import re
 
 import pytest
@@ -11,8 +12,8 @@ from s2dm import errors
 from s2dm.cli import build_parser, error_message, flag_of, main
 from s2dm.core.losses import l0_loss, skip_step_loss
 from s2dm.core.schedule import NoiseSchedule
-from s2dm.errors import (CheckpointError, ConfigError, DataError, InteropError, MetricError, RunError,
-                         S2dmError, SamplerError, StudyError, UserError)
+from s2dm.errors import (CheckpointError, ConfigError, DataError, InteropError, Interrupted, MetricError,
+                         RunError, S2dmError, SamplerError, StudyError, UserError)
 from s2dm.interop.convert import convert
 from s2dm.io.checkpoint import load_checkpoint
 from s2dm.io.config import load_config
@@ -221,3 +222,12 @@ def test_same_outcome_keeps_the_class_and_key_and_marks_all_ranks(monkeypatch):
         with dist.same_outcome():
             raise CheckpointError("init_from: checkpoint not found: x", key="init_from")
     assert info.value.all_ranks is True and info.value.key == "init_from"
+
+
+def test_errors_cross_a_process_boundary_whole():
+    """A study worker's error or stop reaches the parent pickled: class, message, key and exit
+    code survive the round trip."""
+    stop = pickle.loads(pickle.dumps(Interrupted("stopped by signal 15 at step 7; saved x", 143)))
+    assert type(stop) is Interrupted and str(stop).startswith("stopped by signal 15") and stop.exit_code == 143
+    err = pickle.loads(pickle.dumps(RunError("workers: bad", key="workers", all_ranks=True)))
+    assert type(err) is RunError and str(err) == "workers: bad" and err.key == "workers" and err.all_ranks

@@ -1,6 +1,11 @@
 """s2dm study: files, resume, and the report's statistics against a hand computation."""
 import csv
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -289,3 +294,28 @@ def test_a_bad_worker_count_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --workers: expected 'auto' or a positive integer, got '0'"]
     assert not (tmp_path / "o" / "runs").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_workers_after_a_checkpoint_and_the_study_resumes(tmp_path):
+    """SIGINT to the process group (Ctrl-C) while two workers train: each training job saves and
+    stops, the study exits 130 with one line, no process is left, and a rerun finishes."""
+    data = {**TOY, "set": {**TOY["set"], "train.steps": 600, "train.checkpoint_every": 600}}
+    cfg, out = write_study(tmp_path, data), tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "s2dm", "study", "--config", str(cfg), "--out", str(out),
+                             "--workers", "2"], cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = [out / "runs" / name / "log.jsonl" for name in ("baseline-s0", "s2dm-s0")]
+    deadline = time.time() + 120
+    while not all(p.is_file() and p.read_text().count("\n") >= 2 for p in logs):  # both are training
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("stopped by signal 2 at step ")
+    for name in ("baseline-s0", "s2dm-s0"):
+        assert list((out / "runs" / name / "checkpoints").glob("ckpt_*.pt"))  # saved on the way out
+    assert main(["study", "--config", str(cfg), "--out", str(out), "--workers", "2", "--quick"]) == 0
+    assert len(list(csv.DictReader((out / "results.csv").read_text().splitlines()))) == 3

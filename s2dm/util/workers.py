@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..errors import RunError
+from ..errors import Interrupted, RunError
 from .dist import available_cpus
 from .memory import keep_freed_memory
 
@@ -49,6 +50,10 @@ def one_thread() -> Iterator[None]:
 def _start_worker() -> None:
     torch.set_num_threads(1)
     keep_freed_memory()
+    # Ctrl-C reaches every process of the group. A worker between jobs must not die of it (the
+    # pool would break); a training job installs its own handler (save, then stop), a scoring
+    # job finishes its cell, and the parent cancels the jobs not yet started.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
@@ -61,7 +66,9 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
 
     The first job to fail stops the rest (jobs not yet started are cancelled, running ones
     finish) and its exception is raised here. Ctrl-C reaches the workers too (same process
-    group): a training job saves its checkpoint and stops, and this call waits for that.
+    group): a training job saves its checkpoint and stops, a scoring job finishes its cell;
+    this call waits for them, then raises the training job's ``Interrupted`` (or
+    KeyboardInterrupt).
     """
     results: List[Any] = [None] * len(jobs)
     if workers <= 1 or len(jobs) <= 1:
@@ -73,6 +80,7 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
         return results
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker)
+    futures = {}
     try:
         futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
         pending = set(futures)
@@ -83,6 +91,13 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
                 results[i] = future.result()  # a job's exception is raised here
                 if on_done is not None:
                     on_done(i, results[i])
+    except KeyboardInterrupt:
+        pool.shutdown(wait=True, cancel_futures=True)  # running jobs save or finish, then stop
+        stopped = [f.exception() for f in futures if f.done() and not f.cancelled()
+                   and isinstance(f.exception(), Interrupted)]
+        if stopped:
+            raise stopped[0] from None  # "stopped by signal 2 at step N; saved ..."
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results
