@@ -62,8 +62,8 @@ from s2dm.util.dist import available_cpus  # noqa: E402
 from s2dm.util.memory import keep_freed_memory  # noqa: E402
 
 MODELS = {  # name: (config, overrides, sampling batch before, now)
-    # The study sampled 2,500 images per call; 500 keep each call's activations in a core's
-    # cache (study_digits.yaml's eval.batch_size), the same images (any batch size gives them).
+    # The study sampled 2,500 images per call, now 500 (study_digits.yaml's eval.batch_size):
+    # the same images (any batch size gives them), as fast once freed memory is kept.
     "study (digits, ch 16)": ("digits.yaml", {"model.ch": 16}, 2500, 500),
     "digits default (ch 32)": ("digits.yaml", {}, 256, 256),  # s2dm sample's --batch-size
     "CIFAR10 (ch 128)": ("cifar10.yaml", {}, None, None),  # --cifar-batch
