@@ -94,10 +94,7 @@ class Before(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.inner = copy.deepcopy(model)
-        for module in self.inner.modules():
-            if isinstance(module, AttnBlock):
-                module.forward = types.MethodType(_attention_before, module)
+        self.inner = as_before(copy.deepcopy(model))
 
     def forward(self, x, t):
         return self.inner(x, t.contiguous())

@@ -296,9 +296,10 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
     report.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png")
+    planned = len(plan_cells(study))
     cost = {"train_seconds": sum(train_seconds.values()), "eval_seconds": sum(r["seconds"] for r in records),
-            "this_invocation_seconds": time.time() - t0, "cells_planned": len(plan_cells(study)),
-            "workers": worker_count(workers, len(plan_cells(study)), pick_device("auto")),
+            "this_invocation_seconds": time.time() - t0, "cells_planned": planned,
+            "workers": worker_count(workers, planned, pick_device("auto")),
             "cells_scored": len(records)}
     atomic_write_text(out / "report.md", report.report_markdown(rows, study, cost, out, ema=ema_settings(study)))
     return out
