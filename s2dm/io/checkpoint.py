@@ -8,8 +8,8 @@ for fp32/bf16; absent in older files), ``rng`` and version strings. Run folders 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
