@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import Interrupted, MetricError, RunError, S2dmError
-from .io.checkpoint import newest_run, run_folder_of
+from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run_folder_of
 from .io.config import CONFIG_DIR, load_config, shipped_configs
 from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
@@ -77,16 +77,29 @@ def cmd_sample(args) -> int:
     if ckpt is None:
         ckpt = newest_run("runs")
         dist.print0(f"sampling {ckpt} (the newest run under runs/; --ckpt to choose another)")
+    if args.which != LATEST:
+        ckpt = resolve_checkpoint(ckpt, args.which)
+        dist.print0(f"sampling {ckpt} (the run's {args.which} checkpoint)")
     out = args.out
     if out is None:
         run = run_folder_of(ckpt)
         if run is None:
             raise RunError(f"--out is needed: {ckpt} is a file outside a run folder")
-        out = run / "samples" / options.folder_name(args.ema)
+        out = run / "samples" / (options.folder_name(args.ema) + ("" if args.which == LATEST else f"-{args.which}"))
     meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
                             device=args.device)
     print(f"{meta['n_images']} images in {out} (sampler {options.sampler}, {options.steps} steps, "
           f"NFE {meta['nfe']}); mosaic: {Path(out) / 'preview' / 'mosaic.png'}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .training.curves import plot_runs  # CLI start-up time: matplotlib
+
+    out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1
+                                           else Path("curves.png"))
+    plot_runs([Path(r) for r in args.runs], out)
+    print(f"curves of {plural(len(args.runs), 'run')}: {out}")
     return 0
 
 
@@ -276,6 +289,9 @@ def _sample_parser(sub) -> None:
                        description="Write {seed:06d}.png per seed (an image depends only on its seed), "
                                    "metadata.json and preview/mosaic.png. Resumes by skipping existing images.")
     s.add_argument("--ckpt", help="checkpoint file or run folder (default: the newest run under runs/)")
+    s.add_argument("--which", choices=POINTERS, default=LATEST,
+                   help="a run folder's checkpoint: latest (default) or best (the best evaluated while training, "
+                        "train.eval_every; written into RUN/samples/<sampler>-<steps>-best)")
     s.add_argument("--out", help="output folder (default: RUN/samples/<sampler>-<steps>[-settings])")
     add_option_flags(s)
     s.add_argument("--n", "--num-images", type=int, default=None,
@@ -360,13 +376,23 @@ def _study_parser(sub) -> None:
     st.set_defaults(func=cmd_study)
 
 
+def _plot_parser(sub) -> None:
+    pl = sub.add_parser("plot", help="training curves of runs (loss, L0/L_skip, loss by t, evaluation) as a PNG",
+                        description="Draw the loss (smoothed, raw values faint), L0 and L_skip, the loss by t-quartile "
+                                    "and the evaluation metric against the step, from each run's log.jsonl; several "
+                                    "runs overlay with a legend.")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run folders (of s2dm train)")
+    pl.add_argument("--out", help="the PNG (default: RUN/curves.png for one run, ./curves.png for several)")
+    pl.set_defaults(func=cmd_plot)
+
+
 def _configs_parser(sub) -> None:
     cf = sub.add_parser("configs", help="list the shipped configs (usable by bare name)")
     cf.set_defaults(func=cmd_configs)
 
 
 VERB_PARSERS = (_train_parser, _convert_parser, _export_parser, _sample_parser, _fid_parser, _eval_parser,
-                _study_parser, _configs_parser)
+                _study_parser, _plot_parser, _configs_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

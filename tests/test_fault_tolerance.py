@@ -30,12 +30,13 @@ def digest(run):
     return ck.step, h.hexdigest()
 
 
-def spawn(out, prelude=""):
-    """`s2dm train` in a subprocess; ``prelude`` is Python run before main() (test hooks)."""
+def spawn(out, prelude="", extra=()):
+    """`s2dm train` in a subprocess; ``prelude`` is Python run before main() (test hooks);
+    ``extra``: more config overrides."""
     code = f"import sys\n{prelude}\nfrom s2dm.cli import main\nsys.exit(main(sys.argv[1:]))"
     # Bitwise equality needs the same thread count as the in-process runs (reduction order).
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.Popen([sys.executable, "-c", code, *tiny_args(out, STEPS, *EXTRA)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-c", code, *tiny_args(out, STEPS, *EXTRA, *extra)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

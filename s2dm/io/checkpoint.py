@@ -4,7 +4,9 @@ A checkpoint is a dict saved with ``torch.save``: ``format_version``, ``step``, 
 (the resolved config as a plain dict, so sampling needs nothing else), ``model``, ``ema``,
 ``optimizer`` state dicts, ``scaler`` (the fp16 GradScaler's state, restored on resume; None
 for fp32/bf16; absent in older files), ``rng`` and version strings. Run folders keep them under
-``checkpoints/ckpt_{step:08d}.pt`` with a text file ``checkpoints/latest`` naming the newest.
+``checkpoints/ckpt_{step:08d}.pt`` with a text file ``checkpoints/latest`` naming the newest
+and, in runs that evaluate while training, ``checkpoints/best`` naming the best-scored one
+(never pruned while it is best).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from .config import Config, config_from_saved
 
 FORMAT_VERSION = 1
 LATEST = "latest"
+BEST = "best"
+POINTERS = (LATEST, BEST)  # the checkpoint a run folder stands for: `s2dm sample --which`
 
 
 def checkpoint_name(step: int) -> str:
@@ -44,30 +48,51 @@ def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int)
     state = {"format_version": FORMAT_VERSION, **state}
     path = ckpt_dir / checkpoint_name(state["step"])
     atomic_torch_save(state, path)
-    atomic_write_text(ckpt_dir / LATEST, path.name + "\n", fsync=True)
-    old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-1]
+    point(ckpt_dir, LATEST, path)
+    best = pointer_target(ckpt_dir, BEST)
+    old = [p for p in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-1] if p != best]  # best is kept
     for stale in old[: max(0, len(old) - keep_last)]:
         stale.unlink(missing_ok=True)
     remove_stale_temps(ckpt_dir)  # half-written files of a save that a kill interrupted (one writer: rank 0)
     return path
 
 
-def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """A checkpoint file, or a run folder / checkpoints folder (→ its newest checkpoint)."""
+def point(ckpt_dir: Union[str, Path], name: str, target: Union[str, Path]) -> None:
+    """Point ``ckpt_dir/name`` (``latest``, ``best``) at the checkpoint file ``target``."""
+    atomic_write_text(Path(ckpt_dir) / name, Path(target).name + "\n", fsync=True)
+
+
+def pointer_target(ckpt_dir: Union[str, Path], name: str) -> Optional[Path]:
+    """The checkpoint file ``ckpt_dir/name`` points at, if the pointer and the file exist."""
+    pointer = Path(ckpt_dir) / name
+    if not pointer.is_file():
+        return None
+    target = Path(ckpt_dir) / pointer.read_text().strip()
+    return target if target.is_file() else None
+
+
+def resolve_checkpoint(path: Union[str, Path], which: str = LATEST) -> Path:
+    """A checkpoint file, or a run folder / checkpoints folder (→ the checkpoint its pointer
+    ``which`` names: ``latest``, the newest, or ``best``, the best-scored during training)."""
+    if which not in POINTERS:
+        raise CheckpointError(f"which must be one of {', '.join(POINTERS)}, not {which!r}", key="which")
     path = Path(path)
     if path.is_dir():
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        pointer = ckpt_dir / LATEST
-        if pointer.is_file():
-            target = ckpt_dir / pointer.read_text().strip()
-            if target.is_file():
-                return target
+        target = pointer_target(ckpt_dir, which)
+        if target is not None:
+            return target
+        if which == BEST:
+            raise CheckpointError(f"which best: {path} has no best checkpoint: the run did not evaluate while training "
+                                  "(train.eval_every: 0) or has not reached its first evaluation", key="which")
         found = sorted(ckpt_dir.glob("ckpt_*.pt"))
         if not found:
             raise CheckpointError(f"no checkpoint found in {path}")
         return found[-1]
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if which != LATEST:
+        raise CheckpointError(f"which {which} names a run folder's checkpoint, but {path} is a file", key="which")
     return path
 
 

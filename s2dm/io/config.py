@@ -72,6 +72,24 @@ class OptimConfig:
     fused: bool = True  # Adam's fused kernel (one call for all parameters); false: its per-parameter loop
 
 
+# Evaluation metrics during training → the features they compare (training/evaluation.py
+# scores them with metrics/, whose FID and FD-pixels labels they get).
+EVAL_METRICS = {"fd-pixels": "pixels", "fid": "inception"}
+INCEPTION_DIM = 2048  # FID's pool3 features: the dimension a FID's covariance has
+
+
+@dataclass
+class EvalConfig(SampleOptions):
+    """Evaluation during training (``train.eval_every``): the sampler options are
+    ``SampleOptions``' fields (as in ``sample:``), then what is scored and how."""
+
+    n: int = 1000  # images per evaluation, image seeds seed .. seed+n-1 (the same every time)
+    metric: str = "fd-pixels"  # fd-pixels | fid (pytorch-fid's Inception: offline weights needed)
+    seed: int = 0
+    batch_size: int = 256  # images per network call
+    inception_weights: Optional[str] = None  # fid: pt_inception-2015-12-05-6726825d.pth (default: found offline)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 800_000
@@ -88,6 +106,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler)
     channels_last: bool = False  # NHWC weights and activations (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the training forward (slow start, faster steps)
+    eval_every: int = 0  # score the EMA model every N steps (a multiple of log_every; 0: never)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tensorboard: bool = False  # also write RUN/tb/ (pip install 's2dm[tensorboard]')
 
 
 @dataclass
@@ -290,9 +311,39 @@ def validate(cfg: Config) -> None:
     need(cfg.model.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
     need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must lie in [0, 1)")
     need(cfg.sample.mosaic_images > 0, "sample.mosaic_images", "must be positive")
+    _validate_eval(cfg)
     # The preview grids' sampler options, with the one check ``s2dm sample`` makes: a typo
     # fails here, before step 1, not at the first grid.
     SampleOptions.of(cfg.sample).validate(NoiseSchedule.from_config(cfg.diffusion), prefix="sample.", quiet=True)
+
+
+def _validate_eval(cfg: Config) -> None:
+    """``train.eval_every`` and ``train.eval``: checked whether or not evaluation is on (a
+    typo should not wait until it is switched on), except what only matters when it is."""
+    ev, every = cfg.train.eval, cfg.train.eval_every
+    if ev.metric not in EVAL_METRICS:
+        raise ConfigError(f"train.eval.metric: {ev.metric!r} is not one of {', '.join(EVAL_METRICS)}",
+                          key="train.eval.metric")
+    if every < 0:
+        raise ConfigError(f"train.eval_every: must be >= 0 (0: no evaluation), got {every}", key="train.eval_every")
+    if ev.batch_size < 1:
+        raise ConfigError(f"train.eval.batch_size: must be positive, got {ev.batch_size}", key="train.eval.batch_size")
+    if ev.seed < 0:
+        raise ConfigError(f"train.eval.seed: must be >= 0, got {ev.seed}", key="train.eval.seed")
+    SampleOptions.of(ev).validate(NoiseSchedule.from_config(cfg.diffusion), prefix="train.eval.", quiet=True)
+    if every == 0:
+        return
+    if every % cfg.train.log_every:
+        raise ConfigError(f"train.eval_every: {every} is not a multiple of train.log_every ({cfg.train.log_every}); "
+                          "each evaluation follows the log line of its step, so that the curves line up",
+                          key="train.eval_every")
+    d = cfg.data
+    dim = d.channels * d.image_size ** 2 if EVAL_METRICS[ev.metric] == "pixels" else INCEPTION_DIM
+    if ev.n <= dim:
+        what = f"{d.channels}x{d.image_size}x{d.image_size} pixels" if ev.metric == "fd-pixels" else "Inception pool3"
+        raise ConfigError(f"train.eval.n: {ev.n} images give a covariance of rank at most {max(ev.n - 1, 0)} in "
+                          f"{dim}-d features ({what}), so the Fréchet distance would be singular; use n > {dim}",
+                          key="train.eval.n")
 
 
 # -- files and overrides ------------------------------------------------------------------

@@ -331,6 +331,20 @@ def _dataset_batches(ds, limit: Optional[int], batch_size: int, num_workers: int
         yield to_uint8(batch)
 
 
+def training_images_label(data) -> str:
+    """How statistics name a data set's training images (``data``: a ``DataConfig``)."""
+    return f"{data.dataset} train {data.image_size}x{data.image_size}"
+
+
+def dataset_stats(ds, ext: FeatureExtractor, label: str, n: Optional[int] = None, batch_size: int = 50,
+                  num_workers: int = 0) -> Stats:
+    """Statistics of the first ``n`` (default all) images of the data set ``ds`` (under
+    torchrun every rank calls it; each extracts its part)."""
+    total = len(ds) if n is None else min(n, len(ds))
+    a, b = batch_aligned_shard(total, batch_size)
+    return ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), b - a, label)
+
+
 def reference_stats(source: PathLike, out: PathLike, *, features: str = "inception", dims: int = 2048,
                     n: Optional[int] = None, overrides: Sequence[str] = (), device: str = "auto",
                     batch_size: int = 50, num_workers: int = 0, weights: Optional[PathLike] = None,
@@ -357,9 +371,7 @@ def reference_stats(source: PathLike, out: PathLike, *, features: str = "incepti
             raise MetricError(f"n {n}: the {cfg.data.dataset} training set has only {len(ds)} images", key="n")
         if total < 2:
             raise MetricError(f"the {cfg.data.dataset} training set has {total} image(s); statistics need at least 2")
-        label = f"{cfg.data.dataset} train {cfg.data.image_size}x{cfg.data.image_size} ({src})"
-        a, b = batch_aligned_shard(total, batch_size)
-        stats = ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), b - a, label)
+        stats = dataset_stats(ds, ext, f"{training_images_label(cfg.data)} ({src})", total, batch_size, num_workers)
     elif not src.exists():
         raise MetricError(f"not found: {src}")
     else:

@@ -27,12 +27,13 @@ from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
 from ..metrics.fid import FeatureExtractor, Stats, frechet_distance, metric_label, reference_stats
 from ..samplers import expected_nfe
-from ..samplers.generate import generate, generate_batches
+from ..metrics.sampled import sample_stats
+from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
 from ..training.loop import train
 from ..util.dist import pick_device
 from ..util.fileio import atomic_write_text
-from ..util.images import save_mosaic, to_uint8
+from ..util.images import save_mosaic
 from ..util.records import read_record, reusable_record
 from ..util.textfmt import plural
 from ..util.workers import one_thread, run_jobs, worker_count
@@ -179,10 +180,8 @@ def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, r
     options = SampleOptions(sampler=cell.sampler, steps=cell.steps, order=study.order,
                             eps_scale=run.eps_scale or None)
 
-    batches = generate_batches(model, schedule, seeds, image_shape=shape, batch_size=study.batch_size,
-                               device=device, **options.as_kwargs())
-    stats = extractor.stats_of_uint8((to_uint8(images) for _, images, _ in batches), len(seeds),
-                                     f"{run.name} {cell.key}")
+    stats = sample_stats(model, schedule, seeds, options, extractor, image_shape=shape, batch_size=study.batch_size,
+                         device=device, source=f"{run.name} {cell.key}")
     return {"value": frechet_distance(stats, ref), "metric": metric_label(ref.metric, cell.n),
             "nfe": expected_nfe(cell.sampler, cell.steps), "seconds": time.time() - t0}
 

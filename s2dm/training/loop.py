@@ -15,10 +15,17 @@ over the global batch cannot be sliced). Weights start equal on all ranks (the s
 seed; DDP also broadcasts rank 0's), gradients are all-reduced, so the EMA stays identical on
 every rank. A non-finite loss on any rank, and a stop signal on any rank, are agreed on by
 all ranks (one all-reduce per step). Only rank 0 writes the log, grids and checkpoints.
+
+What a researcher watches while it runs (rank 0): the progress bar (loss, steps/s, the last
+evaluation), ``log.jsonl``, the preview mosaics, ``curves.png`` at each checkpoint
+(``curves.py``), TensorBoard if asked (``tblog.py``), and every ``train.eval_every`` steps an
+evaluation of the EMA model (``evaluation.py``; every rank takes part) whose step is always
+checkpointed, so that ``checkpoints/best`` can point at it.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -44,10 +51,13 @@ from ..samplers.options import SampleOptions
 from ..util import dist
 from ..util.dist import pick_device
 from ..util.images import save_mosaic
+from .curves import write_run_curves
 from .draws import PlannedBatches, StepDraws, draw_step
+from .evaluation import Evaluator, check_eval_setup, describe, set_up_evaluation
 from .precision import autocast
 from .runlog import Window, truncate_log
 from .state import RunState, check_folder, new_state, prepare_folder, restore, save
+from .tblog import TensorBoard, check_tensorboard, open_tensorboard
 
 
 def compute_loss(cfg: Config, model, x0, draws: StepDraws, schedule: NoiseSchedule):
@@ -198,9 +208,13 @@ class _Run:
     state: RunState
     last_ckpt: Optional[Path]
     init: Optional[dict]
+    evaluator: Optional[Evaluator] = None
+    evaluated: frozenset = frozenset()  # steps of a resumed run already evaluated
     window: Optional[Window] = None
     log: Optional[TextIO] = None
+    tb: Optional[TensorBoard] = None
     progress: bool = True
+    postfix: dict = dataclasses.field(default_factory=dict)  # the progress bar's figures
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     overflow_total: int = 0
@@ -238,6 +252,9 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
     """Everything before step 1: folder state, device, data, weights, the run folder."""
     log_path = out / "log.jsonl"
     dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
+    if cfg.train.tensorboard:
+        check_tensorboard()
+    check_eval_setup(cfg)
     # Everything that can fail before step 1 (folder state, device, data, checkpoints, weights
     # to start from) is checked before the run folder is created: no empty run folders.
     resuming = dist.run0(lambda: check_folder(out, resume, force))
@@ -255,7 +272,12 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
         else:
             log_path.unlink(missing_ok=True)
         cfg.dump(out / "config.yaml")
-    return _Run(cfg, out, device, dataset, schedule, state, last_ckpt, init)
+    run = _Run(cfg, out, device, dataset, schedule, state, last_ckpt, init)
+    run.evaluator = set_up_evaluation(cfg, out, dataset, schedule, device)
+    if run.evaluator is not None:
+        run.evaluated = frozenset(dist.run0(lambda: run.evaluator.resume(log_path)))
+        dist.print0(describe(run.evaluator))
+    return run
 
 
 def _loader(run: _Run) -> torch.utils.data.DataLoader:
@@ -279,24 +301,30 @@ def _loop(run: _Run) -> Path:
     bar = tqdm(total=cfg.train.steps, initial=state.step, desc=f"train {run.out.name}", unit="step",
                dynamic_ncols=True, disable=not (main_rank and run.progress))
     log_file = open(run.out / "log.jsonl", "a") if main_rank else contextlib.nullcontext()
+    run.tb = open_tensorboard(cfg.train.tensorboard and main_rank, run.out, state.step)
     # The bar closes before any error line is printed, so that line stays the last one.
-    with bar, log_file as log, StopRequest() as stop:
+    tb = contextlib.closing(run.tb) if run.tb is not None else contextlib.nullcontext()
+    with bar, log_file as log, StopRequest() as stop, tb:
         run.log = log
         if state.step == 0:
             run.write(_start_record(run))
+        ev = run.evaluator
+        if ev is not None and ev.due(state.step) and state.step not in run.evaluated:
+            _evaluate(run, bar)  # a run stopped between its checkpoint and its evaluation
         for x0 in loader:
             res = train_step(cfg, state, x0, run.schedule, run.device, stop_requested=stop.signal is not None)
             _count_step(run, res)
             bar.update(1)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
                 _log_window(run, bar)
-            _save_and_preview(run, res, stop)
+            _save_and_preview(run, res, stop, bar)
     return dist.broadcast_object(run.last_ckpt)
 
 
 def _start_record(run: _Run) -> dict:
     cfg = run.cfg
     return {"step": 0, "event": "start", "parameters": count_parameters(run.state.model),
+            "num_timesteps": cfg.diffusion.num_timesteps,
             "dataset_size": len(run.dataset), "device": str(run.device), "batch_size": cfg.train.batch_size,
             "world_size": dist.world_size(), "batch_per_rank": dist.per_rank_batch(cfg.train.batch_size),
             "backend": dist.backend(), "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
@@ -334,19 +362,39 @@ def _log_window(run: _Run, bar) -> None:
     if state.scaler is not None:
         rec.update(loss_scale=state.scaler.get_scale(), fp16_overflow_skipped=run.overflow_total)
     run.write(rec)
+    if run.tb is not None:
+        run.tb.scalars(rec)
     if "loss" in rec:
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
+        run.postfix.update(loss=f"{rec['loss']:.4f}", steps_s=f"{rec['steps_per_s']:.2f}")
+        bar.set_postfix(run.postfix)
     window.reset()
 
 
-def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest) -> None:
-    """The step's checkpoint (when due or stopping), THEN its preview mosaic: a preview that
-    fails, whatever the exception, cannot cost the checkpoint; the run stops with its error."""
+def _evaluate(run: _Run, bar) -> None:
+    """Score the EMA model at this step (every rank); rank 0 logs it, moves ``best``, shows it."""
+    with dist.same_outcome():  # a failure on any rank stops every rank with its message
+        rec = run.evaluator.run(run.state.ema, run.state.step)
+    if dist.is_main():
+        run.write(rec)
+        if rec["best"]:
+            run.evaluator.point_best()
+        if run.tb is not None:
+            run.tb.evaluation(rec)
+        run.postfix[rec["metric"]] = f"{rec['value']:.4g}"
+        bar.set_postfix(run.postfix)
+    run.window.exclude(rec["seconds"])  # steps/s stays the training's own rate
+
+
+def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> None:
+    """The step's checkpoint (when due, stopping or evaluating), THEN its preview mosaic, its
+    evaluation and ``curves.png``: none of them, failing whatever way, can cost the
+    checkpoint; the run stops with its error."""
     cfg, state, window = run.cfg, run.state, run.window
     done, world, main_rank = state.step, dist.world_size(), dist.is_main()
     # Ranks stop at the step they agreed on in train_step's all-reduce; one process
     # also honours a signal that arrived during this step's bookkeeping.
-    due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps
+    evaluate = run.evaluator is not None and run.evaluator.due(done)
+    due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or evaluate
     stopping = res.stop or (world == 1 and stop.signal is not None)
     if due or stopping:  # every rank agrees on both
         if world > 1:  # rank 0 keeps the global partial sums, the others start afresh
@@ -358,7 +406,16 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest) -> None:
         if main_rank and (due or stopping):
             run.last_ckpt = save(state, cfg, run.ckpt_dir)
         if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
-            write_mosaic(state.ema, cfg, run.schedule, run.out / "samples" / f"mosaic_{done:08d}.png", run.device)
+            mosaic = write_mosaic(state.ema, cfg, run.schedule, run.out / "samples" / f"mosaic_{done:08d}.png",
+                                  run.device)
+            if run.tb is not None:
+                run.tb.image("samples/ema_mosaic", mosaic, done)
+    if evaluate and not stopping:  # a stopped run evaluates this step when it resumes
+        _evaluate(run, bar)
+    if due and done >= min(cfg.train.log_every, cfg.train.steps):  # after the first log line: something to draw
+        with dist.same_outcome():
+            if main_rank:
+                write_run_curves(run.out)
     if world == 1 and due and stop.signal is not None:
         stopping = True  # it arrived while this step's checkpoint or mosaic was written: stop here
     if stopping:
@@ -370,13 +427,14 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest) -> None:
         raise exc
 
 
-def write_mosaic(ema, cfg: Config, schedule: NoiseSchedule, path: Path, device) -> None:
-    """A PNG mosaic from the EMA model with the config's sampler options and fixed seeds."""
+def write_mosaic(ema, cfg: Config, schedule: NoiseSchedule, path: Path, device):
+    """A PNG mosaic from the EMA model with the config's sampler options and fixed seeds;
+    returns it (uint8 HWC)."""
     n = cfg.sample.mosaic_images
     images, _ = generate(ema, schedule, range(cfg.sample.seed, cfg.sample.seed + n),
                          image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
                          batch_size=cfg.sample.batch_size, device=device,
                          **SampleOptions.of(cfg.sample).as_kwargs())
-    save_mosaic(images, path)
+    return save_mosaic(images, path)
 
 

@@ -22,6 +22,10 @@ class Window:
         self.sums, self.counts = defaultdict(float), defaultdict(int)
         self.steps, self.t0 = 0, time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation) out of the window's steps/s."""
+        self.t0 += seconds
+
     def add(self, t: torch.Tensor, terms: dict, grad_norm: float):
         t = t.cpu()
         q = (t * 4 // self.T).clamp(max=3)

@@ -3,6 +3,7 @@ optimiser, GradScaler, step, the log window), which config changes a resume acce
 run folder's checks. ``loop.py`` drives the steps; this module knows the files."""
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import sys
@@ -19,19 +20,22 @@ from ..core.ema import make_ema
 from ..core.unet import build_model
 from ..errors import CheckpointError, RunError
 from ..io.checkpoint import load_state_strict, read_checkpoint, save_run_checkpoint
-from ..io.config import Config, saved_as_current
+from ..io.config import Config, EvalConfig, saved_as_current
 from ..util import dist
 from ..util.records import first_difference
 from .precision import check_supported, make_scaler, to_channels_last
 
 
-# Keys that may differ when a run is resumed (they change cadence, length or speed, not the
-# model or the loss). precision and optim.fused (the same Adam, other rounding) may change too (e.g. back to fp32 after fp16 trouble); the
-# run then no longer continues bit-exactly, which is the user's explicit choice.
+# Keys that may differ when a run is resumed (they change cadence, length, speed or what is
+# watched, not the model or the loss). precision and optim.fused (the same Adam, other
+# rounding) may change too (e.g. back to fp32 after fp16 trouble); the run then no longer
+# continues bit-exactly, which is the user's explicit choice. Evaluation draws nothing from
+# the training's random streams, so its settings may change (``best`` then restarts).
 RESUMABLE_CHANGES = {"train.steps", "train.log_every", "train.checkpoint_every",
                      "train.sample_every", "train.keep_last", "train.device", "data.num_workers",
                      "data.root", "train.max_nonfinite", "train.precision", "train.channels_last",
-                     "train.compile", "optim.fused"}
+                     "train.compile", "optim.fused", "train.eval_every", "train.tensorboard",
+                     *(f"train.eval.{f.name}" for f in dataclasses.fields(EvalConfig))}
 
 
 # -- the run ---------------------------------------------------------------------------------

@@ -1,0 +1,201 @@
+"""Evaluation while training (``train.eval_every``): the EMA model's FD-pixels or FID every N
+steps, one ``log.jsonl`` record each, and the ``checkpoints/best`` pointer.
+
+- Every evaluation samples the same image seeds (``train.eval.seed`` .. +n−1) with the
+  ``train.eval`` sampler options, so the values of one run form a curve of the weights alone.
+- It draws nothing from the training's random streams: x_T and the samplers' noise come from
+  per-seed generators, and every training draw is derived from (train.seed, step) anyway
+  (``draws.py``), so a run ends with the same weights with or without evaluation.
+- The reference statistics are the training images', made once and kept beside the run
+  (``RUN/ref_<features>.npz``); a file made from other data or features is made again.
+- Under torchrun every rank samples its part of the seeds and extracts its part of the
+  reference (``metrics/sampled.py``); rank 0 writes the files.
+- Labels follow ``s2dm fid``: FD-pixels is never called FID, and a FID of fewer than 50,000
+  images carries its size (``FID-10k``).
+- ``best`` compares evaluations made with the same settings only; changing ``train.eval`` on
+  resume starts it afresh.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..core.schedule import NoiseSchedule
+from ..errors import MetricError, RunError
+from ..io.checkpoint import BEST, checkpoint_name, point
+from ..io.config import EVAL_METRICS, INCEPTION_DIM, Config
+from ..metrics.fid import FeatureExtractor, Stats, dataset_stats, frechet_distance, training_images_label
+from ..metrics.inception import resolve_inception_weights
+from ..metrics.sampled import sample_stats
+from ..metrics.statistics import feature_kind, metric_label, metric_name
+from ..samplers import expected_nfe
+from ..samplers.options import SampleOptions
+from ..util import dist
+
+# The fields of an eval record that define what was measured: ``best`` compares records that agree on them.
+SETTINGS = ("metric", "n", "seeds", "sampler", "steps", "grid", "eta", "order", "eps_scale", "legacy_pndm_index")
+
+
+def check_eval_setup(cfg: Config) -> None:
+    """What evaluation needs from the machine, checked before the run folder is touched: the
+    Inception weights of a FID (found offline, as ``s2dm fid`` finds them)."""
+    ev = cfg.train.eval
+    if cfg.train.eval_every and EVAL_METRICS[ev.metric] == "inception":
+        try:
+            dist.run0(lambda: resolve_inception_weights(ev.inception_weights))
+        except MetricError as exc:
+            raise MetricError(f"train.eval.metric: fid needs the FID Inception weights: {exc} (or evaluate "
+                              "with train.eval.metric: fd-pixels)", key="train.eval.metric") from None
+
+
+def _seeds_text(ev) -> str:
+    return f"{ev.seed}-{ev.seed + ev.n - 1}"
+
+
+@dataclass
+class Evaluator:
+    """The run's evaluation: its extractor and reference, its settings, the best so far."""
+
+    cfg: Config
+    ckpt_dir: Path
+    schedule: NoiseSchedule
+    device: torch.device
+    extractor: FeatureExtractor
+    ref: Stats
+    best: Optional[dict] = None  # the best record so far with these settings
+
+    @property
+    def every(self) -> int:
+        return self.cfg.train.eval_every
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+    def settings(self) -> dict:
+        """What defines this run's values (the record's ``SETTINGS`` fields)."""
+        ev = self.cfg.train.eval
+        return {"metric": metric_label(self.ref.metric, ev.n), "n": ev.n, "seeds": _seeds_text(ev),
+                "sampler": ev.sampler, "steps": ev.steps, "grid": ev.grid, "eta": ev.eta,
+                "order": ev.order if ev.sampler.startswith("deis") else None, "eps_scale": ev.eps_scale,
+                "legacy_pndm_index": ev.legacy_pndm_index}
+
+    def matches(self, record: dict) -> bool:
+        mine = self.settings()
+        return record.get("event") == "eval" and all(record.get(k) == mine[k] for k in SETTINGS)
+
+    def run(self, ema: torch.nn.Module, step: int) -> dict:
+        """Score ``ema`` (every rank calls it); returns the log record, ``best`` set. A disk or
+        memory failure is one RunError naming the step."""
+        ev, data = self.cfg.train.eval, self.cfg.data
+        t0 = time.perf_counter()
+        try:
+            stats = sample_stats(ema, self.schedule, range(ev.seed, ev.seed + ev.n), SampleOptions.of(ev),
+                                 self.extractor, image_shape=(data.channels, data.image_size, data.image_size),
+                                 batch_size=ev.batch_size, device=self.device, source=f"step {step}")
+        except (OSError, torch.cuda.OutOfMemoryError) as exc:
+            raise RunError(f"the evaluation of step {step} failed: {exc}; its checkpoint is saved, rerun the "
+                           "same command to resume") from None
+        value = dist.run0(lambda: frechet_distance(stats, self.ref))
+        record = {"step": step, "event": "eval", **self.settings(), "value": value,
+                  "nfe": expected_nfe(ev.sampler, ev.steps), "seconds": round(time.perf_counter() - t0, 3),
+                  "features": self.ref.features, "ref": self.ref.path}
+        record["best"] = math.isfinite(value) and (self.best is None or value < self.best["value"])
+        if record["best"]:
+            self.best = record
+        return record
+
+    def point_best(self) -> None:
+        """``checkpoints/best`` → the best record's checkpoint (rank 0; that step's checkpoint
+        is always written before its evaluation)."""
+        if self.best is not None:
+            path = self.ckpt_dir / checkpoint_name(self.best["step"])
+            if path.is_file():
+                point(self.ckpt_dir, BEST, path)
+
+    def resume(self, log_path: Path) -> set:
+        """The best so far among the log's records (already cut at the resumed step) with
+        these settings, the pointer put back on it; returns the steps already evaluated
+        (with any settings: a resumed step is not scored twice)."""
+        done = set()
+        if log_path.is_file():
+            for line in log_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("event") == "eval":
+                    done.add(rec["step"])
+                if self.matches(rec):
+                    if math.isfinite(rec["value"]) and (self.best is None or rec["value"] < self.best["value"]):
+                        self.best = rec
+        self.point_best()
+        return done
+
+
+def set_up_evaluation(cfg: Config, run_dir: Path, dataset, schedule: NoiseSchedule,
+                      device: torch.device) -> Optional[Evaluator]:
+    """The run's Evaluator (None when ``train.eval_every`` is 0), its reference statistics
+    made or reused; every rank calls it, after the run folder exists."""
+    if not cfg.train.eval_every:
+        return None
+    ev = cfg.train.eval
+    features = EVAL_METRICS[ev.metric]
+    dims = INCEPTION_DIM if features == "inception" else 0
+    extractor = FeatureExtractor(features, dims=dims or INCEPTION_DIM, device=str(device),
+                                 batch_size=ev.batch_size, weights=ev.inception_weights, progress=False)
+    extractor.load()
+    ref = _reference(cfg, run_dir, dataset, extractor)
+    return Evaluator(cfg, run_dir / "checkpoints", schedule, device, extractor, ref)
+
+
+def _reference(cfg: Config, run_dir: Path, dataset, extractor: FeatureExtractor) -> Stats:
+    """The training images' statistics, cached at ``RUN/ref_<features>.npz``: reused when
+    made from this data set (name, size, count) with these features (and weights), else made
+    and written (a full disk is one RunError; no checkpoint is touched)."""
+    kind = feature_kind(extractor.features, extractor.dims or INCEPTION_DIM)
+    path = run_dir / f"ref_{kind}.npz"
+    label = training_images_label(cfg.data)
+    cached = dist.run0(lambda: _cached_reference(path, kind, label, len(dataset), extractor.weights_sha256))
+    if cached is not None:
+        return cached
+    stats = dataset_stats(dataset, extractor, label, batch_size=extractor.batch_size)
+
+    def write():
+        try:
+            stats.save(path)
+        except OSError as exc:
+            raise RunError(f"could not write the reference statistics {path}: {exc.strerror or exc}; no "
+                           "checkpoint was touched") from None
+
+    dist.run0(write)
+    stats.path = str(path)
+    return stats
+
+
+def _cached_reference(path: Path, kind: str, label: str, n: int, weights_sha256: Optional[str]) -> Optional[Stats]:
+    if not path.is_file():
+        return None
+    try:
+        stats = Stats.load(path)
+    except MetricError:
+        return None  # unreadable (e.g. cut by a kill): made again
+    if (stats.features, stats.source, stats.n) != (kind, label, n):
+        return None
+    if weights_sha256 and stats.weights_sha256 != weights_sha256:
+        return None
+    stats.path = str(path)
+    return stats
+
+
+def describe(evaluator: Evaluator) -> str:
+    """The evaluation in words, for the start of a run."""
+    s = evaluator.settings()
+    name = metric_name(evaluator.ref.features)
+    return (f"evaluating every {evaluator.every} steps: {s['metric']} ({name} of {s['n']} images, {s['sampler']} "
+            f"{s['steps']} steps, against {evaluator.ref.n} training images in {evaluator.ref.path})")

@@ -1,0 +1,231 @@
+"""Evaluation while training (train.eval_every), checkpoints/best, TensorBoard, s2dm plot."""
+import errno
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import s2dm.training.evaluation as evaluation
+from conftest import read_log, tiny_args
+from s2dm import load_checkpoint
+from s2dm.cli import main
+from s2dm.io.checkpoint import resolve_checkpoint, save_run_checkpoint, point
+from s2dm.metrics.fid import compare, reference_stats
+from s2dm.metrics.statistics import Stats
+from s2dm.samplers.options import SampleOptions
+from s2dm.sampling.folder import sample_to_folder
+from test_fault_tolerance import EXTRA, STEPS, digest, spawn, wait_for_step
+
+# 70 images > 64 pixels: the smallest n whose FD-pixels covariance is not singular by rank.
+EVAL = ("train.eval_every=4", "train.eval.n=70", "train.eval.steps=3", "train.eval.batch_size=32")
+
+
+def evals(run):
+    return [r for r in read_log(run) if r.get("event") == "eval"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A 12-step run (EXTRA: a log line and a checkpoint every 2 steps) evaluated every 4 steps."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL)) == 0
+    return out
+
+
+def test_eval_records_and_the_best_pointer(evaluated):
+    records = evals(evaluated)
+    assert [r["step"] for r in records] == [4, 8, 12]
+    for r in records:
+        assert {"step", "event", "metric", "value", "n", "sampler", "steps", "nfe", "seconds"} <= set(r)
+        assert (r["metric"], r["n"], r["sampler"], r["steps"], r["nfe"]) == ("FD-pixels-70", 70, "ddim", 3, 3)
+        assert r["value"] > 0 and r["seconds"] > 0
+    best = min(records, key=lambda r: r["value"])
+    assert [r["best"] for r in records] == [r["value"] == min(x["value"] for x in records[:i + 1])
+                                            for i, r in enumerate(records)]
+    assert resolve_checkpoint(evaluated, "best").name == f"ckpt_{best['step']:08d}.pt"
+    # each log line of an eval step comes before its evaluation
+    steps = [(r["step"], r.get("event", "window")) for r in read_log(evaluated) if r["step"] in (4, 8)]
+    assert steps == [(4, "window"), (4, "eval"), (8, "window"), (8, "eval")]
+
+
+def test_eval_value_is_what_s2dm_sample_and_fid_give(evaluated, tmp_path):
+    """The oracle: the PNGs of `s2dm sample` on the step's checkpoint, scored by `s2dm fid`
+    against the data set's reference made by `s2dm fid ref`."""
+    rec = evals(evaluated)[1]
+    ckpt = evaluated / "checkpoints" / f"ckpt_{rec['step']:08d}.pt"
+    folder = tmp_path / "samples"
+    sample_to_folder(str(ckpt), str(folder), SampleOptions(sampler="ddim", steps=3), seeds=list(range(70)),
+                     device="cpu")
+    ref = reference_stats("configs/digits.yaml", tmp_path / "ref.npz", features="pixels", progress=False)
+    cached = Stats.load(evaluated / "ref_pixels.npz")
+    assert cached.n == ref.n == 1797
+    np.testing.assert_allclose(cached.sigma, ref.sigma, rtol=0, atol=1e-15)  # float64 sums, another batching
+    value = compare(folder, tmp_path / "ref.npz", progress=False)["value"]
+    # Batches of 32 vs 50 images only reorder float64 sums; the digits' always-black pixels make
+    # sqrtm ill-conditioned: 9e-10 relative spread measured (scripts/fd_noise.py), 1e-8 is ~10x.
+    assert rec["value"] == pytest.approx(value, rel=1e-8)
+
+
+def test_evaluation_draws_none_of_the_training_randomness(evaluated, tmp_path):
+    plain = tmp_path / "plain"
+    assert main(tiny_args(plain, STEPS, *EXTRA)) == 0
+    assert digest(plain) == digest(evaluated)
+    for name in ("optimizer",):
+        a, b = load_checkpoint(plain).state[name], load_checkpoint(evaluated).state[name]
+        assert all(torch.equal(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"]) for k in a["state"])
+    window = [{k: v for k, v in r.items() if k not in ("steps_per_s", "images_per_s")}
+              for r in read_log(evaluated) if "loss" in r]
+    assert window == [{k: v for k, v in r.items() if k not in ("steps_per_s", "images_per_s")}
+                      for r in read_log(plain) if "loss" in r]
+
+
+def test_sample_which_best(evaluated, tmp_path, capsys):
+    assert main(["sample", "--ckpt", str(evaluated), "--which", "best", "--steps", "3", "--n", "4",
+                 "--device", "cpu"]) == 0
+    best = resolve_checkpoint(evaluated, "best")
+    meta = json.loads((evaluated / "samples" / "ddim-3-best" / "metadata.json").read_text())
+    assert meta["settings"]["checkpoint"] == str(best.resolve())
+    assert main(["sample", "--ckpt", str(best), "--which", "best", "--n", "4"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: --which best names a run folder's")
+
+
+def test_the_best_checkpoint_is_never_pruned(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    first = save_run_checkpoint(ckpts, {"step": 1, "model": {}}, keep_last=0)
+    point(ckpts, "best", first)
+    for step in (2, 3, 4):
+        save_run_checkpoint(ckpts, {"step": step, "model": {}}, keep_last=0)
+    assert sorted(p.name for p in ckpts.glob("ckpt_*.pt")) == ["ckpt_00000001.pt", "ckpt_00000004.pt"]
+    assert resolve_checkpoint(tmp_path, "best") == first and resolve_checkpoint(tmp_path).name == "ckpt_00000004.pt"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.eval.metric=fud", "error: train.eval.metric: 'fud' is not one of fd-pixels, fid"),
+    ("train.eval_every=3", "error: train.eval_every: 3 is not a multiple of train.log_every (2)"),
+    ("train.eval.n=64", "error: train.eval.n: 64 images give a covariance of rank at most 63 in 64-d features"),
+    ("train.eval.sampler=dimm", "error: train.eval.sampler: unknown sampler 'dimm'"),
+])
+def test_bad_eval_settings_fail_at_config_load(tmp_path, capsys, setting, message):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL, setting)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_fid_without_inception_weights_fails_before_the_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr("s2dm.metrics.inception.fid_helper_torchscript", lambda: None)
+    out = tmp_path / "run"
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL, "train.eval.metric=fid", "train.eval.n=2049")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.eval.metric: fid needs the FID Inception weights") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_failed_evaluation_stops_the_run_and_loses_no_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real = evaluation.sample_stats
+    calls = []
+
+    def disk_full_at_step_8(*args, source, **kwargs):
+        calls.append(source)
+        if source == "step 8":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, source=source, **kwargs)
+
+    monkeypatch.setattr(evaluation, "sample_stats", disk_full_at_step_8)
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: the evaluation of step 8 failed: [Errno 28] No space left on device")
+    assert [p.name for p in sorted((out / "checkpoints").glob("ckpt_*.pt"))][-1] == "ckpt_00000008.pt"
+    assert load_checkpoint(out).step == 8
+    monkeypatch.undo()
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL)) == 0  # resumes, evaluates step 8 first
+    assert [r["step"] for r in evals(out)] == [4, 8, 12]
+
+
+def test_reference_statistics_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA)) == 0  # a run without evaluation, then it is switched on
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Stats, "save", full)
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"error: could not write the reference statistics {out / 'ref_pixels.npz'}: No space left "
+                       "on device; no checkpoint was touched")
+    assert load_checkpoint(out).step == 4 and not (out / "ref_pixels.npz").exists()
+
+
+def test_changed_eval_settings_on_resume_restart_best(evaluated, tmp_path):
+    run = tmp_path / "run"
+    assert main(tiny_args(run, 8, *EXTRA, *EVAL)) == 0
+    assert main(tiny_args(run, STEPS, *EXTRA, *EVAL, "train.eval.n=80")) == 0
+    records = evals(run)
+    assert [(r["step"], r["n"]) for r in records] == [(4, 70), (8, 70), (12, 80)]
+    assert records[2]["best"]  # the first of its settings, whatever its value
+    assert resolve_checkpoint(run, "best").name == "ckpt_00000012.pt"
+    assert [r["value"] for r in records[:2]] == [r["value"] for r in evals(evaluated)[:2]]
+
+
+@pytest.mark.slow
+def test_sigkill_with_evaluation_resumes_bit_identically(tmp_path, evaluated):
+    out = tmp_path / "run"
+    for step in (3, 9):
+        proc = spawn(out, extra=EVAL)
+        wait_for_step(out, step, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL)) == 0
+    assert digest(out) == digest(evaluated)
+    assert [(r["step"], r["value"]) for r in evals(out)] == [(r["step"], r["value"]) for r in evals(evaluated)]
+    assert resolve_checkpoint(out, "best").name == resolve_checkpoint(evaluated, "best").name
+
+
+def test_tensorboard_events_hold_the_logged_scalars_and_grids(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 8, *EXTRA, *EVAL, "train.tensorboard=true", "train.sample_every=4")) == 0
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    logged = [r for r in read_log(out) if "loss" in r]
+    loss = acc.Scalars("loss/total")
+    assert [e.step for e in loss] == [r["step"] for r in logged]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in logged], rel=1e-6)  # float32 in events
+    for tag in ("loss/L0", "loss/L_skip", "loss_by_t/q1_small_t", "loss_by_t/q4_large_t", "train/grad_norm",
+                "train/lr", "train/steps_per_s", "train/nonfinite_skipped"):
+        assert len(acc.Scalars(tag)) == len(logged), tag
+    ev = acc.Scalars("eval/FD-pixels-70")
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in ev] == [(r["step"], r["value"]) for r in evals(out)]
+    assert [e.step for e in acc.Images("samples/ema_mosaic")] == [4, 8]
+
+
+def test_tensorboard_missing_is_one_line_at_start_up(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # as if not installed
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA, "train.tensorboard=true")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.tensorboard: true needs the tensorboard package: pip install "
+                          "'s2dm[tensorboard]'") and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_plot_overlays_runs_and_training_writes_curves(evaluated, tmp_path, capsys):
+    assert (evaluated / "curves.png").is_file()
+    plain = tmp_path / "baseline"
+    assert main(tiny_args(plain, 4, *EXTRA, "loss.type=l0")) == 0
+    png = tmp_path / "both.png"
+    capsys.readouterr()
+    assert main(["plot", str(plain), str(evaluated), "--out", str(png)]) == 0
+    assert capsys.readouterr().out.strip() == f"curves of 2 runs: {png}"
+    from PIL import Image
+    assert Image.open(png).size[0] > 600
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(tmp_path / "nothing") in err and err.count("\n") == 1
