@@ -21,6 +21,7 @@ speed up alike there (all three are convolutions); the seconds do not.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ from s2dm.util.memory import keep_freed_memory  # noqa: E402
 
 def seconds_per_training_image(cfg, batch: int, steps: int) -> float:
     """Best of ``steps`` real training steps at ``batch`` (after one untimed), per image."""
+    cfg = copy.deepcopy(cfg)  # the caller's config keeps its own batch size
     cfg.train.batch_size = batch
     state = new_state(cfg, torch.device("cpu"))
     schedule = NoiseSchedule.from_config(cfg.diffusion)
