@@ -51,7 +51,7 @@ def test_cli_sample_writes_metadata_and_grid(tiny_run, tmp_path, capsys):
                  "--n", "4", "--eps-scale", "skip:9,tau:0.99"]) == 0
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["nfe"] == 5 + 9 and meta["settings"]["sampler"] == "pndm"
-    assert meta["eps_scale"].startswith("skip-shrink") and meta["config"]["loss"]["type"] == "s2"
+    assert meta["eps_scale"] == "skip:9,tau:0.99" and meta["config"]["loss"]["type"] == "s2"
     assert (out / "preview" / "mosaic.png").is_file() and len(files(out)) == 4
     assert "NFE 14" in capsys.readouterr().out
 

@@ -7,8 +7,8 @@ import torch
 
 from s2dm.errors import UserError
 from s2dm.samplers import (
-    SAMPLERS, LegacyIndexView, check_options, deis_coefficients, normalize_eps_scale, parse_eps_scale, sample,
-    timestep_grid,
+    SAMPLERS, LegacyIndexView, check_options, deis_coefficients, describe_eps_scale, eps_scale_label,
+    normalize_eps_scale, parse_eps_scale, sample, timestep_grid,
 )
 from s2dm.core.schedule import NoiseSchedule
 from s2dm.samplers.ddim import transfer_coefficients
@@ -170,17 +170,82 @@ def test_legacy_view_shifts_the_pairing():
 def test_eps_scale_parsing():
     assert parse_eps_scale("1.005") == parse_eps_scale("const:1.005") == 1.005
     assert parse_eps_scale("skip:9,tau:0.99") == {"skip": 9, "tau": 0.99}
-    assert parse_eps_scale(" skip=49 ") == {"skip": 49}
+    assert parse_eps_scale(" skip=49 ") == {"skip": 49, "tau": 0.99}  # τ's default made explicit
+    assert parse_eps_scale("skip:9,tau:0.99,variant:independent") == {"skip": 9, "tau": 0.99}
+    assert parse_eps_scale("variant=shared, tau=0.5, skip=49") == {"skip": 49, "tau": 0.5, "variant": "shared"}
+    assert parse_eps_scale("linear:1e-5,1.0025") == parse_eps_scale("linear = 0.00001, 1.0025") == {
+        "linear": (1e-5, 1.0025)}
     assert parse_eps_scale("none") is None and parse_eps_scale("") is None
     for bad in ("abc", "skip:x", "tau:0.9", "skip:9,skip:3", "skip:9,foo:1", "skip:9;tau:1", "-1", "nan",
-                "skip:0", "skip:9,tau:2"):
-        with pytest.raises(UserError):
+                "skip:0", "skip:9,tau:2", "skip:9,variant:both", "skip:9,variant:shared,variant:shared",
+                "skip:9,tau:0.5,tau:0.5", "linear:1", "linear:1,2,3", "linear:x,1", "linear:1,inf", "linear:nan,1",
+                "linear:0,0", "linear:1,-0.5", "linear:", "const:abc", "const:-2"):
+        with pytest.raises(UserError, match="^eps_scale: ") as err:
             parse_eps_scale(bad)
+        assert err.value.key == "eps_scale" and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="^eps_scale: variant given twice"):
+        parse_eps_scale("skip:9,variant:shared,variant:independent")
     assert normalize_eps_scale((9, 0.99), T) == normalize_eps_scale("skip:9,tau:0.99", T) == ("skip", 9, 0.99)
+    assert normalize_eps_scale((9, 0.99, "shared"), T) == normalize_eps_scale(
+        {"skip": 9, "tau": 0.99, "variant": "shared"}, T) == ("skip", 9, 0.99, "shared")
+    assert normalize_eps_scale({"linear": (-1e-4, 1.2)}, T) == normalize_eps_scale("linear:-1e-4,1.2", T) == (
+        "linear", -1e-4, 1.2)
+    for norm in (("const", 1.005), ("linear", 1e-5, 1.0), ("skip", 9, 0.99), ("skip", 9, 0.5, "shared")):
+        assert normalize_eps_scale(norm, T) == norm  # a normalised spec is taken back as it is
     for bad in (0.0, -1.0, math.inf, True, {"skip": 0}, {"skip": 9, "tau": 0.0}, {"skip": 9, "tau": 1.5},
-                {"skip": 9, "foo": 1}, [1, 2, 3]):
-        with pytest.raises(UserError):
+                {"skip": 9, "foo": 1}, [1, 2, 3], {"skip": 9, "variant": "both"}, (9, 0.99, "both"),
+                {"linear": (1.0,)}, {"linear": (True, 1.0)}, {"linear": (1.0, 1.0), "skip": 9}, ("linear", 1.0),
+                {"skip": T}):
+        with pytest.raises(UserError, match="^eps_scale: "):
             normalize_eps_scale(bad, T)
+
+
+def test_linear_eps_scale_must_stay_positive_on_every_t():
+    # K·t + B > 0 on [0, T−1]: the bound is at t = T−1 for K < 0, known only with T
+    assert normalize_eps_scale("linear:-1e-3,1", 1000) == ("linear", -1e-3, 1.0)  # 1 − 0.999 > 0
+    for text, T_ in (("linear:-1e-3,1", 1001), ("linear:-1,1", 2), ("linear:-1,0.5", 2)):
+        assert parse_eps_scale(text)  # without T only t = 0 is known to exist
+        with pytest.raises(UserError, match=f"^eps_scale: .*at t = {T_ - 1} it is") as err:
+            normalize_eps_scale(text, T_)
+        assert err.value.key == "eps_scale"
+    with pytest.raises(UserError, match="^eps_scale: "):
+        check_options(SCHED, eps_scale="linear:-0.002,1")
+    from s2dm.samplers import _eps_scaler  # its own check, for a caller that did not normalise with T
+    with pytest.raises(UserError, match="^eps_scale: .*at t = 999"):
+        _eps_scaler(("linear", -0.002, 1.0), SCHED)
+
+
+AWKWARD = (1e-5, 1.0025, 0.1 + 0.2, 1 / 3, 2.0, 1e22, 1.5e-7, 123456.789, 5e-324)
+
+
+def test_eps_scale_label_is_canonical_and_round_trips():
+    expected = [
+        ("1.005", "const:1.005"), ("const:1.005", "const:1.005"), (1.005, "const:1.005"), ("2", "const:2"),
+        ("const:1e-05", "const:1e-5"), (1e22, "const:1e22"),
+        ("const:0.30000000000000004", "const:0.30000000000000004"),  # :g would say 0.3
+        ("skip:9,tau:0.99", "skip:9,tau:0.99"), ("skip=9", "skip:9,tau:0.99"), ((9, 0.99), "skip:9,tau:0.99"),
+        ("tau:0.99,skip:9,variant:independent", "skip:9,tau:0.99"), ("skip:9,tau:1.0", "skip:9,tau:1"),
+        ("skip:9,tau:0.99,variant:shared", "skip:9,tau:0.99,variant:shared"),
+        ({"skip": 49, "tau": 0.5, "variant": "shared"}, "skip:49,tau:0.5,variant:shared"),
+        ("linear:0.00001,1.0025", "linear:1e-5,1.0025"), ("linear:-0.0,1", "linear:0,1"),
+        ("linear:-1e-4,1.2", "linear:-0.0001,1.2"), ({"linear": (1e-5, 1.0025)}, "linear:1e-5,1.0025"),
+        (None, None), ("none", None),
+    ]
+    for spec, label in expected:
+        assert eps_scale_label(spec) == label, spec
+    texts = [text for text, _ in expected if isinstance(text, str)]
+    texts += [f"const:{x!r}" for x in AWKWARD] + [f"linear:{x!r},{y!r}" for x in AWKWARD for y in AWKWARD[:3]]
+    texts += [f"linear:{-x!r},{y!r}" for x in AWKWARD[:4] for y in AWKWARD[:2]]
+    texts += [f"skip:{k},tau:{x!r}{v}" for k in (1, 9) for x in (0.99, 1 / 3, 1e-5) for v in ("", ",variant:shared")]
+    for text in texts:
+        label = eps_scale_label(text)
+        assert parse_eps_scale(label) == parse_eps_scale(text), text  # the same numbers, bit for bit
+        assert eps_scale_label(parse_eps_scale(label)) == label, text
+        assert describe_eps_scale(normalize_eps_scale(text)) == label
+        if label is not None:
+            assert eps_scale_label(normalize_eps_scale(text)) == label and " " not in label
+    with pytest.raises(UserError, match="^eps_scale: "):
+        eps_scale_label("linear:0,0")
 
 
 def test_constant_eps_scale_divides():
@@ -191,31 +256,72 @@ def test_constant_eps_scale_divides():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("sampler,grid", [("deis", "uniform"), ("pndm", [999, 700, 401, 100, 20, 8, 5, 0])])
+def test_linear_eps_scale_divides(sampler, grid):
+    k, b = -2e-5, 1.017  # as Ning et al.'s linear schedules: larger at t = 0; PNDM: mid-points 849.5, …
+    x = randn(2, 1, 4, 4)
+    seen = []
+
+    def manual(x, t):
+        seen.append(float(t[0]))
+        return toy_eps(x, t) / (k * t.to(F64) + b).view(-1, 1, 1, 1)
+
+    ref, _ = sample(manual, x, SCHED, sampler=sampler, grid=grid)
+    out, info = sample(toy_eps, x, SCHED, sampler=sampler, grid=grid, eps_scale=f"linear:{k},{b}")
+    assert info["eps_scale"] == "linear:-2e-5,1.017"
+    assert torch.equal(out, ref)
+    assert (sampler == "pndm") == any(tt != int(tt) for tt in seen)  # half-integer t: the same formula
+    assert not torch.equal(out, sample(toy_eps, x, SCHED, sampler=sampler, grid=grid, eps_scale=b)[0])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "deis"])
+def test_linear_with_zero_slope_is_the_constant(sampler):
+    x = randn(2, 1, 4, 4)
+    const, _ = sample(toy_eps, x, SCHED, sampler=sampler, steps=10, eps_scale="const:1.0025")
+    linear, info = sample(toy_eps, x, SCHED, sampler=sampler, steps=10, eps_scale={"linear": (0, 1.0025)})
+    assert info["eps_scale"] == "linear:0,1.0025" and torch.equal(linear, const)
+
+
+def _alpha_skip(t, skip):
+    return torch.prod(1 - SCHED.betas[t - skip + 1 : t + 1])
+
+
 def _shrink(t, skip, tau):
     """τ/(τ+(1−τ)c²) from the α product itself (docs/method.md §3), 1 for t < skip."""
     if t < skip:
         return 1.0
-    alpha_skip = torch.prod(1 - SCHED.betas[t - skip + 1 : t + 1])
+    alpha_skip = _alpha_skip(t, skip)
     c2 = (1 - alpha_skip) / alpha_skip
     return float(tau / (tau + (1 - tau) * c2))
 
 
+def _shared(t, skip, tau):
+    """(τ + (1−τ)c)/(τ + (1−τ)c²), c = √((1−α_skip)/α_skip) (docs/method.md §3), 1 for t < skip."""
+    if t < skip:
+        return 1.0
+    c = math.sqrt((1 - float(_alpha_skip(t, skip))) / float(_alpha_skip(t, skip)))
+    return (tau + (1 - tau) * c) / (tau + (1 - tau) * c * c)
+
+
+@pytest.mark.parametrize("variant", ["independent", "shared"])
 @pytest.mark.parametrize("sampler", ["ddim", "pndm"])
-def test_skip_shrink_multiplies_by_the_factor(sampler):
+def test_skip_shrink_multiplies_by_the_factor(sampler, variant):
     grid = [999, 700, 401, 100, 20, 8, 5, 0]  # PNDM mid-points 849.5, 550.5, 250.5
     x = randn(2, 1, 4, 4)
+    by_hand = _shared if variant == "shared" else _shrink
 
     def manual(x, t):  # factor at the nearest integer is exact at grid points; mid-points interpolate
         tt = float(t[0])
         if tt == int(tt):
-            f = _shrink(int(tt), 9, 0.99)
+            f = by_hand(int(tt), 9, 0.99)
         else:
-            f = float(SCHED.shrink_factor(torch.tensor(tt, dtype=F64), 9, 0.99))
+            f = float(SCHED.shrink_factor(torch.tensor(tt, dtype=F64), 9, 0.99, variant))
         return toy_eps(x, t) * f
 
+    spec = {"skip": 9, "tau": 0.99, "variant": variant}
     ref, _ = sample(manual, x, SCHED, sampler=sampler, grid=grid)
-    out, info = sample(toy_eps, x, SCHED, sampler=sampler, grid=grid, eps_scale={"skip": 9, "tau": 0.99})
-    assert info["eps_scale"] == "skip-shrink:skip=9,tau=0.99"
+    out, info = sample(toy_eps, x, SCHED, sampler=sampler, grid=grid, eps_scale=spec)
+    assert info["eps_scale"] == "skip:9,tau:0.99" + (",variant:shared" if variant == "shared" else "")
     torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-14)
     assert not torch.equal(out, sample(toy_eps, x, SCHED, sampler=sampler, grid=grid)[0])
 
@@ -230,6 +336,45 @@ def test_skip_shrink_factor_values():
     assert bool((f[10:] < f[9:-1]).all())  # shrinks more as t grows
     mid = float(SCHED.shrink_factor(torch.tensor(500.5, dtype=F64), 9, 0.99))
     assert float(f[501]) < mid < float(f[500])
+    assert torch.equal(SCHED.shrink_factor(t, 9, 0.99, "independent"), f)  # the default variant
+    with pytest.raises(ValueError, match="variant"):
+        SCHED.shrink_factor(t, 9, 0.99, "both")
+
+
+def test_shared_factor_values():
+    t = torch.arange(T)
+    f = SCHED.shrink_factor(t, 9, 0.99, "shared")
+    assert f.dtype == F64 and torch.equal(f[:9], torch.ones(9, dtype=F64))
+    for skip, tau in ((9, 0.99), (49, 0.5), (1, 0.9)):
+        g = SCHED.shrink_factor(t, skip, tau, "shared")
+        assert all(float(g[k]) == pytest.approx(_shared(k, skip, tau), rel=1e-13)
+                   for k in (skip, skip + 1, 181, 500, 724, 725, 999))
+    # > 1 exactly where c_t < 1: for skip 9 that is every t ≥ 9 (docs/method.md §3's table) …
+    assert bool((f[9:] > 1).all()) and float(f[999]) == pytest.approx(1.00249, abs=1e-5)
+    assert float(f.max()) == float(f[999])
+    # … for skip 49, c_t reaches 1 between t = 724 and 725, and the factor drops below 1 after
+    g = SCHED.shrink_factor(t, 49, 0.99, "shared")
+    c = torch.tensor([math.sqrt((1 - float(_alpha_skip(k, 49))) / float(_alpha_skip(k, 49))) for k in range(49, T)],
+                     dtype=F64)
+    assert torch.equal(g[49:] > 1, c < 1) and bool(c[724 - 49] < 1 < c[725 - 49])
+    # its largest value, (1+c)/(1+c²) at τ = 1/2, is √2/(4−2√2) = (1+√2)/2 at c = √2 − 1
+    assert float(SCHED.shrink_factor(t, 49, 0.5, "shared").max()) == pytest.approx((1 + math.sqrt(2)) / 2, rel=1e-5)
+    mid = float(SCHED.shrink_factor(torch.tensor(500.5, dtype=F64), 9, 0.99, "shared"))
+    assert float(f[500]) < mid < float(f[501])  # grows with t, interpolated between
+
+
+def test_folder_name_uses_the_label():
+    from s2dm.samplers.options import SampleOptions
+
+    name = lambda spec: SampleOptions("ddim", 10, eps_scale=spec).folder_name()  # noqa: E731
+    assert name("1.005") == name("const:1.005") == name(1.005) == "ddim-10-epsconst_1.005"
+    assert name("skip:9") == name("skip=9,tau=0.99,variant=independent") == "ddim-10-epsskip_9_tau_0.99"
+    assert name("skip:9,tau:0.99,variant:shared") == "ddim-10-epsskip_9_tau_0.99_variant_shared"
+    assert name("linear:1e-5,1") == "ddim-10-epslinear_1em5_1"  # "-" → "m": the sign is kept
+    assert len({name("linear:-1e-5,1"), name("linear:1e-5,1"), name("linear:1e5,1")}) == 3
+    assert name(None) == "ddim-10"
+    help_text = SampleOptions.__dataclass_fields__["eps_scale"].metadata["help"]
+    assert all(form in help_text for form in ("const:B", "linear:K,B", "skip:9,tau:0.99", "variant:shared"))
 
 
 # -- determinism, dtype, device ------------------------------------------------------------
@@ -248,7 +393,7 @@ def test_dtype_and_device_are_kept(device, dtype):
     x = torch.zeros(2, 1, 4, 4, dtype=dtype, device=device)
     eps_fn = lambda x, t: torch.tanh(x.double() + t.double().reshape(-1, 1, 1, 1) / 1000)  # float64 out
     for sampler, order in ALL_RUNS + [("ddpm", 3)]:
-        for eps_scale in (None, "skip:9,tau:0.99"):
+        for eps_scale in (None, "skip:9,tau:0.99", "skip:9,tau:0.99,variant:shared", "linear:1e-5,1"):
             out, _ = sample(eps_fn, x, SCHED, sampler=sampler, steps=40, order=order, eps_scale=eps_scale)
             assert out.dtype == dtype and out.device.type == device and out.shape == x.shape
 

@@ -12,11 +12,10 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from .schedule import NoiseSchedule
+from .schedule import VARIANTS, NoiseSchedule
 
 LOSS_TYPES = ("l0", "s2")  # the plain ε-loss, or the skip-step loss
 REDUCTIONS = ("mean", "sum")
-VARIANTS = ("independent", "shared")
 T_SAMPLINGS = ("antithetic", "uniform")  # how a batch's timesteps are drawn
 
 

@@ -20,6 +20,7 @@ TimeLike = Union[int, float, torch.Tensor]
 
 
 BETA_SCHEDULES = ("linear",)
+VARIANTS = ("independent", "shared")  # which ε′ the skip-step loss uses (losses.py), hence its optimum
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,14 +101,23 @@ class NoiseSchedule:
         t = t.round().long() if t.is_floating_point() else t.long()
         return self.alpha_bar(t) / self.alpha_bar((t - skip).clamp(min=-1))
 
-    def shrink_factor(self, t: TimeLike, skip: int, tau: float) -> torch.Tensor:
-        """τ/(τ + (1−τ)·c_t²), c_t² = (1−α_skip)/α_skip: the optimum of the independent-ε′
-        skip-step loss relative to E[ε|x_t] (docs/method.md §3), 1 where t < skip (the loss is
-        plain L0 there). The training loss's optimum and the samplers' skip-shrink ε-scaling.
-        Fractional t use the piecewise-linear ᾱ. float64, on t's device."""
+    def shrink_factor(self, t: TimeLike, skip: int, tau: float, variant: str = "independent") -> torch.Tensor:
+        """The skip-step loss's optimum relative to E[ε|x_t] (docs/method.md §3), 1 where
+        t < skip (the loss is plain L0 there); c_t² = (1−α_skip)/α_skip.
+
+        ``variant="independent"`` (ε′ a fresh draw): τ/(τ + (1−τ)·c_t²), below 1;
+        ``"shared"`` (ε′ = ε): (τ + (1−τ)·c_t)/(τ + (1−τ)·c_t²), above 1 where c_t < 1.
+        The training loss's optimum and the samplers' skip-shrink ε-scaling (one
+        implementation). Fractional t use the piecewise-linear ᾱ. float64, on t's device."""
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         t = torch.as_tensor(t)
         a_skip = self.skip_alpha(t, skip)
-        factor = tau / (tau + (1.0 - tau) * (1.0 - a_skip) / a_skip)
+        if variant == "shared":
+            c2 = (1.0 - a_skip) / a_skip
+            factor = (tau + (1.0 - tau) * c2.sqrt()) / (tau + (1.0 - tau) * c2)
+        else:
+            factor = tau / (tau + (1.0 - tau) * (1.0 - a_skip) / a_skip)
         return torch.where(t >= skip, factor, torch.ones_like(factor))
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from ..core.schedule import GRIDS, timestep_grid, validate_grid
+from ..core.schedule import GRIDS, VARIANTS, timestep_grid, validate_grid
 from ..errors import S2dmError, SamplerError
 from .ddim import ddim, ddim_coefficients, step_alphas, walked_grid
 from .ddpm import ddpm
@@ -39,7 +39,7 @@ _DEIS = ("deis", "deis-rho")
 
 __all__ = [
     "SAMPLERS", "REGISTRY", "GRIDS", "ORDERS", "sample", "check_options", "expected_nfe", "parse_eps_scale",
-    "normalize_eps_scale", "describe_eps_scale", "timestep_grid",
+    "normalize_eps_scale", "describe_eps_scale", "eps_scale_label", "timestep_grid",
     "validate_grid", "LegacyIndexView", "ddim", "ddpm", "pndm", "spndm", "deis", "deis_rho",
     "deis_coefficients",
 ]
@@ -57,9 +57,26 @@ def expected_nfe(sampler: str, steps: int) -> int:
 
 
 # -- ε-scaling control (docs/method.md §4) -------------------------------------------------
+EPS_SCALE_FORMS = "'const:B' (or a bare B), 'linear:K,B', 'skip:S,tau:T' or 'skip:S,tau:T,variant:shared'"
+_DEFAULT_TAU = 0.99
+_TAGS = ("const", "linear", "skip")  # first element of a normalised spec
+
+
+def _fail(message: str) -> SamplerError:
+    return SamplerError(f"eps_scale: {message}", key="eps_scale")
+
+
 def parse_eps_scale(text: Optional[str]) -> EpsScale:
-    """CLI form → spec: "" / "none" → None; "1.005" or "const:1.005" → 1.005;
-    "skip:9,tau:0.99" (or "skip=9,tau=0.99") → {"skip": 9, "tau": 0.99}."""
+    """CLI text → Python spec (validated; SamplerError naming eps_scale):
+
+    - "" / "none" → None;
+    - "1.005" or "const:1.005" → 1.005 (ε / 1.005);
+    - "linear:K,B" → {"linear": (K, B)} (ε / (K·t + B));
+    - "skip:9,tau:0.99" → {"skip": 9, "tau": 0.99} (τ defaults to 0.99 when absent);
+      ",variant:shared" → {"skip": 9, "tau": 0.99, "variant": "shared"} (",variant:independent",
+      the default, is dropped). Fields in any order, "=" works as ":".
+
+    ``parse_eps_scale(eps_scale_label(x)) == parse_eps_scale(x)`` for every valid x."""
     if text is None or text.strip().lower() in ("", "none"):
         return None
     body = text.strip()
@@ -72,63 +89,142 @@ def parse_eps_scale(text: Optional[str]) -> EpsScale:
     else:
         normalize_eps_scale(value)
         return value
+    linear = re.fullmatch(r"linear\s*[:=](.*)", body, flags=re.IGNORECASE | re.DOTALL)
+    if linear:
+        try:
+            k, b = (float(part) for part in linear.group(1).split(","))
+        except ValueError:
+            raise _fail(f"cannot parse {text!r}; use 'linear:K,B' with two numbers, e.g. 'linear:1e-5,1.005'") from None
+        spec: Dict[str, Any] = {"linear": (k, b)}
+        normalize_eps_scale(spec)
+        return spec
     fields = {}
     for part in body.split(","):
-        match = re.fullmatch(r"\s*(skip|tau)\s*[:=]\s*([^\s,]+)\s*", part)
-        if not match or match.group(1) in fields:
-            raise SamplerError(f"eps_scale: cannot parse {text!r}; use e.g. '1.005' or 'skip:9,tau:0.99'", key="eps_scale")
+        match = re.fullmatch(r"\s*(skip|tau|variant)\s*[:=]\s*([^\s,]+)\s*", part)
+        if not match:
+            raise _fail(f"cannot parse {text!r}; use one of {EPS_SCALE_FORMS}")
+        if match.group(1) in fields:
+            raise _fail(f"{match.group(1)} given twice in {text!r}")
         fields[match.group(1)] = match.group(2)
     if "skip" not in fields:
-        raise SamplerError(f"eps_scale: {text!r} needs a skip, e.g. 'skip:9,tau:0.99'", key="eps_scale")
+        raise _fail(f"{text!r} needs a skip, e.g. 'skip:9,tau:0.99'")
     try:
-        spec = {"skip": int(fields["skip"])}
-        if "tau" in fields:
-            spec["tau"] = float(fields["tau"])
+        spec = {"skip": int(fields["skip"]), "tau": float(fields.get("tau", _DEFAULT_TAU))}
     except ValueError:
-        raise SamplerError(f"eps_scale: bad number in {text!r}", key="eps_scale") from None
+        raise _fail(f"bad number in {text!r}") from None
+    if fields.get("variant", "independent") != "independent":
+        spec["variant"] = fields["variant"]
     normalize_eps_scale(spec)
     return spec
 
 
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def normalize_eps_scale(spec: EpsScale, T: Optional[int] = None):
-    """None, ("const", s) or ("skip", skip, tau), validated (SamplerError); skip < T if T given."""
+    """Any accepted form → its validated normalised tuple (SamplerError naming eps_scale):
+
+    - None, "", "none" → None;
+    - B > 0, "B", "const:B" → ("const", B);
+    - {"linear": (K, B)}, "linear:K,B" → ("linear", K, B);
+    - {"skip": S, "tau": τ}, (S, τ), "skip:S,tau:τ" → ("skip", S, τ) (independent variant);
+    - {"skip": S, "tau": τ, "variant": "shared"}, (S, τ, "shared"),
+      "skip:S,tau:τ,variant:shared" → ("skip", S, τ, "shared").
+
+    τ defaults to 0.99; ``variant`` to "independent" (which stays implicit). A normalised
+    tuple is accepted back unchanged. With ``T``: skip < T, and K·t + B > 0 for every t in
+    [0, T−1] (without it, only at t = 0).
+    """
     if isinstance(spec, str):
         spec = parse_eps_scale(spec)
     if spec is None:
         return None
     if isinstance(spec, bool):
-        raise SamplerError(f"eps_scale: expected a number, dict or string, got {spec!r}", key="eps_scale")
+        raise _fail(f"expected a number, dict or string, got {spec!r}")
     if isinstance(spec, numbers.Real):
         if not (math.isfinite(spec) and spec > 0):
-            raise SamplerError(f"eps_scale: a constant must be a positive number, got {spec!r}", key="eps_scale")
+            raise _fail(f"a constant must be a positive number, got {spec!r}")
         return ("const", float(spec))
-    if isinstance(spec, (tuple, list)) and len(spec) == 2:
-        spec = {"skip": spec[0], "tau": spec[1]}
-    if not isinstance(spec, dict) or "skip" not in spec or set(spec) - {"skip", "tau"}:
-        raise SamplerError(f"eps_scale: expected None, a number, {{'skip': k, 'tau': t}} or a string, got {spec!r}",
-                           key="eps_scale")
-    skip, tau = spec["skip"], spec.get("tau", 0.99)
+    if isinstance(spec, (tuple, list)) and spec and isinstance(spec[0], str) and spec[0] in _TAGS:
+        tag, rest = spec[0], list(spec[1:])  # a normalised tuple, checked again
+        if tag == "const" and len(rest) == 1:
+            return normalize_eps_scale(rest[0], T)
+        if tag == "linear" and len(rest) == 2:
+            spec = {"linear": rest}
+        elif tag == "skip" and len(rest) in (2, 3):
+            spec = rest
+        else:
+            raise _fail(f"not a normalised spec: {spec!r}")
+    if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
+        spec = dict(zip(("skip", "tau", "variant"), spec))
+    if isinstance(spec, dict) and "linear" in spec and set(spec) == {"linear"}:
+        return _normalize_linear(spec["linear"], T)
+    if not isinstance(spec, dict) or "skip" not in spec or set(spec) - {"skip", "tau", "variant"}:
+        raise _fail(f"expected None, a number, {{'linear': (K, B)}}, {{'skip': S, 'tau': τ, 'variant': v}} "
+                    f"or a string, got {spec!r}")
+    skip, tau, variant = spec["skip"], spec.get("tau", _DEFAULT_TAU), spec.get("variant", "independent")
     if isinstance(skip, bool) or not isinstance(skip, numbers.Integral) or not 1 <= skip < (T or math.inf):
-        raise SamplerError(f"eps_scale: skip must be an integer in [1, {T - 1 if T else 'T-1'}], got {skip!r}",
-                           key="eps_scale")
+        raise _fail(f"skip must be an integer in [1, {T - 1 if T else 'T-1'}], got {skip!r}")
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau <= 1:
-        raise SamplerError(f"eps_scale: tau must lie in (0, 1], got {tau!r}", key="eps_scale")
+        raise _fail(f"tau must lie in (0, 1], got {tau!r}")
+    if variant not in VARIANTS:
+        raise _fail(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant == "shared":
+        return ("skip", int(skip), float(tau), "shared")
     return ("skip", int(skip), float(tau))
 
 
-def describe_eps_scale(norm) -> Optional[str]:
+def _normalize_linear(pair, T: Optional[int]):
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_real(v) for v in pair)):
+        raise _fail(f"linear takes two finite numbers (K, B), got {pair!r}")
+    k, b = float(pair[0]) + 0.0, float(pair[1]) + 0.0  # + 0.0: no −0
+    if not b > 0:
+        raise _fail(f"linear:K,B divides ε by K·t + B, which must be > 0; at t = 0 it is B = {b!r}")
+    if T is not None and not k * (T - 1) + b > 0:
+        raise _fail(f"linear:K,B divides ε by K·t + B, which must be > 0 for t in [0, {T - 1}]; "
+                    f"at t = {T - 1} it is {k * (T - 1) + b!r}")
+    return ("linear", k, b)
+
+
+def _number(x: float) -> str:
+    """The shortest text that reads back as the same float: 1.0 → "1", 1e-05 → "1e-5"."""
+    text = repr(float(x) + 0.0)
+    mantissa, _, exponent = text.partition("e")
+    if mantissa.endswith(".0"):
+        mantissa = mantissa[:-2]
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+def eps_scale_label(spec: EpsScale) -> Optional[str]:
+    """The one canonical text of an ε-scale (any form ``normalize_eps_scale`` takes), None for
+    none: ``const:1.005`` (also for a bare 1.005), ``linear:1e-5,1.0025``, ``skip:9,tau:0.99``
+    (the independent variant stays implicit), ``skip:9,tau:0.99,variant:shared``. Numbers
+    in their shortest round-trip form; ``parse_eps_scale`` reads every label back to the same
+    spec. Invalid specs raise SamplerError."""
+    norm = normalize_eps_scale(spec)
     if norm is None:
         return None
     if norm[0] == "const":
-        return f"const:{norm[1]:g}"
-    return f"skip-shrink:skip={norm[1]},tau={norm[2]:g}"
+        return f"const:{_number(norm[1])}"
+    if norm[0] == "linear":
+        return f"linear:{_number(norm[1])},{_number(norm[2])}"
+    label = f"skip:{norm[1]},tau:{_number(norm[2])}"
+    return label + ",variant:shared" if norm[3:] == ("shared",) else label
+
+
+def describe_eps_scale(norm) -> Optional[str]:
+    """The canonical label (``eps_scale_label``) of a normalised spec; what ``sample`` and
+    ``check_options`` report as info["eps_scale"]."""
+    return eps_scale_label(norm)
 
 
 def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """eps ↦ scaled eps for a normalised spec.
 
-    The skip factor is the loss's own optimum, ``NoiseSchedule.shrink_factor`` (one
-    implementation, in core/schedule.py). It is tabulated once, in float64 on the CPU, at
+    ``const``: ε / B. ``linear``: ε / (K·t + B). ``skip``: ε × the loss's own optimum,
+    ``NoiseSchedule.shrink_factor`` of the spec's variant (one implementation, in
+    core/schedule.py). The non-constant ones are tabulated once, in float64 on the CPU, at
     every half-integer t in [0, T−1] (samplers only produce integers and PNDM's half-integer
     mid-points), then moved once per device/dtype and looked up by index: no host sync, any
     device.
@@ -138,9 +234,13 @@ def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor
     if norm[0] == "const":
         s = norm[1]
         return lambda eps, t: eps.div(s)
-    _, skip, tau = norm
     half_steps = torch.arange(2 * schedule.T - 1, dtype=torch.float64) / 2
-    table = schedule.shrink_factor(half_steps, skip, tau)
+    if norm[0] == "linear":
+        _, k, b = _normalize_linear(norm[1:], schedule.T)  # K·t + B > 0 on this schedule's t
+        table, divide = k * half_steps + b, True
+    else:
+        _, skip, tau, *variant = norm
+        table, divide = schedule.shrink_factor(half_steps, skip, tau, *variant), False
     cache: Dict[Tuple[Any, Any], torch.Tensor] = {}
 
     def scale(eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -152,7 +252,8 @@ def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor
         factor = cache[key][index]
         if factor.numel() == 1:
             factor = factor.expand(eps.shape[0])
-        return eps * factor.view(-1, *([1] * (eps.ndim - 1)))
+        factor = factor.view(-1, *([1] * (eps.ndim - 1)))
+        return eps / factor if divide else eps * factor
 
     return scale
 
@@ -258,8 +359,11 @@ def sample(
     mid-points) and returns ε_θ shaped like x (cast to x's dtype here). ``eta`` is for
     ``ddim`` only; ``order`` (0–3) for the DEIS samplers. ``generator`` (ddim η > 0, ddpm):
     a torch.Generator or an object with ``randn_like(x)`` such as ``PerSeedNoise``.
-    ``eps_scale``: None; a constant s (ε_θ/s); or a skip-shrink spec {"skip": k, "tau": τ} /
-    (k, τ) / "skip:k,tau:τ" that multiplies ε_θ(x, t) by τ/(τ+(1−τ)c_t²).
+    ``eps_scale`` (any form of ``normalize_eps_scale``): None; a constant B (ε_θ/B); a linear
+    {"linear": (K, B)} / "linear:K,B" (ε_θ/(K·t + B)); or a skip-shrink spec {"skip": k, "tau": τ}
+    / (k, τ) / "skip:k,tau:τ" that multiplies ε_θ(x, t) by the skip-step loss's optimum
+    ``NoiseSchedule.shrink_factor`` (τ/(τ+(1−τ)c_t²); with "variant": "shared",
+    (τ+(1−τ)c_t)/(τ+(1−τ)c_t²)).
     ``legacy_pndm_index`` pairs model time t with ᾱ[t+1] and ends at ᾱ[0], as the official
     PNDM/DEIS code does (grid points ≤ T−2); the ε-scale factor still uses ᾱ[t], the pairing
     the network was trained with. Runs under ``torch.no_grad``.

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..errors import S2dmError
-from . import GRIDS, ORDERS, SAMPLERS, check_options, parse_eps_scale
+from . import GRIDS, ORDERS, SAMPLERS, check_options, eps_scale_label, parse_eps_scale
 
 
 @dataclass
@@ -34,8 +34,9 @@ class SampleOptions:
     eta: float = field(default=0.0, metadata={"help": "DDIM η (0: deterministic; ddim only)"})
     order: int = field(default=3, metadata={"help": "DEIS order (deis, deis-rho)", "choices": ORDERS})
     eps_scale: Optional[str] = field(default=None, metadata={
-        "help": "ε-scaling control: a constant s (divide ε by s) or skip:9,tau:0.99 (the skip-step "
-                "loss's shrink factor)"})
+        "help": "ε-scaling control: const:B or B (ε/B); linear:K,B (ε/(K·t+B)); skip:9,tau:0.99 (ε × the "
+                "independent skip-step loss's shrink factor); skip:9,tau:0.99,variant:shared (ε × the "
+                "shared variant's factor)"})
     legacy_pndm_index: bool = field(default=False, metadata={
         "help": "the official PNDM code's ᾱ[t+1] pairing, to reproduce published numbers"})
 
@@ -73,7 +74,9 @@ class SampleOptions:
 
     def folder_name(self, use_ema: bool = True) -> str:
         """``ddim-20``, plus every setting that differs from its default (``ddim-20-quad-eta0.5``),
-        so that two runs with different settings never share a folder."""
+        so that two runs with different settings never share a folder. The ε-scale enters as
+        its canonical label (``eps_scale_label``), ``:`` and ``,`` as ``_``, ``-`` as ``m``:
+        ``ddim-20-epsskip_9_tau_0.99``, ``ddim-20-epsconst_1.005``, ``ddim-20-epslinear_1em5_1``."""
         default = SampleOptions()
         parts = [self.sampler, str(self.steps)]
         if self.grid != default.grid:
@@ -83,7 +86,12 @@ class SampleOptions:
         if self.sampler.startswith("deis") and self.order != default.order:
             parts.append(f"order{self.order}")
         if self.eps_scale:
-            parts.append("eps" + re.sub(r"[^A-Za-z0-9.]+", "_", str(self.eps_scale)))
+            try:  # the canonical label: 1.005 and const:1.005 share a folder
+                label = eps_scale_label(self.eps_scale)
+            except S2dmError:  # invalid: validate() says so; the name stays total
+                label = str(self.eps_scale)
+            if label:  # "-" (a negative K or exponent) → "m", so that linear:-1e-5,1 ≠ linear:1e-5,1
+                parts.append("eps" + re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("-", "m")))
         if self.legacy_pndm_index:
             parts.append("legacy")
         if not use_ema:
