@@ -229,3 +229,21 @@ def test_plot_overlays_runs_and_training_writes_curves(evaluated, tmp_path, caps
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "nothing") in err and err.count("\n") == 1
+
+
+def test_fd_cnn_during_training(tmp_path, capsys):
+    """The classifier metric: trained (or found in the cache) at start-up, labelled FD-cnn-N, with
+    its accuracy beside the reference; n must exceed its 64 features."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA, *EVAL, "train.eval.metric=fd-cnn", "train.eval.n=64")) == 2
+    assert capsys.readouterr().err.startswith("error: train.eval.n: 64 images give a covariance of rank at most 63 "
+                                              "in the 64-d features of the FD-cnn classifier")
+    assert not out.exists()
+    assert main(tiny_args(out, 4, *EXTRA, *EVAL, "train.eval.metric=fd-cnn")) == 0
+    (rec,) = evals(out)
+    assert (rec["metric"], rec["features"], rec["n"]) == ("FD-cnn-70", "cnn", 70) and rec["value"] > 0
+    ref = Stats.load(out / "ref_cnn.npz")
+    assert ref.classifier_accuracy > 0.95 and ref.n == 1797
+    assert main(tiny_args(tmp_path / "fashion", 4, *EXTRA, *EVAL, "train.eval.metric=fd-cnn",
+                          "data.dataset=folder", "data.root=.")) == 2
+    assert "fd-cnn needs a labelled data set" in capsys.readouterr().err

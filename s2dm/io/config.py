@@ -18,7 +18,7 @@ from ..core.schedule import BETA_SCHEDULES, NoiseSchedule
 from ..errors import ConfigError
 from ..samplers.options import SampleOptions
 from ..util.fileio import atomic_write_text
-from .data import DATASETS
+from .data import DATASETS, LABELLED
 
 
 @dataclass
@@ -74,7 +74,7 @@ class OptimConfig:
 
 # Evaluation metrics during training → the features they compare (training/evaluation.py
 # scores them with metrics/, whose FID and FD-pixels labels they get).
-EVAL_METRICS = {"fd-pixels": "pixels", "fid": "inception"}
+EVAL_METRICS = {"fd-pixels": "pixels", "fid": "inception", "fd-cnn": "cnn"}
 INCEPTION_DIM = 2048  # FID's pool3 features: the dimension a FID's covariance has
 
 
@@ -84,7 +84,7 @@ class EvalConfig(SampleOptions):
     ``SampleOptions``' fields (as in ``sample:``), then what is scored and how."""
 
     n: int = 1000  # images per evaluation, image seeds seed .. seed+n-1 (the same every time)
-    metric: str = "fd-pixels"  # fd-pixels | fid (pytorch-fid's Inception: offline weights needed)
+    metric: str = "fd-pixels"  # fd-pixels | fid (pytorch-fid's Inception: offline weights needed) | fd-cnn
     seed: int = 0
     batch_size: int = 256  # images per network call
     inception_weights: Optional[str] = None  # fid: pt_inception-2015-12-05-6726825d.pth (default: found offline)
@@ -333,12 +333,18 @@ def _validate_eval(cfg: Config) -> None:
     SampleOptions.of(ev).validate(NoiseSchedule.from_config(cfg.diffusion), prefix="train.eval.", quiet=True)
     if every == 0:
         return
+    if ev.metric == "fd-cnn" and cfg.data.dataset not in LABELLED:
+        raise ConfigError(f"train.eval.metric: fd-cnn needs a labelled data set to train its classifier on "
+                          f"({', '.join(LABELLED)}), not {cfg.data.dataset}", key="train.eval.metric")
     if every % cfg.train.log_every:
         raise ConfigError(f"train.eval_every: {every} is not a multiple of train.log_every ({cfg.train.log_every}); "
                           "each evaluation follows the log line of its step, so that the curves line up",
                           key="train.eval_every")
     d = cfg.data
-    dim = d.channels * d.image_size ** 2 if EVAL_METRICS[ev.metric] == "pixels" else INCEPTION_DIM
+    features = EVAL_METRICS[ev.metric]
+    if features == "cnn":
+        return  # its dimension is the classifier's: checked when the run starts (training/evaluation.py)
+    dim = d.channels * d.image_size ** 2 if features == "pixels" else INCEPTION_DIM
     if ev.n <= dim:
         what = f"{d.channels}x{d.image_size}x{d.image_size} pixels" if ev.metric == "fd-pixels" else "Inception pool3"
         raise ConfigError(f"train.eval.n: {ev.n} images give a covariance of rank at most {max(ev.n - 1, 0)} in "

@@ -8,6 +8,9 @@ so a run depends only on its seed.
 Sizes: each set has a native size (digits 8, Fashion-MNIST 28, CIFAR10 32, CelebA 64 after
 its crop). Another ``image_size`` resizes every image once, bilinear with antialiasing
 (torch for in-memory sets, PIL for files), e.g. Fashion-MNIST 28 -> 32.
+
+``load_labelled(cfg, split)`` gives the class labels of digits and Fashion-MNIST with their
+uint8 images (the classifier behind FD-cnn trains on them); ``load_dataset`` stays label-free.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,6 +32,9 @@ from ..errors import ConfigError, DataError
 from ..util.images import from_uint8, load_folder, open_image, to_uint8
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "celeba", "folder")
+
+# the sets whose images come with class labels (``load_labelled``: FD-cnn's classifier)
+LABELLED = ("digits", "fashion_mnist")
 
 # channels each named set has; "folder" takes what the config asks for (1 or 3)
 NATIVE_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "celeba": 3}
@@ -132,6 +138,20 @@ def dataset_tensor(ds: Dataset, limit: Optional[int] = None) -> torch.Tensor:
 
 def load_dataset(cfg) -> Dataset:
     """Build the training set named by ``cfg.dataset``; items are float32 (C, H, W) in [-1, 1]."""
+    name, size, channels, root, download = _checked(cfg)
+    if name == "digits":
+        return _digits(size)
+    if name == "fashion_mnist":
+        return _fashion_mnist(root, size, download)
+    if name == "cifar10":
+        return _cifar10(root, size, download)
+    if name == "celeba":
+        return _celeba(root, size)
+    return _folder(root, size, channels)
+
+
+def _checked(cfg) -> tuple:
+    """(dataset, image_size, channels, root, download) of a data config, checked."""
     name = cfg.dataset
     if name not in DATASETS:
         raise ConfigError(f"unknown data.dataset {name!r}; choose one of: {', '.join(DATASETS)}", key="data.dataset")
@@ -147,16 +167,90 @@ def load_dataset(cfg) -> Dataset:
     root = getattr(cfg, "root", None)
     root = Path(root).expanduser() if root not in (None, "") else None
     download = bool(getattr(cfg, "download", False))
+    return name, size, channels, root, download
 
+
+# ---------------------------------------------------------------- labelled images
+
+def labelled_splits(cfg) -> Tuple[str, ...]:
+    """The labelled splits ``load_labelled`` can read for this data config: ("train",) or
+    ("train", "test"); () for a data set without labels. Only looks for files."""
+    name, _, _, root, _ = _checked(cfg)
     if name == "digits":
-        return _digits(size)
-    if name == "fashion_mnist":
-        return _fashion_mnist(root, size, download)
-    if name == "cifar10":
-        return _cifar10(root, size, download)
-    if name == "celeba":
-        return _celeba(root, size)
-    return _folder(root, size, channels)
+        return ("train",)  # scikit-learn's digits have no official test split
+    if name != "fashion_mnist":
+        return ()
+    path = _find_fashion(_fashion_folders(root))
+    if path is None:
+        return ()
+    test = _beside(path, FASHION_TEST_IMAGES) and _beside(path, FASHION_TEST_LABELS)
+    return ("train", "test") if test else ("train",)
+
+
+def load_labelled(cfg, split: str = "train") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labelled images of ``cfg.dataset`` (digits, fashion_mnist): uint8 (N, C, H, W) at
+    ``cfg.image_size``, mapped as ``dataset_tensor`` maps ``load_dataset``'s items (the
+    training split gives those very images, in that order), and int64 class labels (N,).
+
+    ``split``: "train", or "test" (Fashion-MNIST's t10k files beside the training files;
+    digits has none). Labels let s2dm train the small classifier whose features FD-cnn uses.
+    """
+    name, size, _, root, download = _checked(cfg)
+    if split not in ("train", "test"):
+        raise DataError(f"split must be train or test, not {split!r}", key="split")
+    if name not in LABELLED:
+        raise DataError(f"data.dataset {name} has no class labels s2dm can read; labelled sets: "
+                        f"{', '.join(LABELLED)}", key="data.dataset")
+    if name == "digits":
+        if split == "test":
+            raise DataError("data.dataset digits has no test split (scikit-learn's 1,797 images are "
+                            "all training images); hold some out instead", key="split")
+        return _digits(size).uint8_images(), _digits_labels()
+    return _fashion_labelled(root, size, download, split)
+
+
+def _digits_labels() -> torch.Tensor:
+    from sklearn.datasets import load_digits  # CLI start-up time: sklearn takes ~1 s; only digits needs it
+
+    return torch.from_numpy(load_digits().target.astype(np.int64))
+
+
+def _beside(images: Path, stem: str) -> Optional[Path]:
+    """The file ``stem`` (plain or .gz) in the folder of ``images``, or None."""
+    for fname in (stem, stem + ".gz"):
+        if (images.parent / fname).is_file():
+            return images.parent / fname
+    return None
+
+
+def _read_labels(path: Path, n: int) -> torch.Tensor:
+    """An idx label file of ``n`` labels 0..9 as int64."""
+    labels = read_idx(path)
+    if labels.shape != (n,):
+        raise DataError(f"{path} holds labels of shape {labels.shape} but its images number {n}")
+    if labels.size and int(labels.max()) > 9:
+        raise DataError(f"{path} holds label {int(labels.max())}; Fashion-MNIST labels are 0..9")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _fashion_labelled(root: Optional[Path], size: int, download: bool, split: str):
+    """Fashion-MNIST images and labels: the train split as ``_fashion_mnist`` reads it, or the
+    t10k test split from the same folder."""
+    train = _fashion_mnist(root, size, download)
+    images_path = _find_fashion(_fashion_folders(root))
+    if split == "train":
+        labels = _beside(images_path, FASHION_TRAIN_LABELS)
+        if labels is None:
+            raise DataError(f"Fashion-MNIST labels not found: no {FASHION_TRAIN_LABELS}[.gz] beside {images_path}")
+        return train.uint8_images(), _read_labels(labels, len(train))
+    images, labels = _beside(images_path, FASHION_TEST_IMAGES), _beside(images_path, FASHION_TEST_LABELS)
+    if images is None or labels is None:
+        missing = FASHION_TEST_IMAGES if images is None else FASHION_TEST_LABELS
+        raise DataError(f"Fashion-MNIST test split not found: no {missing}[.gz] beside {images_path}")
+    data = read_idx(images)
+    if data.ndim != 3:
+        raise DataError(f"{images} should hold (N, 28, 28) images but has shape {data.shape}")
+    return _memory_set(data[:, None], size, "fashion_mnist").uint8_images(), _read_labels(labels, len(data))
 
 
 def _resize_batch(x: torch.Tensor, size: int, max_value: int = 255) -> torch.Tensor:
@@ -200,6 +294,9 @@ def _digits(size: int) -> MemoryImages:
 # ---------------------------------------------------------------- Fashion-MNIST
 
 FASHION_TRAIN_IMAGES = "train-images-idx3-ubyte"
+FASHION_TRAIN_LABELS = "train-labels-idx1-ubyte"
+FASHION_TEST_IMAGES = "t10k-images-idx3-ubyte"
+FASHION_TEST_LABELS = "t10k-labels-idx1-ubyte"
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -234,12 +331,18 @@ def _find_fashion(folders: Sequence[Path]) -> Optional[Path]:
     return None
 
 
-def _fashion_mnist(root: Optional[Path], size: int, download: bool) -> MemoryImages:
-    """Fashion-MNIST train split (60k, 28x28), from root, then Debian's package folder."""
+def _fashion_folders(root: Optional[Path]) -> list:
+    """Where Fashion-MNIST's files may be, in order: root's torchvision layout, root, Debian's."""
     folders = []
     if root is not None:
         folders += [root / "FashionMNIST" / "raw", root]
     folders.append(DEBIAN_FASHION_MNIST)
+    return folders
+
+
+def _fashion_mnist(root: Optional[Path], size: int, download: bool) -> MemoryImages:
+    """Fashion-MNIST train split (60k, 28x28), from root, then Debian's package folder."""
+    folders = _fashion_folders(root)
     path = _find_fashion(folders)
     if path is None and download:
         if root is None:

@@ -1,6 +1,6 @@
-"""Fréchet statistics: feature-kind names and labels (FID vs FD-pixels), the float64
-``Stats`` of a set of feature vectors (saved as pytorch-fid-compatible ``.npz``), and the
-running moments that accumulate them batch by batch."""
+"""Fréchet statistics: feature-kind names and labels (FID vs FD-pixels vs FD-cnn), the
+float64 ``Stats`` of a set of feature vectors (saved as pytorch-fid-compatible ``.npz``), and
+the running moments that accumulate them batch by batch."""
 from __future__ import annotations
 
 import os
@@ -15,16 +15,21 @@ from ..util.dist import note
 from ..util.fileio import atomic_write
 from .inception import DIMS
 
-FEATURES = ("inception", "pixels")
+# The feature kinds, the one list (the CLI's --features choices derive from it): pytorch-fid's
+# Inception (FID), raw pixels (FD-pixels), the penultimate layer of s2dm's own small classifier
+# of the data set (FD-cnn, metrics/classifier.py).
+FEATURES = ("inception", "pixels", "cnn")
+PLAIN_KINDS = ("pixels", "cnn")  # kinds whose name has no dimension
 FULL_N = 50_000  # the paper protocol; fewer samples get a labelled metric (FID-10k)
 PathLike = Union[str, os.PathLike]
 
 # ---------------------------------------------------------------- names and labels
 
 def feature_kind(features: str, dims: int = 2048) -> str:
-    """``"inception-2048"`` / ``"inception-64"`` / ``"pixels"``: the kind stored in stats."""
-    if features == "pixels":
-        return "pixels"
+    """``"inception-2048"`` / ``"inception-64"`` / ``"pixels"`` / ``"cnn"``: the kind stored in
+    stats (``dims`` matters for Inception only)."""
+    if features in PLAIN_KINDS:
+        return features
     if features != "inception":
         raise MetricError(f"features must be one of {', '.join(FEATURES)}, not {features!r}", key="features")
     if dims not in DIMS:
@@ -33,18 +38,19 @@ def feature_kind(features: str, dims: int = 2048) -> str:
 
 
 def parse_kind(kind: str) -> Tuple[str, int]:
-    """Inverse of ``feature_kind``: ``"inception-768"`` → ("inception", 768)."""
-    if kind == "pixels":
-        return "pixels", 0
+    """Inverse of ``feature_kind``: ``"inception-768"`` → ("inception", 768), ``"cnn"`` → ("cnn", 0)."""
+    if kind in PLAIN_KINDS:
+        return kind, 0
     if kind.startswith("inception-") and kind[len("inception-"):].isdigit():
         return "inception", int(kind[len("inception-"):])
     raise MetricError(f"unknown feature kind {kind!r}")
 
 
 def metric_name(kind: str) -> str:
-    """FID for Inception pool3 (2048-d) only; everything else is a labelled Fréchet distance."""
-    if kind == "pixels":
-        return "FD-pixels"
+    """FID for Inception pool3 (2048-d) only; everything else is a labelled Fréchet distance
+    (``FD-pixels``, ``FD-cnn``, ``FD-inception768``)."""
+    if kind in PLAIN_KINDS:
+        return f"FD-{kind}"
     if kind == "inception-2048":
         return "FID"
     return f"FD-{kind.replace('-', '')}"  # FD-inception768
@@ -55,7 +61,8 @@ def _count_text(n: int) -> str:
 
 
 def metric_label(metric: str, n: Optional[int]) -> str:
-    """``FID`` at N >= 50,000 (the paper protocol), else ``FID-10k`` / ``FD-pixels-32``."""
+    """``FID`` at N >= 50,000 (the paper protocol), else ``FID-10k`` / ``FD-pixels-32`` /
+    ``FD-cnn-5k``."""
     if n is None or n >= FULL_N:
         return metric
     return f"{metric}-{_count_text(n)}"
@@ -70,12 +77,15 @@ class Stats:
     mu: np.ndarray
     sigma: np.ndarray
     n: Optional[int]  # None: a plain pytorch-fid file that does not record it
-    features: str  # feature_kind(): "inception-2048" | "pixels" | ...
-    weights_sha256: Optional[str] = None  # Inception weights file; None for pixels / unknown
+    features: str  # feature_kind(): "inception-2048" | "pixels" | "cnn" | ...
+    # Inception: the weights file's sha256; cnn: the classifier's hash (classifier_key: its data,
+    # code version, seed, architecture), which finds it in the cache; None for pixels / unknown
+    weights_sha256: Optional[str] = None
     source: str = ""
-    shape: Optional[Tuple[int, ...]] = None  # pixels: (C, H, W)
+    shape: Optional[Tuple[int, ...]] = None  # pixels, cnn: the images' (C, H, W)
     path: Optional[str] = None  # the .npz it was loaded from
-    weights_path: Optional[str] = None  # the Inception weights file used (informational)
+    weights_path: Optional[str] = None  # the Inception weights / classifier file used
+    classifier_accuracy: Optional[float] = None  # cnn: the classifier's held-out accuracy
 
     @property
     def metric(self) -> str:
@@ -89,6 +99,10 @@ class Stats:
         what = f"N={self.n}" if self.n is not None else "N unknown"
         if self.features == "pixels" and self.shape:
             what += f", pixels {'x'.join(map(str, self.shape))}"
+        elif self.features == "cnn":
+            what += f", cnn features of classifier {(self.weights_sha256 or 'unknown')[:12]}"
+            if self.classifier_accuracy is not None:
+                what += f" (held-out accuracy {self.classifier_accuracy:.1%})"
         else:
             what += f", {self.features}"
         return what
@@ -107,6 +121,8 @@ class Stats:
             pixel_range=np.str_("0,1" if self.features == "pixels" else ""),
             weights_path=np.str_(self.weights_path or ""),
         )
+        if self.classifier_accuracy is not None:
+            arrays["classifier_accuracy"] = np.float64(self.classifier_accuracy)
         try:
             atomic_write(path, lambda f: np.savez(f, **arrays))
         except OSError as exc:
@@ -151,7 +167,8 @@ class Stats:
         shape = tuple(int(s) for s in data["shape"]) if "shape" in data and data["shape"].size else None
         source = str(data["source"]) if "source" in data else ""
         wpath = str(data["weights_path"]) if "weights_path" in data else ""
-        return cls(mu, sigma, n, features, sha or None, source or str(path), shape, str(path), wpath or None)
+        acc = float(data["classifier_accuracy"]) if "classifier_accuracy" in data else None
+        return cls(mu, sigma, n, features, sha or None, source or str(path), shape, str(path), wpath or None, acc)
 
 
 class RunningMoments:

@@ -31,9 +31,10 @@ from ..errors import MetricError, RunError
 from ..io.checkpoint import BEST, checkpoint_name, point
 from ..io.config import EVAL_METRICS, INCEPTION_DIM, Config
 from ..metrics.fid import FeatureExtractor, Stats, dataset_stats, frechet_distance, training_images_label
+from ..metrics.classifier import architecture
 from ..metrics.inception import resolve_inception_weights
 from ..metrics.sampled import sample_stats
-from ..metrics.statistics import feature_kind, metric_label, metric_name
+from ..metrics.statistics import metric_label, metric_name
 from ..samplers import expected_nfe
 from ..samplers.options import SampleOptions
 from ..util import dist
@@ -43,9 +44,16 @@ SETTINGS = ("metric", "n", "seeds", "sampler", "steps", "grid", "eta", "order", 
 
 
 def check_eval_setup(cfg: Config) -> None:
-    """What evaluation needs from the machine, checked before the run folder is touched: the
-    Inception weights of a FID (found offline, as ``s2dm fid`` finds them)."""
+    """What evaluation needs, checked before the run folder is touched: the Inception weights
+    of a FID (found offline, as ``s2dm fid`` finds them); more images than an FD-cnn's
+    classifier has features."""
     ev = cfg.train.eval
+    if cfg.train.eval_every and EVAL_METRICS[ev.metric] == "cnn":
+        dim = architecture(cfg.data.channels, cfg.data.image_size)["dim"]
+        if ev.n <= dim:
+            raise MetricError(f"train.eval.n: {ev.n} images give a covariance of rank at most {ev.n - 1} in the "
+                              f"{dim}-d features of the FD-cnn classifier, so the Fréchet distance would be "
+                              f"singular; use n > {dim}", key="train.eval.n")
     if cfg.train.eval_every and EVAL_METRICS[ev.metric] == "inception":
         try:
             dist.run0(lambda: resolve_inception_weights(ev.inception_weights))
@@ -147,8 +155,9 @@ def set_up_evaluation(cfg: Config, run_dir: Path, dataset, schedule: NoiseSchedu
     ev = cfg.train.eval
     features = EVAL_METRICS[ev.metric]
     dims = INCEPTION_DIM if features == "inception" else 0
-    extractor = FeatureExtractor(features, dims=dims or INCEPTION_DIM, device=str(device),
-                                 batch_size=ev.batch_size, weights=ev.inception_weights, progress=False)
+    extractor = FeatureExtractor(features, dims=dims or INCEPTION_DIM, device=str(device), batch_size=ev.batch_size,
+                                 weights=ev.inception_weights if features == "inception" else None,
+                                 data=cfg.data if features == "cnn" else None, progress=False)
     extractor.load()
     ref = _reference(cfg, run_dir, dataset, extractor)
     return Evaluator(cfg, run_dir / "checkpoints", schedule, device, extractor, ref)
@@ -158,7 +167,7 @@ def _reference(cfg: Config, run_dir: Path, dataset, extractor: FeatureExtractor)
     """The training images' statistics, cached at ``RUN/ref_<features>.npz``: reused when
     made from this data set (name, size, count) with these features (and weights), else made
     and written (a full disk is one RunError; no checkpoint is touched)."""
-    kind = feature_kind(extractor.features, extractor.dims or INCEPTION_DIM)
+    kind = extractor.kind
     path = run_dir / f"ref_{kind}.npz"
     label = training_images_label(cfg.data)
     cached = dist.run0(lambda: _cached_reference(path, kind, label, len(dataset), extractor.weights_sha256))
