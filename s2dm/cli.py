@@ -169,14 +169,18 @@ def cmd_eval(args) -> int:
     rows = evaluate(
         args.ckpt, samplers=parse_list(args.samplers, "samplers"), steps=parse_list(args.steps, "steps", int),
         n=args.n, ref=args.ref, out=args.out, features=args.features,
-        options=options_from_args(args, skip=EVAL_LISTS), use_ema=args.ema, batch_size=args.batch_size,
+        options=options_from_args(args, skip=EVAL_LISTS), eps_scales=args.eps_scale, use_ema=args.ema,
+        batch_size=args.batch_size,
         fid_batch_size=args.fid_batch_size, num_workers=args.num_workers, device=args.device,
         seeds_offset=args.seeds_offset, keep_samples=args.keep_samples,
         inception_weights=args.inception_weights, allow_download=args.allow_download,
     )
     out = Path(args.out)
     print((out / "results.md").read_text(), end="")
-    print(f"{plural(len(rows), 'cell')}: {out / 'results.csv'}, {out / 'results.md'}, {out / 'fid_vs_nfe.png'}")
+    swept = len({r["eps_scale"] for r in rows}) > 1
+    plots = [out / "fid_vs_nfe.png"] + ([out / "eps_sweep.png"] if swept else [])
+    print(f"{plural(len(rows), 'cell')}: {out / 'results.csv'}, {out / 'results.md'}, "
+          + ", ".join(map(str, plots)))
     return 0
 
 
@@ -191,7 +195,7 @@ def cmd_study(args) -> int:
 
 
 # -- sampler options: flags generated from SampleOptions' fields ----------------------------
-EVAL_LISTS = ("sampler", "steps")  # s2dm eval takes these as comma-separated lists instead
+EVAL_LISTS = ("sampler", "steps", "eps_scale")  # s2dm eval takes these as comma-separated lists instead
 
 
 def _flag_type(tp):
@@ -319,9 +323,12 @@ def _fid_parser(sub) -> None:
     f.add_argument("--out", help="fid ref: the .npz to write")
     f.add_argument("--force", action="store_true", help="fid ref: overwrite --out")
     f.add_argument("--n", "--num-images", type=int, default=None, help="use only the first N images of each folder / data set; spell it --num-images after torchrun, whose parser would claim --n")
-    f.add_argument("--features", choices=("inception", "pixels"), default=None,
-                   help="inception (FID, default) or pixels (FD-pixels, raw pixels in [0, 1]); "
-                        "default: what an .npz argument holds")
+    # Checked by the library (metrics.statistics.FEATURES), not argparse: importing it costs
+    # every verb pytorch-fid's start-up time.
+    f.add_argument("--features", default=None,
+                   help="inception (FID, default), pixels (FD-pixels, raw pixels in [0, 1]) or cnn (FD-cnn: a "
+                        "classifier s2dm trains on the labelled data set, digits or Fashion-MNIST); default: what "
+                        "an .npz argument holds")
     f.add_argument("--dims", type=int, choices=(64, 192, 768, 2048), default=None,
                    help="Inception block as pytorch-fid's --dims (default 2048 = FID; others are "
                         "labelled FD-inception<d>)")
@@ -341,11 +348,15 @@ def _eval_parser(sub) -> None:
     e.add_argument("--samplers", default="ddim,pndm,deis",
                    help=f"comma-separated, from {', '.join(SAMPLERS)} (default ddim,pndm,deis)")
     e.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
+    e.add_argument("--eps-scale", default=None,
+                   help="an ε-scale for every cell, or a comma-separated sweep scored in every cell from the same "
+                        "x_T, e.g. none,const:0.998,const:1.002,skip:9,tau:0.99 (forms: const:B, linear:K,B, "
+                        "skip:S,tau:T[,variant:shared]); the tables and eps_sweep.png mark each cell's best")
     add_option_flags(e, skip=EVAL_LISTS)  # every cell's other sampler options
     e.add_argument("--n", "--num-images", type=int, required=True, help="samples per cell (seeds offset..offset+n-1); spell it --num-images after torchrun, whose parser would claim --n")
     e.add_argument("--ref", required=True, help="reference statistics from `s2dm fid ref` (.npz)")
     e.add_argument("--out", required=True, help="output folder (resumable)")
-    e.add_argument("--features", choices=("inception", "pixels"), default=None,
+    e.add_argument("--features", default=None,
                    help="must match --ref (default: what --ref holds)")
     e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the raw ones")

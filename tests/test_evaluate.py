@@ -219,3 +219,53 @@ def test_plot_and_table_without_hand_work(tmp_path):
     assert [t.get_text() for t in legend.get_texts()] == ["a", "b"]
     md = ev.results_markdown([_eval_row("a", "ddim", 2, -1e-9)], ["a"], ["ddim"], [2])
     assert "| ddim | 2 | 2 | 0.0000 |" in md and "-0.0000" not in md
+
+
+def test_eps_scale_sweep_scores_every_scale_from_the_same_x_T(ckpts, ref, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    sweep = "none,const:0.98,linear:0,1.02,skip:9,tau:0.99,variant:shared"
+    args = ["eval", "--ckpt", ckpts[0], "--samplers", "ddim", "--steps", "2,4", "--n", "32", "--ref", str(ref),
+            "--out", str(out), "--features", "pixels", "--batch-size", "32", "--eps-scale", sweep]
+    assert main(args) == 0
+    rows = read_csv(out / "results.csv")
+    labels = [None, "const:0.98", "linear:0,1.02", "skip:9,tau:0.99,variant:shared"]
+    assert [(int(r["steps"]), r["eps_scale"] or None) for r in rows] == [(k, e) for k in (2, 4) for e in labels]
+    for k in (2, 4):
+        cell = [r for r in rows if int(r["steps"]) == k]
+        best = min(cell, key=lambda r: float(r["value"]))
+        assert [r["best_scale"] for r in cell] == [str(r is best) for r in cell]
+        # every value is the FD of its own folder's PNGs (the oracle), and the scales differ
+        for r in cell:
+            name = f"ddim-{k}" + (f"-eps{ev._safe(r['eps_scale'])}" if r["eps_scale"] else "")
+            assert float(r["value"]) == pytest.approx(pixel_fd(out / "samples" / "tiny" / name, range(32), ref),
+                                                      rel=1e-6)
+        assert len({r["value"] for r in cell}) == 4
+    # linear:0,B is const:B: the same images as a const:1.02 cell would give
+    const = tmp_path / "const"
+    assert main(args[:-1] + ["const:1.02"] + ["--out", str(const)]) == 0
+    a = sorted((out / "samples" / "tiny" / "ddim-2-epslinear_0_1.02").glob("*.png"))
+    b = sorted((const / "samples" / "tiny" / "ddim-2-epsconst_1.02").glob("*.png"))
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b] and len(a) == 32
+    md = (out / "results.md").read_text()
+    assert "| sampler | steps | NFE | none | const:0.98 | linear:0,1.02 | skip:9,tau:0.99,variant:shared | best |" in md
+    assert md.count("** ★") == 2  # one best per cell
+    assert Image.open(out / "eps_sweep.png").size[0] > 300
+    # the Python API returns the same table
+    again = ev.evaluate([ckpts[0]], samplers=["ddim"], steps=[2, 4], n=32, ref=str(ref), out=str(out),
+                        features="pixels", batch_size=32, eps_scales=[None, 0.98, {"linear": (0, 1.02)},
+                                                                      "skip:9,tau:0.99,variant:shared"],
+                        progress=False)
+    assert [(r["eps_scale"], r["value"], str(r["best_scale"])) for r in again] == \
+        [(r["eps_scale"], float(r["value"]), r["best_scale"]) for r in rows]
+
+
+def test_a_bad_sweep_is_one_error_line(ckpts, ref, tmp_path, capsys):
+    args = ["eval", "--ckpt", ckpts[0], "--samplers", "ddim", "--steps", "2", "--n", "32", "--ref", str(ref),
+            "--out", str(tmp_path / "x"), "--features", "pixels"]
+    for sweep, message in (("none,1.0,const:1", "error: --eps-scale: 'none,1.0,const:1' repeats const:1"),
+                           ("none,,1.1", "error: --eps-scale: 'none,,1.1' has an empty item"),
+                           ("none,linear:-1,1", "error: --eps-scale: linear:K,B divides ε by K·t + B, which must be > 0")):
+        assert main(args + ["--eps-scale", sweep]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

@@ -30,18 +30,18 @@ from ..core.schedule import NoiseSchedule
 from ..errors import CheckpointError, MetricError, SamplerError
 from ..io.checkpoint import read_checkpoint, resolve_checkpoint
 from ..io.config import config_from_saved
-from ..samplers import SAMPLERS
+from ..samplers import SAMPLERS, eps_scale_label, parse_eps_scale_list
 from ..samplers.options import SampleOptions
 from ..sampling.folder import sample_to_folder
 from ..util import dist
-from ..util.fileio import atomic_write_text, csv_text, sha256_file
-from ..util.plots import plot_vs_nfe
+from ..util.fileio import atomic_write, atomic_write_text, csv_text, sha256_file
+from ..util.plots import COLOURS, plot_vs_nfe
 from ..util.records import reusable_record
 from ..util.textfmt import num
-from .fid import FeatureExtractor, Stats, frechet_distance, metric_label, parse_kind
+from .fid import FeatureExtractor, Stats, extractor_for, frechet_distance, metric_label, parse_kind
 
 CSV_COLUMNS = ["checkpoint", "label", "checkpoint_step", "sampler", "grid", "steps", "nfe", "eta",
-               "order", "eps_scale", "n", "seeds", "metric", "value", "features", "ref", "ref_n",
+               "order", "eps_scale", "best_scale", "n", "seeds", "metric", "value", "features", "ref", "ref_n",
                "weights_sha256", "weights"]
 
 
@@ -113,40 +113,74 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
              use_ema: bool = True, batch_size: int = 256, fid_batch_size: int = 50, num_workers: int = 0,
              device: str = "auto", seeds_offset: int = 0, keep_samples: bool = True,
              inception_weights: Optional[str] = None, allow_download: bool = False,
-             progress: bool = True) -> List[dict]:
+             progress: bool = True, eps_scales: Optional[Sequence] = None) -> List[dict]:
     """Run (or resume) the grid of cells; returns one row (dict, ``CSV_COLUMNS``) per cell.
     ``options``: every cell's sampler options but its sampler and steps (those come from
-    ``samplers`` x ``steps``); default ``SampleOptions()``."""
+    ``samplers`` x ``steps``); default ``SampleOptions()``. ``eps_scales``: a sweep, every
+    ε-scale (None for none, any form of ``--eps-scale``) in every cell, from the same x_T; the
+    rows then mark each cell's best scale (``best_scale``). Default: ``options.eps_scale``."""
     options = SampleOptions() if options is None else SampleOptions.of(options)
+    scales = _scales(options.eps_scale if eps_scales is None else eps_scales, eps_scales is not None)
     _check_grid(ckpts, samplers, steps, n, seeds_offset)
     ref_path, ref_stats = _reference(ref, features)
-    kind, dims = parse_kind(ref_stats.features)
-    extractor = FeatureExtractor(kind, dims=dims or 2048, device=device, batch_size=fid_batch_size,
-                                 num_workers=num_workers, weights=inception_weights,
-                                 allow_download=allow_download, progress=progress)
+    inception = parse_kind(ref_stats.features)[0] == "inception"
+    extractor = extractor_for(ref_stats, device=device, batch_size=fid_batch_size, num_workers=num_workers,
+                              weights=inception_weights if inception else None, allow_download=allow_download,
+                              progress=progress)
     files = [resolve_checkpoint(c).resolve() for c in ckpts]
-    weights = _check_checkpoints(files, ref_stats, ref, options, samplers, steps, use_ema)
+    weights = _check_checkpoints(files, ref_stats, ref, options, samplers, steps, scales, use_ema)
     seeds = list(range(seeds_offset, seeds_offset + n))
     run = _Eval(Path(out), options, seeds, ref_path, ref_stats, sha256_file(ref_path), extractor,
                 use_ema, batch_size, device, keep_samples)
     labels = checkpoint_labels(ckpts)
-    cells = [(f, label, s, k) for f, label in zip(files, labels) for s in samplers for k in steps]
+    cells = [(f, label, s, k, e) for f, label in zip(files, labels) for s in samplers for k in steps for e in scales]
     rows: Dict[tuple, dict] = {}
     with tqdm(total=len(cells), desc="eval cells", unit="cell", dynamic_ncols=True,
               disable=not (progress and dist.is_main())) as bar:
-        for f, label, sampler, k in cells:
-            rows[(label, sampler, k)] = run.cell(f, label, sampler, k, weights[f])["row"]
+        for f, label, sampler, k, scale in cells:
+            cell_options = dataclasses.replace(options, sampler=sampler, steps=k, eps_scale=scale)
+            rows[(label, sampler, k, scale)] = run.cell(f, label, cell_options, weights[f])["row"]
             if dist.is_main():
-                atomic_write_text(run.out / "results.csv", csv_text(list(rows.values()), CSV_COLUMNS))
+                atomic_write_text(run.out / "results.csv", csv_text(mark_best_scales(list(rows.values()), len(scales)),
+                                                                     CSV_COLUMNS))
             bar.update(1)
-    ordered = [rows[(label, s, k)] for label in labels for s in samplers for k in steps]
+    ordered = mark_best_scales([rows[(label, *c)] for label in labels
+                                for c in itertools.product(samplers, steps, scales)], len(scales))
 
     def finish():
         atomic_write_text(run.out / "results.md", results_markdown(ordered, labels, samplers, steps))
         plot_fid_vs_nfe(ordered, run.out / "fid_vs_nfe.png")
+        if len(scales) > 1:
+            plot_eps_sweep(ordered, run.out / "eps_sweep.png")
 
     dist.run0(finish)  # the other ranks return once the files exist
     return ordered
+
+
+def _scales(given, sweep: bool) -> list:
+    """The canonical labels of the ε-scales to score (None: no scaling)."""
+    if not sweep:
+        return [eps_scale_label(given)]
+    if isinstance(given, str):
+        return parse_eps_scale_list(given)
+    labels = [eps_scale_label(g) for g in given]
+    if not labels or len(set(labels)) != len(labels):
+        raise SamplerError(f"eps_scales: expected a list of distinct ε-scales, got {list(given)!r}", key="eps_scale")
+    return labels
+
+
+def mark_best_scales(rows: List[dict], n_scales: int) -> List[dict]:
+    """``best_scale``: true on the row with the lowest value among the scales of its cell
+    (checkpoint, sampler, steps) — the first of equal ones —, false on the others; "" when
+    nothing was swept or the cell is not complete yet."""
+    cells: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        cells.setdefault((r["label"], r["sampler"], int(r["steps"])), []).append(r)
+    for group in cells.values():
+        best = min(group, key=lambda r: r["value"]) if n_scales > 1 and len(group) == n_scales else None
+        for r in group:
+            r["best_scale"] = "" if best is None else r is best
+    return rows
 
 
 def _check_grid(ckpts, samplers, steps, n: int, seeds_offset: int) -> None:
@@ -178,7 +212,7 @@ def _reference(ref: str, features: Optional[str]):
     return ref_path, ref_stats
 
 
-def _check_checkpoints(files, ref_stats, ref, options: SampleOptions, samplers, steps, use_ema: bool) -> dict:
+def _check_checkpoints(files, ref_stats, ref, options: SampleOptions, samplers, steps, scales, use_ema: bool) -> dict:
     """Every checkpoint fits the reference and every cell's options are valid, before the first
     cell is sampled; returns each checkpoint's weights in words (reports state the EMA setting)."""
     configs = {f: config_from_saved(read_checkpoint(f)["config"]) for f in files}
@@ -188,8 +222,8 @@ def _check_checkpoints(files, ref_stats, ref, options: SampleOptions, samplers, 
             raise MetricError(f"{f} makes {'x'.join(map(str, shape))} images but {ref} holds pixel "
                               f"statistics of {'x'.join(map(str, ref_stats.shape))} images", key="ref")
         schedule = NoiseSchedule.from_config(c.diffusion)
-        for sampler, k in itertools.product(samplers, steps):
-            dataclasses.replace(options, sampler=sampler, steps=k).validate(schedule, quiet=True)
+        for sampler, k, scale in itertools.product(samplers, steps, scales):
+            dataclasses.replace(options, sampler=sampler, steps=k, eps_scale=scale).validate(schedule, quiet=True)
     return {f: describe_ema(c.train.ema_decay, c.train.ema_warmup) if use_ema else "raw weights (no EMA)"
             for f, c in configs.items()}
 
@@ -210,10 +244,9 @@ class _Eval:
     device: str
     keep_samples: bool
 
-    def key(self, f: Path, sampler: str, k: int) -> dict:
+    def key(self, f: Path, o: SampleOptions) -> dict:
         """What defines a cell's value: a record with another key is redone."""
-        o = self.options
-        key = {"checkpoint": str(f), "checkpoint_stamp": _stamp(f), "sampler": sampler, "steps": k,
+        key = {"checkpoint": str(f), "checkpoint_stamp": _stamp(f), "sampler": o.sampler, "steps": o.steps,
                "grid": o.grid, "eta": o.eta, "order": o.order, "eps_scale": o.eps_scale, "ema": self.use_ema,
                "n": len(self.seeds), "seeds": self.seeds_text, "ref": str(self.ref_path.resolve()),
                "ref_sha256": self.ref_sha, "features": self.ref_stats.features}
@@ -225,25 +258,26 @@ class _Eval:
     def seeds_text(self) -> str:
         return f"{self.seeds[0]}-{self.seeds[-1]}"
 
-    def cell(self, f: Path, label: str, sampler: str, k: int, weights: str) -> dict:
-        """The cell's record: reused when its key matches, else sampled, scored and written."""
-        key = self.key(f, sampler, k)
-        path = self.out / "cells" / label / f"{sampler}-{k}.json"
+    def cell(self, f: Path, label: str, o: SampleOptions, weights: str) -> dict:
+        """The cell's record (``o``: its sampler options, ``eps_scale`` a canonical label):
+        reused when its key matches, else sampled, scored and written."""
+        key = self.key(f, o)
+        name = f"{o.sampler}-{o.steps}" + (f"-eps{_safe(o.eps_scale)}" if o.eps_scale else "")
+        path = self.out / "cells" / label / f"{name}.json"
         record = dist.run0(lambda: reusable_record(path, "key", key))  # every rank: the same choice
         if record is not None:
             return record
         self.extractor.load()  # Inception weights: fail before sampling, not after
-        folder = self.out / "samples" / label / f"{sampler}-{k}"
-        options = dataclasses.replace(self.options, sampler=sampler, steps=k)
-        meta = sample_to_folder(str(f), str(folder), options, seeds=self.seeds, use_ema=self.use_ema,
+        folder = self.out / "samples" / label / name
+        meta = sample_to_folder(str(f), str(folder), o, seeds=self.seeds, use_ema=self.use_ema,
                                 batch_size=self.batch_size, device=self.device)
         pngs = [folder / f"{s:06d}.png" for s in self.seeds]
         stats = self.extractor.stats_of_files(pngs, str(folder))
         value = dist.run0(lambda: frechet_distance(stats, self.ref_stats))
-        o, n = self.options, len(self.seeds)
+        n = len(self.seeds)
         row = {"checkpoint": str(f), "label": label, "checkpoint_step": meta["settings"]["checkpoint_step"],
-               "sampler": sampler, "grid": o.grid, "steps": k, "nfe": meta["nfe"], "eta": o.eta,
-               "order": o.order if sampler.startswith("deis") else "", "eps_scale": o.eps_scale or "",
+               "sampler": o.sampler, "grid": o.grid, "steps": o.steps, "nfe": meta["nfe"], "eta": o.eta,
+               "order": o.order if o.sampler.startswith("deis") else "", "eps_scale": o.eps_scale or "",
                "n": n, "seeds": self.seeds_text, "metric": metric_label(self.ref_stats.metric, n), "value": value,
                "features": self.ref_stats.features, "ref": str(self.ref_path), "ref_n": self.ref_stats.n,
                "weights_sha256": stats.weights_sha256 or "", "weights": weights}
@@ -259,51 +293,126 @@ class _Eval:
 def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence[str],
                      steps: Sequence[int]) -> str:
     """Rows sampler x steps (with NFE), one column per checkpoint, then the relative change
-    (%) of each further checkpoint against the first: 100 (x - first) / first."""
+    (%) of each further checkpoint against the first: 100 (x - first) / first. An ε-scale
+    sweep gets one table per checkpoint instead, one column per scale (``sweep_markdown``)."""
+    scales = list(dict.fromkeys(r["eps_scale"] for r in rows))
+    if len(scales) > 1:
+        return sweep_markdown(rows, labels, samplers, steps, scales)
     by = {(r["label"], r["sampler"], int(r["steps"])): r for r in rows}
-    first = rows[0]
-    metric = first["metric"]
-    lines = [
-        f"# {metric} by sampler and steps",
-        "",
-        f"{metric}: {first['features']} features, n = {first['n']} samples per cell (seeds "
-        f"{first['seeds']}, the same in every cell), reference `{first['ref']}` (N = {first['ref_n']}); "
-        f"grid {first['grid']}, η = {first['eta']}"
-        + (f", DEIS order {next(r['order'] for r in rows if r['order'] != '')}" if any(r["order"] != "" for r in rows) else "")
-        + (f", ε-scale {first['eps_scale']}" if first["eps_scale"] else "")
-        + ". Lower is better; Δ = relative change against the first checkpoint.",
-        "",
-        "Checkpoints: " + "; ".join(
-            f"`{lab}` = {by[(lab, samplers[0], int(steps[0]))]['checkpoint']} (step "
-            f"{by[(lab, samplers[0], int(steps[0]))]['checkpoint_step']}, "
-            f"{by[(lab, samplers[0], int(steps[0]))].get('weights') or 'EMA setting not recorded'})" for lab in labels),
-        "",
-    ]
+    lines = _header(rows, labels, samplers, steps, "Δ = relative change against the first checkpoint")
     head = ["sampler", "steps", "NFE"] + [f"{lab}" for lab in labels] + [f"Δ {lab} (%)" for lab in labels[1:]]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+    lines += _table_head(head)
     for s in samplers:
         for k in steps:
             cells = [by.get((lab, s, int(k))) for lab in labels]
             vals = [c["value"] if c else None for c in cells]
             nfe = next((c["nfe"] for c in cells if c), "—")
-            rel = []
-            for v in vals[1:]:
-                if v is None or vals[0] is None or vals[0] == 0:
-                    rel.append("—")
-                else:
-                    rel.append(num(100.0 * (v - vals[0]) / vals[0], "+.2f"))
+            rel = [_relative(v, vals[0]) for v in vals[1:]]
             lines.append("| " + " | ".join([s, str(k), str(nfe)] + [_fmt(v) for v in vals] + rel) + " |")
     return "\n".join(lines) + "\n"
 
 
+def sweep_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence[str], steps: Sequence[int],
+                   scales: Sequence[str]) -> str:
+    """One table per checkpoint: rows sampler x steps, one column per ε-scale (the same x_T in
+    each), the cell's best scale in bold with ★, and the best's change against the first scale."""
+    by = {(r["label"], r["sampler"], int(r["steps"]), r["eps_scale"]): r for r in rows}
+    names = [s or "none" for s in scales]
+    lines = _header(rows, labels, samplers, steps, f"★ = the best ε-scale of the cell; Δ = the best against "
+                                                   f"{names[0]}")
+    for lab in labels:
+        lines += ["", f"## `{lab}`", ""]
+        lines += _table_head(["sampler", "steps", "NFE", *names, "best", f"Δ best vs {names[0]} (%)"])
+        for s in samplers:
+            for k in steps:
+                cells = [by.get((lab, s, int(k), e)) for e in scales]
+                best = next((c for c in cells if c and c["best_scale"] is True), None)
+                vals = [("**" + _fmt(c["value"]) + "** ★" if c is best else _fmt(c["value"])) if c else "—"
+                        for c in cells]
+                nfe = next((c["nfe"] for c in cells if c), "—")
+                first = cells[0]["value"] if cells[0] else None
+                tail = [best["eps_scale"] or "none", _relative(best["value"], first)] if best else ["—", "—"]
+                lines.append("| " + " | ".join([s, str(k), str(nfe), *vals, *tail]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _header(rows: List[dict], labels: Sequence[str], samplers: Sequence[str], steps: Sequence[int],
+            legend: str) -> List[str]:
+    """The title, what was measured and the checkpoints (from the first row of each)."""
+    first, metric = rows[0], rows[0]["metric"]
+    firsts = {r["label"]: r for r in reversed(rows)}
+    scales = {r["eps_scale"] for r in rows}
+    return [
+        f"# {metric} by sampler and steps" + (" and ε-scale" if len(scales) > 1 else ""),
+        "",
+        f"{metric}: {first['features']} features, n = {first['n']} samples per cell (seeds "
+        f"{first['seeds']}, the same in every cell), reference `{first['ref']}` (N = {first['ref_n']}); "
+        f"grid {first['grid']}, η = {first['eta']}"
+        + (f", DEIS order {next(r['order'] for r in rows if r['order'] != '')}" if any(r["order"] != "" for r in rows) else "")
+        + (f", ε-scale {first['eps_scale']}" if first["eps_scale"] and len(scales) == 1 else "")
+        + f". Lower is better; {legend}.",
+        "",
+        "Checkpoints: " + "; ".join(
+            f"`{lab}` = {firsts[lab]['checkpoint']} (step {firsts[lab]['checkpoint_step']}, "
+            f"{firsts[lab].get('weights') or 'EMA setting not recorded'})" for lab in labels),
+        "",
+    ]
+
+
+def _table_head(head: List[str]) -> List[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+
+
+def _relative(value: Optional[float], reference: Optional[float]) -> str:
+    """100 (value − reference) / reference, or — when either is missing or the reference is 0."""
+    if value is None or reference is None or reference == 0:
+        return "—"
+    return num(100.0 * (value - reference) / reference, "+.2f")
+
+
 def plot_fid_vs_nfe(rows: List[dict], path: Path):
-    """Metric against NFE (log x): one panel per sampler, one line per checkpoint in the same
-    colour and marker in every panel, one legend (``plots.plot_vs_nfe``). Returns the figure."""
+    """Metric against NFE (log x): one panel per sampler, one line per checkpoint (and
+    ε-scale, in a sweep) in the same colour and marker in every panel, one legend
+    (``plots.plot_vs_nfe``). Returns the figure."""
+    sweep = len({r["eps_scale"] for r in rows}) > 1
+
+    def series(r: dict) -> str:  # the checkpoint, and its ε-scale when scales were swept
+        return f"{r['label']} {r['eps_scale'] or 'none'}" if sweep else r["label"]
+
     points: dict = {}
     for r in rows:
-        points.setdefault((r["sampler"], r["label"]), []).append((int(r["nfe"]), float(r["value"]), None))
+        points.setdefault((r["sampler"], series(r)), []).append((int(r["nfe"]), float(r["value"]), None))
     first = rows[0]
     return plot_vs_nfe(points, list(dict.fromkeys(r["sampler"] for r in rows)),
-                       list(dict.fromkeys(r["label"] for r in rows)), path, ylabel=first["metric"],
+                       list(dict.fromkeys(series(r) for r in rows)), path, ylabel=first["metric"],
                        title=f"{first['metric']} vs NFE (n = {first['n']}, grid {first['grid']})")
+
+
+def plot_eps_sweep(rows: List[dict], path: Path):
+    """Metric against ε-scale (in the order given): one panel per sampler, one line per
+    (checkpoint, steps), each cell's best scale starred. Saved as a PNG; returns the figure."""
+    from matplotlib.figure import Figure  # optional dependency: only plots need matplotlib
+
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    scales = list(dict.fromkeys(r["eps_scale"] for r in rows))
+    series = list(dict.fromkeys((r["label"], int(r["steps"])) for r in rows))
+    fig = Figure(figsize=(0.6 + 4.2 * len(samplers), 3.6 + 0.25 * len(series)), layout="constrained")
+    axes = fig.subplots(1, len(samplers), squeeze=False, sharey=True)[0]
+    for ax, sampler in zip(axes, samplers):
+        for i, (label, k) in enumerate(series):
+            cell = {r["eps_scale"]: r for r in rows if (r["sampler"], r["label"], int(r["steps"])) == (sampler, label, k)}
+            xs = [j for j, e in enumerate(scales) if e in cell]
+            ys = [cell[scales[j]]["value"] for j in xs]
+            colour = COLOURS[i % len(COLOURS)]
+            ax.plot(xs, ys, marker="o", ms=4, color=colour, label=f"{label}, {k} steps" if ax is axes[0] else None)
+            best = [(j, cell[scales[j]]["value"]) for j in xs if cell[scales[j]]["best_scale"] is True]
+            if best:
+                ax.plot(*zip(*best), marker="*", ms=14, color=colour, markeredgecolor="black", linestyle="none")
+        ax.set_xticks(range(len(scales)), [e or "none" for e in scales], rotation=30, ha="right", fontsize=8)
+        ax.set_title(sampler)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(rows[0]["metric"])
+    fig.suptitle(f"{rows[0]['metric']} by ε-scale (★ best of each cell; n = {rows[0]['n']}, the same x_T)")
+    fig.legend(loc="outside lower center", ncol=min(4, len(series)), frameon=False)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    return fig

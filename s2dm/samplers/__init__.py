@@ -39,7 +39,7 @@ _DEIS = ("deis", "deis-rho")
 
 __all__ = [
     "SAMPLERS", "REGISTRY", "GRIDS", "ORDERS", "sample", "check_options", "expected_nfe", "parse_eps_scale",
-    "normalize_eps_scale", "describe_eps_scale", "eps_scale_label", "timestep_grid",
+    "normalize_eps_scale", "describe_eps_scale", "eps_scale_label", "parse_eps_scale_list", "timestep_grid",
     "validate_grid", "LegacyIndexView", "ddim", "ddpm", "pndm", "spndm", "deis", "deis_rho",
     "deis_coefficients",
 ]
@@ -116,6 +116,29 @@ def parse_eps_scale(text: Optional[str]) -> EpsScale:
         spec["variant"] = fields["variant"]
     normalize_eps_scale(spec)
     return spec
+
+
+def parse_eps_scale_list(text: str) -> list:
+    """A sweep: ``"none,const:0.998,skip:9,tau:0.99,linear:1e-5,1"`` → [None, "const:0.998",
+    "skip:9,tau:0.99", "linear:1e-5,1"], each item parsed and given its canonical label. A
+    form's own commas stay inside it: ``linear:`` takes the next number, ``skip:`` the
+    ``tau:``/``variant:`` fields that follow. An empty or repeated item is an error."""
+    tokens = [t.strip() for t in str(text).split(",")]
+    items, i = [], 0
+    while i < len(tokens):
+        item, i = tokens[i], i + 1
+        if re.match(r"linear\s*[:=]", item, flags=re.IGNORECASE) and i < len(tokens):
+            item, i = f"{item},{tokens[i]}", i + 1
+        elif re.match(r"skip\s*[:=]", item):
+            while i < len(tokens) and re.match(r"(tau|variant)\s*[:=]", tokens[i]):
+                item, i = f"{item},{tokens[i]}", i + 1
+        if not item:
+            raise _fail(f"{text!r} has an empty item; write none for no scaling")
+        label = eps_scale_label(parse_eps_scale(item))
+        if label in items:
+            raise _fail(f"{text!r} repeats {label or 'none'}")
+        items.append(label)
+    return items
 
 
 def _real(value) -> bool:
