@@ -165,7 +165,9 @@ def test_reference_statistics_that_cannot_be_written(tmp_path, capsys, monkeypat
 def test_changed_eval_settings_on_resume_restart_best(evaluated, tmp_path):
     run = tmp_path / "run"
     assert main(tiny_args(run, 8, *EXTRA, *EVAL)) == 0
+    made = (run / "ref_pixels.npz").stat().st_mtime_ns
     assert main(tiny_args(run, STEPS, *EXTRA, *EVAL, "train.eval.n=80")) == 0
+    assert (run / "ref_pixels.npz").stat().st_mtime_ns == made  # the cached reference is reused
     records = evals(run)
     assert [(r["step"], r["n"]) for r in records] == [(4, 70), (8, 70), (12, 80)]
     assert records[2]["best"]  # the first of its settings, whatever its value
