@@ -5,7 +5,12 @@ The design is paired (docs/method.md §7): runs with the same training seed shar
 data order, t and ε (``training/loop.py`` derives every draw from (train.seed, step)); every model is
 sampled from the same x_T per image seed; a second, independent draw of one model per cell
 measures the metric's own noise. A control run has no training of its own: it samples another
-run's weights with an ε-scaling (``eps_scale``).
+run's weights with an ε-scaling (``eps_scale``); a sweep is one control per scale.
+
+Every metric of a cell (FD-pixels, FD-cnn with ``eval.cnn``, FID) that samples the same images
+(same model, sampler, steps, draw and n) is scored from ONE sampling pass: its cells are one job.
+Each metric keeps a record of its own (``<cell>.json``, ``<cell>-cnn.json``, ...), so adding a
+metric to a finished study samples again only for the cells it lacks.
 
 Resumable at both levels: a trained run is not retrained (``train`` resumes or returns at
 once) and a cell whose record (``cells/<model>/<cell>.json``) matches its settings is not
@@ -15,9 +20,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Sequence, Union
 
 from tqdm.auto import tqdm
 
@@ -25,7 +30,7 @@ from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
 from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
-from ..metrics.fid import FeatureExtractor, Stats, frechet_distance, metric_label, reference_stats
+from ..metrics.fid import FeatureExtractor, Stats, extractor_for, frechet_distance, metric_label, reference_stats
 from ..samplers import expected_nfe
 from ..metrics.sampled import sample_stats
 from ..samplers.generate import generate
@@ -38,12 +43,14 @@ from ..util.records import read_record, reusable_record
 from ..util.textfmt import plural
 from ..util.workers import one_thread, run_jobs, worker_count
 from . import report
-from .spec import Run, Study, load_study
+from .spec import Run, Study, load_study, path_name
 
 # ---------------------------------------------------------------- models and cells
 
 def model_name(run: str, seed: int) -> str:
-    return f"{run}-s{seed}"
+    """The folder of a run's model of one seed (``runs/``, ``cells/``): ``baseline-s0``,
+    ``const-sweep_const=0.995-s0`` (``spec.path_name``)."""
+    return f"{path_name(run)}-s{seed}"
 
 
 def run_config(study: Study, run: Run, seed: int):
@@ -112,8 +119,13 @@ class Cell:
     sampler: str
     steps: int
     draw: str = "main"  # "main" or "noise" (the metric-noise re-draw)
-    metric: str = "pixels"  # "pixels" (FD-pixels) or "inception" (FID)
+    metric: str = "pixels"  # "pixels" (FD-pixels), "cnn" (FD-cnn) or "inception" (FID)
     n: int = 0
+
+    @property
+    def images(self) -> tuple:
+        """What the cell samples: cells with the same images share one sampling pass."""
+        return self.run, self.seed, self.sampler, self.steps, self.draw, self.n
 
     @property
     def key(self) -> str:
@@ -126,15 +138,21 @@ def plan_cells(study: Study) -> List[Cell]:
     """Every cell to score, cheapest step count first (so an interrupted study has whole
     columns of the table, not whole models), runs in config order within a column."""
     cells = []
+
+    def add(cell: Cell) -> None:  # FD-pixels, and its FD-cnn twin (same images when the n agree)
+        cells.append(cell)
+        if study.cnn_n > 0:
+            cells.append(replace(cell, metric="cnn", n=study.cnn_n))
+
     for steps in sorted(study.steps):
         for sampler in study.samplers:
             for run in study.runs.values():
                 if run.samplers is not None and sampler not in run.samplers:
                     continue
                 for seed in run.seeds:
-                    cells.append(Cell(run.name, seed, sampler, steps, n=study.n))
+                    add(Cell(run.name, seed, sampler, steps, n=study.n))
                     if run.name == study.noise_draw and seed == run.seeds[0]:
-                        cells.append(Cell(run.name, seed, sampler, steps, draw="noise", n=study.n))
+                        add(Cell(run.name, seed, sampler, steps, draw="noise", n=study.n))
     if study.fid_n > 0:
         for steps in study.fid_steps:
             for sampler in study.fid_samplers or study.samplers:
@@ -161,57 +179,94 @@ def reference(study: Study, out: Path, features: str):
         return Stats.load(path)
     sets = [f"{k}={json.dumps(v)}" for k, v in study.overrides.items()]
     stats = reference_stats(study.train_config, path, features=features, overrides=sets,
-                            device="cpu" if features == "pixels" else "auto", progress=False)
+                            device="cpu" if features in ("pixels", "cnn") else "auto", progress=False)
     return Stats.load(stats.path)
 
 
 def _cell_settings(study: Study, cell: Cell, ckpt: Path, step: int, run: Run, ref) -> dict:
     seeds = image_seeds(study, cell)
-    return {"checkpoint": str(ckpt.resolve()), "checkpoint_step": step, "sampler": cell.sampler,
-            "steps": cell.steps, "order": study.order, "eps_scale": run.eps_scale, "n": cell.n,
-            "image_seeds": f"{seeds.start}-{seeds.stop - 1}", "metric": cell.metric,
-            "ref": str(ref.path), "ref_n": ref.n}
+    settings = {"checkpoint": str(ckpt.resolve()), "checkpoint_step": step, "sampler": cell.sampler,
+                "steps": cell.steps, "order": study.order, "eps_scale": run.eps_scale, "n": cell.n,
+                "image_seeds": f"{seeds.start}-{seeds.stop - 1}", "metric": cell.metric,
+                "ref": str(ref.path), "ref_n": ref.n}
+    if cell.metric == "cnn":  # another classifier is another metric: the record is redone
+        settings["classifier_sha256"] = ref.weights_sha256
+    return settings
 
 
-def score_cell(model, schedule, study: Study, cell: Cell, run: Run, extractor, ref, shape, device) -> dict:
-    """Sample the cell's image seeds in memory, quantise as a PNG would be, score against ref."""
-    t0 = time.time()
-    seeds = list(image_seeds(study, cell))
+class OnePass:
+    """Several feature extractors fed the same images: ``sample_stats`` samples once and each
+    extractor makes its statistics of those very batches (kept in memory: uint8, small)."""
+
+    def __init__(self, extractors: Sequence[FeatureExtractor]):
+        self.extractors = list(extractors)
+        self.stats: List[Stats] = []
+
+    def stats_of_uint8(self, batches, total: int, source: str) -> Stats:
+        kept = list(batches)
+        self.stats = [ext.stats_of_uint8(iter(kept), total, source) for ext in self.extractors]
+        return self.stats[0]
+
+
+def score_cells(model, schedule, study: Study, cells: Sequence[Cell], run: Run, extractors, refs, shape,
+                device) -> List[dict]:
+    """Sample the image seeds the ``cells`` share (one pass, in memory, quantised as a PNG would
+    be) and score each cell's metric against its reference; one result per cell. The pass's
+    wall time is split evenly between the cells."""
+    t0, cell = time.time(), cells[0]
+    assert all(c.images == cell.images for c in cells), "cells of one pass sample the same images"
     options = SampleOptions(sampler=cell.sampler, steps=cell.steps, order=study.order,
                             eps_scale=run.eps_scale or None)
-
-    stats = sample_stats(model, schedule, seeds, options, extractor, image_shape=shape, batch_size=study.batch_size,
-                         device=device, source=f"{run.name} {cell.key}")
-    return {"value": frechet_distance(stats, ref), "metric": metric_label(ref.metric, cell.n),
-            "nfe": expected_nfe(cell.sampler, cell.steps), "seconds": time.time() - t0}
+    both = extractors[0] if len(extractors) == 1 else OnePass(extractors)
+    first = sample_stats(model, schedule, list(image_seeds(study, cell)), options, both, image_shape=shape,
+                         batch_size=study.batch_size, device=device,
+                         source=f"{run.name} {cell.sampler}-{cell.steps}{'' if cell.draw == 'main' else '-' + cell.draw}")
+    stats = [first] if len(extractors) == 1 else both.stats
+    results = []
+    for c, st, ref in zip(cells, stats, refs):
+        rec = {"value": frechet_distance(st, ref), "metric": metric_label(ref.metric, c.n),
+               "nfe": expected_nfe(c.sampler, c.steps)}
+        if c.metric == "cnn":
+            rec["classifier_accuracy"] = st.classifier_accuracy  # held out from its training
+        results.append(rec)
+    took = (time.time() - t0) / len(cells)
+    return [{**rec, "seconds": took} for rec in results]
 
 
 def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = True,
                  workers: Union[int, str] = 1) -> List[dict]:
-    """Score every planned cell not already recorded, ``workers`` cells at a time; returns
-    every cell's record in plan order. ``score=False`` only collects the records there are (a
-    report of a study in progress)."""
+    """Score every planned cell not already recorded, ``workers`` sampling passes at a time (the
+    cells of one model, sampler, steps and draw that are missing share a pass); returns every
+    cell's record in plan order. ``score=False`` only collects the records there are (a report
+    of a study in progress)."""
     cells = plan_cells(study)
     paths = [out / "cells" / model_name(c.run, c.seed) / f"{c.key}.json" for c in cells]
     if not score:
         return [json.loads(p.read_text()) for p in paths if p.is_file()]
     refs = {metric: reference(study, out, metric) for metric in {c.metric for c in cells}}
-    steps, records, jobs = {}, [None] * len(cells), []
+    steps, records, passes = {}, [None] * len(cells), {}
     for i, (cell, path) in enumerate(zip(cells, paths)):
         ckpt = _checkpoint_of(study, out, study.runs[cell.run], cell.seed)
         if ckpt not in steps:  # the step alone, not the weights: scoring loads them where it runs
             steps[ckpt] = checkpoint_step(ckpt)
         settings = _cell_settings(study, cell, ckpt, steps[ckpt], study.runs[cell.run], refs[cell.metric])
         records[i] = reusable_record(path, "settings", settings)
-        if records[i] is None:
-            jobs.append((study, cell, ckpt, settings, path, i))
+        if records[i] is None:  # missing cells that sample the same images: one job
+            _, group, _, group_settings, group_paths, group_indices = passes.setdefault(
+                cell.images, (study, [], ckpt, [], [], []))
+            group.append(cell)
+            group_settings.append(settings)
+            group_paths.append(path)
+            group_indices.append(i)
+    jobs = list(passes.values())
     count = worker_count(workers, len(jobs), pick_device("auto"))
-    bar = tqdm(total=len(cells), initial=len(cells) - len(jobs), desc=f"study cells ({plural(count, 'worker')})",
+    bar = tqdm(total=len(cells), initial=sum(r is not None for r in records), desc=f"study cells ({plural(count, 'worker')})",
                unit="cell", dynamic_ncols=True, disable=not progress)
 
-    def finished(_, rec) -> None:
-        records[rec.pop("index")] = rec
-        bar.update(1)
+    def finished(_, recs) -> None:
+        for rec in recs:
+            records[rec.pop("index")] = rec
+        bar.update(len(recs))
         bar.set_postfix_str(f"{rec['run']} s{rec['seed']} {rec['sampler']}-{rec['steps']}")
 
     with bar:
@@ -238,8 +293,17 @@ def _file_key(path) -> tuple:
     return str(path), stat.st_mtime_ns, stat.st_size
 
 
-def _score_job(study: Study, cell: Cell, ckpt: Path, settings: dict, path: Path, index: int) -> dict:
-    """Score one cell and write its record; runs in a worker process (or in-process)."""
+def _extractor(metric: str, ref: Stats, device) -> FeatureExtractor:
+    """The features of a metric; FD-cnn's from the very classifier its reference was made with."""
+    if metric == "cnn":
+        return extractor_for(ref, device="cpu", progress=False)
+    return FeatureExtractor(metric, device="cpu" if metric == "pixels" else device, progress=False)
+
+
+def _score_job(study: Study, cells: List[Cell], ckpt: Path, settings: List[dict], paths: List[Path],
+               indices: List[int]) -> List[dict]:
+    """Score the cells of one sampling pass and write their records; runs in a worker process
+    (or in-process)."""
     device = pick_device("auto")
     models, key = _cached("models", dict), _file_key(ckpt)
     if key not in models:
@@ -247,23 +311,26 @@ def _score_job(study: Study, cell: Cell, ckpt: Path, settings: dict, path: Path,
             models.pop(next(iter(models)))
         models[key] = load_checkpoint(ckpt, device=device)
     ck = models[key]
-    ref = _cached(_file_key(settings["ref"]), lambda: Stats.load(settings["ref"]))
-    extractor = _cached(f"extractor-{cell.metric}", lambda: FeatureExtractor(
-        cell.metric, device="cpu" if cell.metric == "pixels" else device, progress=False))
+    refs = [_cached(_file_key(s["ref"]), lambda s=s: Stats.load(s["ref"])) for s in settings]
+    extractors = [_cached(("extractor", c.metric, r.weights_sha256), lambda c=c, r=r: _extractor(c.metric, r, device))
+                  for c, r in zip(cells, refs)]
     cfg = ck.config
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    scored = score_cell(ck.ema, NoiseSchedule.from_config(cfg.diffusion), study, cell, study.runs[cell.run],
-                        extractor, ref, shape, device)
-    rec = {"run": cell.run, "seed": cell.seed, "sampler": cell.sampler, "steps": cell.steps,
-           "draw": cell.draw, "metric_kind": cell.metric, **scored, "settings": settings}
-    atomic_write_text(path, json.dumps(rec, indent=2))
-    return {**rec, "index": index}
+    scored = score_cells(ck.ema, NoiseSchedule.from_config(cfg.diffusion), study, cells, study.runs[cells[0].run],
+                         extractors, refs, shape, device)
+    out = []
+    for cell, result, s, path, index in zip(cells, scored, settings, paths, indices):
+        rec = {"run": cell.run, "seed": cell.seed, "sampler": cell.sampler, "steps": cell.steps,
+               "draw": cell.draw, "metric_kind": cell.metric, **result, "settings": s}
+        atomic_write_text(path, json.dumps(rec, indent=2))
+        out.append({**rec, "index": index})
+    return out
 
 
 def write_mosaics(study: Study, out: Path) -> None:
     """A 10×10 mosaic per run (its first seed's model, DDIM at ``mosaic_steps``, image seeds 0..99)."""
     for run in study.runs.values():
-        path = out / "mosaics" / f"{run.name}.png"
+        path = out / "mosaics" / f"{path_name(run.name)}.png"
         source = out / "runs" / model_name(run.weights_of or run.name, run.seeds[0])
         if path.is_file() or not (source / "study_done.json").is_file():
             continue
@@ -295,12 +362,15 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
     report.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png")
+    if study.cnn_n:
+        report.plot_fd_vs_nfe(rows, study, out / "fd_cnn_vs_nfe.png", metric="FD-cnn")
     planned = len(plan_cells(study))
     cost = {"train_seconds": sum(train_seconds.values()), "eval_seconds": sum(r["seconds"] for r in records),
             "this_invocation_seconds": time.time() - t0, "cells_planned": planned,
             "workers": worker_count(workers, planned, pick_device("auto")),
             "cells_scored": len(records)}
-    atomic_write_text(out / "report.md", report.report_markdown(rows, study, cost, out, ema=ema_settings(study)))
+    atomic_write_text(out / "report.md", report.report_markdown(rows, study, cost, out, ema=ema_settings(study),
+                                                                clip=grad_clip_windows(study, out)))
     return out
 
 
@@ -312,3 +382,30 @@ def ema_settings(study: Study) -> Dict[str, str]:
             cfg = run_config(study, run, run.seeds[0])
             settings[run.name] = describe_ema(cfg.train.ema_decay, cfg.train.ema_warmup)
     return settings
+
+
+def grad_clip_windows(study: Study, out: Path) -> Dict[str, dict]:
+    """Each trained run's grad clip and its logged windows (all seeds) whose mean gradient norm
+    exceeds it: ``{run: {"clip", "windows", "above"}}``. The log records the global norm
+    before clipping (``clip_grad_norm_``'s return value), averaged over the window's steps; a
+    window logged twice (a resumed run) counts once."""
+    found = {}
+    for run in study.runs.values():
+        if not run.trained:
+            continue
+        clip = run_config(study, run, run.seeds[0]).optim.grad_clip
+        windows = above = 0
+        for seed in run.seeds:
+            norms = {}
+            log = out / "runs" / model_name(run.name, seed) / "log.jsonl"
+            for line in (log.read_text().splitlines() if log.is_file() else []):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if isinstance(rec, dict) and "event" not in rec and isinstance(rec.get("grad_norm"), (int, float)):
+                    norms[rec.get("step")] = rec["grad_norm"]
+            windows += len(norms)
+            above += sum(1 for g in norms.values() if clip > 0 and g > clip)
+        found[run.name] = {"clip": clip, "windows": windows, "above": above}
+    return found

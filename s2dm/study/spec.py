@@ -1,16 +1,24 @@
 """A study YAML as typed sections: runs (training-config overrides x seeds; controls sample
-another run's weights with an eps_scale), the baseline, the effect, the evaluation cells and the
-quick preset. Built and checked like a run config (``io.config.build_dataclass``)."""
+another run's weights with an eps_scale, or a sweep of them), the baseline, the effect, the
+evaluation cells and the quick preset; for a v2 study also the twins (trained variant →
+training-free control), the sum-reduction baseline and FD-cnn. Built and checked like a run
+config (``io.config.build_dataclass``).
+
+Every ε-scale is stored as its canonical label (``samplers.eps_scale_label``): the records,
+results.csv and the report carry that one text. A sweep ``key: {weights_of: R, sweep: [a, b]}``
+becomes one control run per scale, named ``key[label]`` (``const-sweep[const:0.995]``); on disk
+a run's folders use ``path_name`` of its name (``const-sweep_const=0.995``)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ..errors import S2dmError, StudyError
 from ..io.config import Config, build_dataclass, find_config, read_yaml, shipped_configs
-from ..samplers import SAMPLERS, parse_eps_scale
+from ..samplers import SAMPLERS, eps_scale_label, parse_eps_scale
 
 # -- the study YAML, as typed sections (built and checked like a run config) ---------------
 @dataclass
@@ -19,7 +27,13 @@ class RunSpec:
     set: Dict[str, Any] = field(default_factory=dict)  # training-config overrides of this run
     weights_of: Optional[str] = None  # a control: sample this run's weights ...
     eps_scale: Optional[str] = None  # ... with this ε-scaling
+    sweep: Optional[List[Union[float, str]]] = None  # ... or one control run per ε-scaling
     samplers: Optional[List[str]] = None  # a subset of the study's samplers (None: all)
+
+
+@dataclass
+class CnnSpec:
+    n: int = 0  # FD-cnn on n samples per cell (0: off); n == eval.n shares FD-pixels' images
 
 
 @dataclass
@@ -40,6 +54,7 @@ class EvalSpec:
     noise_draw: Optional[str] = None
     noise_seed_offset: int = 1_000_000
     fid: FidSpec = field(default_factory=FidSpec)
+    cnn: CnnSpec = field(default_factory=CnnSpec)
     mosaic_steps: int = 20
 
 
@@ -61,6 +76,8 @@ class StudyFile:
     eval: EvalSpec
     set: Dict[str, Any] = field(default_factory=dict)  # overrides for every run
     effect: Optional[str] = None
+    twins: Dict[str, str] = field(default_factory=dict)  # trained variant → its training-free twin
+    sum_baseline: Optional[str] = None  # the baseline trained with loss.reduction: sum
     quick: Optional[QuickSpec] = None
 
 
@@ -74,8 +91,9 @@ class Run:
     seeds: List[int]
     overrides: Dict[str, object] = field(default_factory=dict)
     weights_of: Optional[str] = None  # a control: sample this run's weights
-    eps_scale: Optional[str] = None
+    eps_scale: Optional[str] = None  # the canonical label (eps_scale_label)
     samplers: Optional[List[str]] = None  # a subset of the study's samplers (None: all)
+    sweep: Optional[str] = None  # the YAML key of the sweep this control was expanded from
 
     @property
     def trained(self) -> bool:
@@ -103,6 +121,30 @@ class Study:
     fid_samplers: Optional[List[str]] = None
     mosaic_steps: int = 20
     quick: bool = False
+    cnn_n: int = 0  # FD-cnn per cell (0: off)
+    twins: Dict[str, str] = field(default_factory=dict)  # trained variant → training-free twin
+    sum_baseline: Optional[str] = None
+    sweeps: Dict[str, List[str]] = field(default_factory=dict)  # sweep key → its runs' names
+
+    @property
+    def v2(self) -> bool:
+        """The study asks the v2 questions (report.py's H1–H4 sections)."""
+        return bool(self.twins or self.sum_baseline or self.sweeps or self.cnn_n)
+
+
+def sweep_run_name(key: str, label: str) -> str:
+    """The run a sweep expands to for one scale: ``const-sweep[const:0.995]``."""
+    return f"{key}[{label}]"
+
+
+_PATH_CHARS = {"[": "_", "]": "", ":": "=", ",": "+"}
+
+
+def path_name(name: str) -> str:
+    """A run's name as a file or folder name: ``const-sweep[const:0.995]`` →
+    ``const-sweep_const=0.995`` (no brackets for shell globs, no colons); a plain name (letters,
+    digits, ``.``, ``_``, ``-``) is kept as it is."""
+    return "".join(_PATH_CHARS.get(ch, ch if re.fullmatch(r"[A-Za-z0-9._+=-]", ch) else "_") for ch in name)
 
 
 def _int_list(value, where: str) -> List[int]:
@@ -126,11 +168,21 @@ def load_study(path, quick: bool = False) -> Study:
     train_config = (path.parent / spec.train_config).resolve()
     if not train_config.is_file():
         raise StudyError(f"{path}: train_config {spec.train_config} not found at {train_config}")
-    runs = {name: Run(name, _int_list(r.seeds, f"{path}: runs.{name}.seeds"), dict(r.set), r.weights_of,
-                      r.eps_scale, r.samplers) for name, r in spec.runs.items()}
+    runs: Dict[str, Run] = {}
+    sweeps: Dict[str, List[str]] = {}
+    for name, r in spec.runs.items():
+        seeds = _int_list(r.seeds, f"{path}: runs.{name}.seeds")
+        if r.sweep is None:
+            runs[name] = Run(name, seeds, dict(r.set), r.weights_of,
+                             _label(r.eps_scale, f"{path}: runs.{name}.eps_scale"), r.samplers)
+            continue
+        for label in _sweep_labels(r, f"{path}: runs.{name}"):
+            run = Run(sweep_run_name(name, label), seeds, dict(r.set), r.weights_of, label, r.samplers, sweep=name)
+            if run.name in spec.runs or run.name in runs:
+                raise StudyError(f"{path}: runs.{name}.sweep makes a run named {run.name!r}, which the study already has")
+            runs[run.name] = run
+            sweeps.setdefault(name, []).append(run.name)
     for run in runs.values():
-        if run.eps_scale is not None:
-            parse_eps_scale(str(run.eps_scale))
         if run.weights_of is not None:
             src = runs.get(run.weights_of)
             if src is None or not src.trained:
@@ -149,12 +201,65 @@ def load_study(path, quick: bool = False) -> Study:
         steps=_int_list(ev.steps, "eval.steps"), n=ev.n, features=ev.features, order=ev.order,
         batch_size=ev.batch_size, noise_draw=ev.noise_draw, noise_seed_offset=ev.noise_seed_offset,
         fid_n=ev.fid.n, fid_steps=_int_list(ev.fid.steps, "eval.fid.steps"), fid_samplers=ev.fid.samplers,
-        mosaic_steps=ev.mosaic_steps,
+        mosaic_steps=ev.mosaic_steps, cnn_n=ev.cnn.n, twins=dict(spec.twins), sum_baseline=spec.sum_baseline,
+        sweeps=sweeps,
     )
+    _check_v2_keys(study, path)
     if quick:
         _apply_quick(study, spec.quick, path)
     _validate(study, SAMPLERS)
     return study
+
+
+def _label(text, where: str) -> Optional[str]:
+    """An eps_scale as its canonical label (None for none); a bad one is a StudyError at ``where``."""
+    if text is None:
+        return None
+    try:
+        return eps_scale_label(parse_eps_scale(str(text)))
+    except S2dmError as exc:
+        raise StudyError(f"{where}: {str(exc).removeprefix('eps_scale: ')}") from None
+
+
+def _sweep_labels(r: RunSpec, where: str) -> List[str]:
+    """A sweep's scales as canonical labels: a control's, non-empty, none and repeats refused."""
+    if r.eps_scale is not None:
+        raise StudyError(f"{where}: eps_scale and sweep exclude each other; a sweep lists every scale")
+    if r.weights_of is None:
+        raise StudyError(f"{where}.sweep: a sweep samples another run's weights; give weights_of")
+    if not r.sweep:
+        raise StudyError(f"{where}.sweep: expected a non-empty list of eps-scales, e.g. [\"const:0.995\", \"const:1.005\"]")
+    labels = []
+    for i, item in enumerate(r.sweep):
+        label = _label(item, f"{where}.sweep[{i}]")
+        if label is None:
+            raise StudyError(f"{where}.sweep[{i}]: none is {r.weights_of} itself, which the study samples already")
+        if label in labels:
+            raise StudyError(f"{where}.sweep repeats {label} (items {labels.index(label)} and {i})")
+        labels.append(label)
+    return labels
+
+
+def _check_v2_keys(study: Study, path: Path) -> None:
+    """twins: a trained variant → a control sampling the baseline's weights with an eps_scale;
+    sum_baseline: a trained run other than the baseline; eval.cnn.n: 0 or at least 2."""
+    runs, base = study.runs, study.baseline
+    for variant, twin in study.twins.items():
+        if variant not in runs or not runs[variant].trained or variant == base:
+            raise StudyError(f"{path}: twins.{variant}: the key must name a trained run other than the baseline")
+        if twin not in runs or runs[twin].weights_of != base or runs[twin].eps_scale is None:
+            raise StudyError(f"{path}: twins.{variant}: {twin!r} must name a control that samples {base}'s weights "
+                             "with an eps_scale")
+    if study.sum_baseline is not None and (study.sum_baseline not in runs or not runs[study.sum_baseline].trained
+                                           or study.sum_baseline == base):
+        raise StudyError(f"{path}: sum_baseline {study.sum_baseline!r} must name a trained run other than the baseline")
+    if study.cnn_n == 1 or study.cnn_n < 0:
+        raise StudyError(f"{path}: eval.cnn.n must be 0 (off) or at least 2, not {study.cnn_n}")
+    folders: Dict[str, str] = {}
+    for name in runs:
+        other = folders.setdefault(path_name(name), name)
+        if other != name:
+            raise StudyError(f"{path}: runs {other!r} and {name!r} would share the folder name {path_name(name)!r}")
 
 
 def shipped_study_configs() -> List[Path]:
@@ -175,11 +280,17 @@ def _not_a_training_config(raw, path: Path, given) -> None:
 def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
     if q is None:
         raise StudyError(f"{path} has no `quick:` preset")
-    if q.runs is not None:
-        missing = [r for r in q.runs if r not in study.runs]
+    if q.runs is not None:  # a sweep's key names all its runs
+        missing = [r for r in q.runs if r not in study.runs and r not in study.sweeps]
         if missing:
             raise StudyError(f"{path}: quick.runs names unknown run {missing[0]!r}")
-        study.runs = {k: v for k, v in study.runs.items() if k in q.runs}
+        keep = {name for r in q.runs for name in study.sweeps.get(r, [r])}
+        study.runs = {k: v for k, v in study.runs.items() if k in keep}
+        study.sweeps = {k: [n for n in v if n in keep] for k, v in study.sweeps.items()}
+        study.sweeps = {k: v for k, v in study.sweeps.items() if v}
+        study.twins = {v: t for v, t in study.twins.items() if v in keep and t in keep}
+        if study.sum_baseline not in keep:
+            study.sum_baseline = None
     if q.seeds is not None:
         seeds = _int_list(q.seeds, "quick.seeds")
         for run in study.runs.values():
@@ -188,7 +299,9 @@ def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
         study.samplers = list(q.samplers)
     if q.steps is not None:
         study.steps = _int_list(q.steps, "quick.steps")
-    if q.n is not None:
+    if q.n is not None:  # FD-cnn follows when it shares FD-pixels' images
+        if study.cnn_n == study.n:
+            study.cnn_n = q.n
         study.n = q.n
     study.overrides.update(q.set)
     study.quick = True
