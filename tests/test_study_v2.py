@@ -10,7 +10,7 @@ import yaml
 
 from s2dm.errors import UserError
 from s2dm.metrics import classifier as C
-from s2dm.study import report as R
+from s2dm.study import questions as Q, report as R
 from s2dm.study import runner
 from s2dm.study.spec import load_study, path_name
 
@@ -80,7 +80,7 @@ def test_v1_configs_keep_their_labels_settings_and_report(tmp_path):
     assert sorted(settings) == sorted(["checkpoint", "checkpoint_step", "sampler", "steps", "order", "eps_scale", "n",
                                        "image_seeds", "metric", "ref", "ref_n"])  # the v1 record's keys, no more
     assert settings["eps_scale"] == "skip:9,tau:0.99"
-    text = R.report_markdown(V1_ROWS, study, COST, ROOT)
+    text = Q.study_report(V1_ROWS, study, COST, ROOT)
     assert "## Reading, cell by cell" in text and "## H1" not in text and "Answers" not in text
 
 
@@ -266,7 +266,7 @@ def _stats(rows, metric="FD-pixels"):
 
 def test_h1_the_twin_reproduces_half_of_the_variant(tmp_path):
     cells = _stats(synthetic())
-    (r10, r20, r50) = R.h1_rows(cells, "baseline", "s2dm", "twin")
+    (r10, r20, r50) = Q.h1_rows(cells, "baseline", "s2dm", "twin")
     assert r10.variant.values == pytest.approx([1.0, 1.2, 0.8]) and r10.twin.values == pytest.approx([0.5, 0.4, 0.6])
     assert r10.reproduced == pytest.approx(50.0)
     gap = [0.5, 0.8, 0.2]  # variant − twin, paired by seed: mean 0.5, sd 0.3
@@ -275,7 +275,7 @@ def test_h1_the_twin_reproduces_half_of_the_variant(tmp_path):
     # beyond 10 steps s2dm − baseline = −0.5, −0.3, −0.7: the twin (+0.5) goes the other way, −100 %
     assert r20.variant.mean == pytest.approx(-0.5) and r20.reproduced == pytest.approx(-100.0)
     study = load_study(write(tmp_path, V2))
-    text = R.report_markdown(synthetic(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
     assert "| ddim | 10 | +1.000 [+0.503, +1.497] (+9.1 %) | +0.500 [+0.252, +0.748] (+4.5 %) | 50 % | " \
            "+0.500 [-0.245, +1.245] (+4.5 %) |" in text
     assert "the twin reproduces -100 % to 50 % of it in the 3 cells where it is measurable" in text
@@ -286,15 +286,15 @@ def test_h1_gives_no_share_of_an_unmeasurable_difference():
     for r in rows:
         if r["run"] == "s2dm":
             r["value"] += [-1.0, -0.2, -1.4][r["seed"]]  # s2dm − baseline = 0, 1.0, −0.6: the interval contains 0
-    (r,) = R.h1_rows(_stats(rows), "baseline", "s2dm", "twin")
+    (r,) = Q.h1_rows(_stats(rows), "baseline", "s2dm", "twin")
     assert r.variant.mean == pytest.approx(0.4 / 3) and r.reproduced is None
 
 
 def test_h2_finds_the_planted_best_scale_and_compares_the_variant_with_it(tmp_path):
     study = load_study(write(tmp_path, V2))
-    assert R.training_free(study) == ["baseline", "twin", "b[const:0.995]", "b[const:1.005]", "b[const:0.9975]"]
-    assert R.variants_of(study) == ["s2dm"]
-    r10, r20, _ = R.h2_rows(_stats(synthetic()), study)
+    assert Q.training_free(study) == ["baseline", "twin", "b[const:0.995]", "b[const:1.005]", "b[const:0.9975]"]
+    assert Q.variants_of(study) == ["s2dm"]
+    r10, r20, _ = Q.h2_rows(_stats(synthetic()), study)
     assert (r10.best, r10.scale) == ("b[const:1.005]", "const:1.005")
     assert r10.best_mean == pytest.approx(11.0 - 0.7) and r10.best_vs_base.values == pytest.approx([-0.6, -0.7, -0.8])
     assert r10.versus["s2dm"].values == pytest.approx([1.6, 1.9, 1.6])  # s2dm − best, seed by seed
@@ -304,13 +304,13 @@ def test_h2_finds_the_planted_best_scale_and_compares_the_variant_with_it(tmp_pa
     for r in rows:
         if r["run"] == "twin":
             r["value"] += 1
-    (b10, *_) = R.h2_rows(_stats(rows), study)
+    (b10, *_) = Q.h2_rows(_stats(rows), study)
     assert (b10.best, b10.scale, b10.best_vs_base) == ("baseline", "none", None)
     assert b10.versus["s2dm"].values == pytest.approx([1.0, 1.2, 0.8])
-    text = R.report_markdown(synthetic(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
     assert "| ddim | 10 | `const:1.005` | 10.300 | -0.700 [-0.948, -0.452] (-6.4 %) | +1.700 [+1.270, +2.130] (+15.5 %) |" \
         in text
-    assert R.H2_BIAS in text
+    assert Q.H2_BIAS in text
     assert "best training-free scale per cell: `const:1.005` in 3" in text.split("\n## ")[0]
 
 
@@ -321,7 +321,7 @@ def test_h3_the_sum_baseline_shift_and_the_clip_note(tmp_path):
     sd = math.sqrt(((0.3 - 0.35) ** 2 + (0.4 - 0.35) ** 2) / 2)
     assert d.mean == pytest.approx(0.35) and d.ci95 == pytest.approx((0.35 - T2 * sd / math.sqrt(3),
                                                                       0.35 + T2 * sd / math.sqrt(3)))
-    text = R.report_markdown(synthetic(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
     assert "| ddim | 10 | +0.350 [+0.226, +0.474] (+3.2 %) |" in text
     assert "for `base-sum` in 72 of 72 logged windows (100 %), and for `baseline` in 3 of 72 logged windows (4 %)" in text
     assert text.count("**Gradient clipping.**") == 1  # once, not once per metric
@@ -342,7 +342,7 @@ def test_grad_clip_windows_reads_the_training_logs(tmp_path):
 
 def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
     study = load_study(write(tmp_path, V2))
-    rows = {(r.run, r.sampler): r for r in R.h4_rows(_stats(synthetic()), study)}
+    rows = {(r.run, r.sampler): r for r in Q.h4_rows(_stats(synthetic()), study)}
     assert set(rows) == {("baseline", "ddim"), ("s2dm", "ddim"), ("base-sum", "ddim")}  # trained runs only
     base = rows[("baseline", "ddim")]  # −1 from 10 to 20, then up again from 20 to 50: non-monotone
     (a, b, d1), (_, _, d2) = base.changes
@@ -351,11 +351,11 @@ def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
     assert base.means[10].mean == pytest.approx(11.0)
     assert base.means[10].ci95 == pytest.approx((11 - T2 / math.sqrt(3), 11 + T2 / math.sqrt(3)))
     assert rows[("s2dm", "ddim")].changes[0][2].values == pytest.approx([-2.5, -2.5, -2.5])
-    assert R.steps_verdict([(10, 20, R.Summary([-1.0, -1.1, -0.9])), (20, 50, R.Summary([-0.1, -0.2, -0.15]))]) == "falls"
-    assert R.steps_verdict([(10, 20, R.Summary([-1.0, -1.1, -0.9])), (20, 50, R.Summary([-0.1, 0.2, -0.15]))]) \
+    assert Q.steps_verdict([(10, 20, R.Summary([-1.0, -1.1, -0.9])), (20, 50, R.Summary([-0.1, -0.2, -0.15]))]) == "falls"
+    assert Q.steps_verdict([(10, 20, R.Summary([-1.0, -1.1, -0.9])), (20, 50, R.Summary([-0.1, 0.2, -0.15]))]) \
         == "not resolved"
-    assert R.steps_verdict([(10, 20, R.Summary([-1.0])), (20, 50, R.Summary([-0.5]))]) == "not resolved"  # 1 seed
-    text = R.report_markdown(synthetic(), study, COST, tmp_path, clip=CLIP)
+    assert Q.steps_verdict([(10, 20, R.Summary([-1.0])), (20, 50, R.Summary([-0.5]))]) == "not resolved"  # 1 seed
+    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
     assert "| `baseline` | ddim | 11.000 [8.516, 13.484] | 10.000 [7.516, 12.484] | 10.500 [7.883, 13.117] | " \
            "-1.000 [-1.000, -1.000] | +0.500 [+0.252, +0.748] | **does not fall** |" in text
     assert "- **H4** (FD-pixels) baseline with DDIM at 10 → 20 → 50 steps: **does not fall**." in text
@@ -367,22 +367,22 @@ def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
 def test_the_disagreement_note_appears_exactly_when_planted(tmp_path):
     study = load_study(write(tmp_path, V2))
     same = synthetic() + synthetic("FD-cnn-5k")
-    text = R.report_markdown(same, study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(same, study, COST, tmp_path, clip=CLIP)
     section = text.split("## Where FD-pixels-5k and FD-cnn-5k disagree")[1].split("\n## ")[0]
-    assert R.DISAGREEMENT in section
+    assert Q.DISAGREEMENT in section
     assert "No effect of the 15 both measure is resolved with opposite signs." in section and "\n- " not in section
     assert "about 0 effects of 15" in text.split("\n## ")[0]
     assert "held-out accuracy 99.4 %" in text.split("\n## ")[0]
     # the sum baseline's shift reversed in FD-cnn: exactly those three effects (one per cell) are named
     flipped = synthetic() + synthetic("FD-cnn-5k", flip=("sum",))
-    text = R.report_markdown(flipped, study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(flipped, study, COST, tmp_path, clip=CLIP)
     section = text.split("## Where FD-pixels-5k and FD-cnn-5k disagree")[1].split("\n## ")[0]
     bullets = [ln for ln in section.splitlines() if ln.startswith("- ")]
     assert bullets == [f"- ddim {s}, base-sum − baseline: FD-pixels-5k +0.350 [+0.226, +0.474], "
                        "FD-cnn-5k -0.350 [-0.474, -0.226]" for s in (10, 20, 50)]
     assert "about 3 effects of 15" in text.split("\n## ")[0]
     # one metric only: no disagreement section
-    assert "disagree" not in R.report_markdown(synthetic(), study, COST, tmp_path, clip=CLIP)
+    assert "disagree" not in Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
 
 
 def test_metrics_are_kept_apart_and_the_csv_adds_accuracy_only_for_fd_cnn():

@@ -42,7 +42,7 @@ from ..util.images import save_mosaic
 from ..util.records import read_record, reusable_record
 from ..util.textfmt import plural
 from ..util.workers import one_thread, run_jobs, worker_count
-from . import report
+from . import questions, report
 from .spec import Run, Study, load_study, path_name
 
 # ---------------------------------------------------------------- models and cells
@@ -369,7 +369,7 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
             "this_invocation_seconds": time.time() - t0, "cells_planned": planned,
             "workers": worker_count(workers, planned, pick_device("auto")),
             "cells_scored": len(records)}
-    atomic_write_text(out / "report.md", report.report_markdown(rows, study, cost, out, ema=ema_settings(study),
+    atomic_write_text(out / "report.md", questions.study_report(rows, study, cost, out, ema=ema_settings(study),
                                                                 clip=grad_clip_windows(study, out)))
     return out
 
