@@ -77,6 +77,7 @@ def test_study_writes_everything_and_resumes(tmp_path):
     assert main(["study", "--config", str(cfg), "--out", str(out), "--report-only"]) == 0
     assert not cell.exists()
     assert "**Incomplete: 5 of 6 cells scored.**" in (out / "report.md").read_text()
+    assert "- this invocation: the report only, from the records on disk" in (out / "report.md").read_text()
     assert len(list(csv.DictReader((out / "results.csv").read_text().splitlines()))) == 5
     assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
     assert "Incomplete" not in (out / "report.md").read_text()

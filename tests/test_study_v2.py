@@ -358,10 +358,44 @@ def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
     text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
     assert "| `baseline` | ddim | 11.000 [8.516, 13.484] | 10.000 [7.516, 12.484] | 10.500 [7.883, 13.117] | " \
            "-1.000 [-1.000, -1.000] | +0.500 [+0.252, +0.748] | **does not fall** |" in text
-    assert "- **H4** (FD-pixels) baseline with DDIM at 10 → 20 → 50 steps: **does not fall**." in text
+    assert "- **H4** (FD-pixels) baseline: ddim at 10 → 20 → 50 steps **does not fall**." in text
     scale = text.split("## What this scale can and cannot tell")[1].split("\n## ")[0]
-    assert "FD-pixels-5k does not fall as ddim takes more steps (it rises, resolved, at 20 → 50 steps)" in scale
-    assert "Neither metric is shown to track sample quality here" in scale
+    assert ("FD-pixels-5k rises as ddim takes more steps (ddim 10 → 20 → 50 steps: 11.000 → 10.000 → 10.500; "
+            "resolved at 20 → 50). It does not see what more sampling steps improve") in scale
+    assert "No metric is shown to track sample quality here" in scale
+    assert "Where the samplers meet" not in text  # one sampler: nothing to meet
+
+
+def two_samplers(ddim_50=(9.0, 9.95, 8.05)):
+    """The baseline alone: DDIM falls (−2 then −1 per seed, ±0.1); S-PNDM rises (+1.5, then
+    +1.4 on average) from far below DDIM to ``ddim_50`` − (0.1, 0.05, 0.05) at 50 steps."""
+    ddim = {10: [12.0, 13.0, 11.0], 20: [10.0, 10.9, 9.1], 50: list(ddim_50)}
+    spndm = {10: [6.0, 7.0, 5.0], 20: [7.5, 8.4, 6.6], 50: [8.9, 9.9, 8.0]}
+    return [row("baseline", s, v, steps=k, sampler=name) for name, by in (("ddim", ddim), ("spndm", spndm))
+            for k, vs in by.items() for s, v in enumerate(vs)]
+
+
+def test_h4_reads_every_sampler_and_where_the_samplers_meet(tmp_path):
+    study = load_study(write(tmp_path, changed(lambda d: d["eval"].update(samplers=["ddim", "spndm"]))))
+    (meet,) = Q.meet_rows(_stats(two_samplers()), study)
+    assert (meet.run, meet.steps, meet.first, meet.other) == ("baseline", 50, "ddim", "spndm")
+    assert meet.diff.values == pytest.approx([-0.1, -0.05, -0.05])
+    assert meet.means == pytest.approx((9.0, 26.8 / 3))
+    text = Q.study_report(two_samplers(), study, COST, tmp_path, clip=CLIP)
+    assert ("- **H4** (FD-pixels) baseline: ddim at 10 → 20 → 50 steps **falls**; spndm at 10 → 20 → 50 steps "
+            "**does not fall**.") in text
+    assert "| `baseline` | 50 | ddim | 9.000 | spndm | 8.933 | spndm − ddim: -0.067 [" in text
+    scale = text.split("## What this scale can and cannot tell")[1].split("\n## ")[0]
+    assert ("FD-pixels-5k falls as ddim takes more steps (ddim 10 → 20 → 50 steps: 12.000 → 10.000 → 9.000; every "
+            "change resolved); rises as spndm takes more steps (spndm 10 → 20 → 50 steps: 6.000 → 7.500 → 8.933; "
+            "resolved at 10 → 20, 20 → 50).") in scale
+    assert "differences between runs in the ddim cells can be read as sample quality; in the spndm cells that is not " \
+           "shown, and where spndm converges it rises" in scale
+    assert "At 50 steps spndm − ddim is -0.067 [" in scale and "spndm's few-step error moves its samples" in scale
+    assert "No metric is shown" not in scale  # DDIM's verdict is *falls*
+    # DDIM far below S-PNDM at 50 steps: the samplers have not met, so no reading of the rise as solver error
+    apart = Q.study_report(two_samplers(ddim_50=(5.0, 6.0, 4.0)), study, COST, tmp_path, clip=CLIP)
+    assert "spndm − ddim: +3.933 [" in apart and "few-step error" not in apart
 
 
 def test_the_disagreement_note_appears_exactly_when_planted(tmp_path):
@@ -399,3 +433,23 @@ def test_metrics_are_kept_apart_and_the_csv_adds_accuracy_only_for_fd_cnn():
     header = R.csv_text(R.rows_from_records(recs)).splitlines()[0]
     assert header == ",".join(R.CSV_COLUMNS + ["classifier_accuracy"])
     assert R.csv_text(R.rows_from_records(recs[:1])).splitlines()[0] == ",".join(R.CSV_COLUMNS)  # v1: unchanged
+
+
+def test_the_plot_stars_the_best_training_free_scale_of_each_cell(tmp_path):
+    from matplotlib.colors import to_hex
+
+    study = load_study(write(tmp_path, V2))
+    free = Q.training_free(study)
+    assert free == ["baseline", "twin", "b[const:0.995]", "b[const:1.005]", "b[const:0.9975]"]
+    fig = R.plot_fd_vs_nfe(synthetic(), study, tmp_path / "fd.png", best_of=free)
+    ax = fig.axes[0]
+    (stars,) = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+    (best,) = [ln for ln in ax.get_lines() if ln.get_label() == "b[const:1.005]"]  # planted: 0.7 below the baseline
+    assert list(stars.get_ydata()) == pytest.approx([sum(BASE[k]) / 3 - 0.7 for k in (10, 20, 50)])
+    assert list(stars.get_xdata()) == pytest.approx(list(best.get_xdata()))  # on the run's own (offset) points
+    assert to_hex(stars.get_color()) == to_hex(best.get_color())
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(study.runs) + ["best training-free scale of the cell"]
+    plain = R.plot_fd_vs_nfe(synthetic(), study, tmp_path / "plain.png")  # v1 behaviour: no best_of, no star
+    assert not [ln for ln in plain.axes[0].get_lines() if ln.get_marker() == "*"]
+    assert [t.get_text() for t in plain.legends[0].get_texts()] == list(study.runs)

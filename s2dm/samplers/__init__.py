@@ -36,9 +36,12 @@ REGISTRY: Dict[str, Callable[..., torch.Tensor]] = {
     "deis-rho": deis_rho,
 }
 _DEIS = ("deis", "deis-rho")
+# Deterministic solvers of the same probability-flow ODE (DDIM with η = 0): with more steps their
+# samples from one x_T converge to the same images. DDPM draws fresh noise at every step.
+ODE_SAMPLERS = ("ddim", "pndm", "spndm", "deis", "deis-rho")
 
 __all__ = [
-    "SAMPLERS", "REGISTRY", "GRIDS", "ORDERS", "sample", "check_options", "expected_nfe", "parse_eps_scale",
+    "SAMPLERS", "ODE_SAMPLERS", "REGISTRY", "GRIDS", "ORDERS", "sample", "check_options", "expected_nfe", "parse_eps_scale",
     "normalize_eps_scale", "describe_eps_scale", "eps_scale_label", "parse_eps_scale_list", "timestep_grid",
     "validate_grid", "LegacyIndexView", "ddim", "ddpm", "pndm", "spndm", "deis", "deis_rho",
     "deis_coefficients",

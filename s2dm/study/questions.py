@@ -9,13 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..samplers import ODE_SAMPLERS
 from ..util.textfmt import num, plural
-from .report import (CellStats, Summary, _decimals, _every_run, _f, _fid_section, _measurable, _pct,
+from .report import (CellStats, Summary, _decimals, best_run, _every_run, _f, _fid_section, _measurable, _pct,
                      _runs_and_cost, _signed, _table, cell_statistics, diff_text, metric_family, noise_sd, paired,
                      report_markdown)
 
 H2_BIAS = ("The best scale is picked on the same images and seeds it is then compared on, which flatters it "
            "(the winner's curse): a variant − best-scale difference leans against the variant.")
+MEET = ("DDIM (η = 0) and the PNDM and DEIS samplers solve the same probability-flow ODE, so from the same x_T "
+        "their samples converge to the same images as the steps grow, and a metric's values with them to one limit: "
+        "the model's own distribution as that metric sees it.")
 DISAGREEMENT = ("The two metrics **disagree** about an effect in a cell when the effect's 95 % interval excludes 0 in "
                 "both metrics and lies on opposite sides of 0; opposite point estimates where an interval includes 0 "
                 "(or one seed gives none) are counted below but are not called a disagreement.")
@@ -107,10 +111,9 @@ class BestRow:
 def h2_rows(cells: Sequence[CellStats], study) -> List[BestRow]:
     rows, free = [], training_free(study)
     for c in cells:
-        there = [r for r in free if r in c.runs]
-        if not there:
+        best = best_run(c, free)
+        if best is None:
             continue
-        best = min(there, key=lambda r: c.runs[r].mean)  # the first of equals, in the study's order
         rows.append(BestRow(c, best, scale_of(study, best), c.runs[best].mean,
                             None if best == study.baseline else paired(c, best, study.baseline),
                             {v: paired(c, v, best) for v in variants_of(study) if v in c.runs}))
@@ -154,6 +157,12 @@ def steps_verdict(changes: Sequence[tuple]) -> str:
     return "not resolved"
 
 
+def _across(a: CellStats, b: CellStats, run: str) -> Summary:
+    """One run's value in cell b − in cell a, per training seed both have (the same model)."""
+    va, vb = a.by_seed[run], b.by_seed[run]
+    return Summary([vb[s] - va[s] for s in sorted(set(va) & set(vb))])
+
+
 def h4_rows(cells: Sequence[CellStats], study) -> List[StepsRow]:
     """Every trained run × sampler with at least two step counts."""
     rows = []
@@ -164,13 +173,39 @@ def h4_rows(cells: Sequence[CellStats], study) -> List[StepsRow]:
                 continue
             changes, sds = [], []
             for a, b in zip(mine, mine[1:]):
-                va, vb = a.by_seed[run], b.by_seed[run]
-                common = sorted(set(va) & set(vb))
-                changes.append((a.steps, b.steps, Summary([vb[s] - va[s] for s in common])))
+                changes.append((a.steps, b.steps, _across(a, b, run)))
                 pair = [noise_sd(a.noise), noise_sd(b.noise)]
                 sds.append(None if None in pair else max(pair))
             rows.append(StepsRow(run, sampler, {c.steps: c.runs[run] for c in mine}, changes, steps_verdict(changes),
                                  _against_noise(changes, sds)))
+    return rows
+
+
+@dataclass
+class MeetRow:
+    """Where two ODE samplers meet: one run's paired difference (other − first, per training
+    seed) at the largest step count both were scored at. Both solve the same probability-flow
+    ODE from the same x_T, so the difference shrinks towards 0 as the steps grow."""
+    run: str
+    steps: int
+    first: str
+    other: str
+    means: tuple  # (first's mean, other's mean) over seeds
+    diff: Summary
+
+
+def meet_rows(cells: Sequence[CellStats], study) -> List[MeetRow]:
+    """Every trained run × (first ODE sampler, each other ODE sampler) with a step count in common."""
+    samplers = [s for s in dict.fromkeys(c.sampler for c in cells) if s in ODE_SAMPLERS]
+    rows = []
+    for run in [r.name for r in study.runs.values() if r.trained]:
+        at = {(c.sampler, c.steps): c for c in cells if run in c.by_seed}
+        for other in samplers[1:]:
+            shared = [k for s, k in at if s == samplers[0] and (other, k) in at]
+            if shared:
+                a, b = at[(samplers[0], max(shared))], at[(other, max(shared))]
+                rows.append(MeetRow(run, max(shared), samplers[0], other, (a.runs[run].mean, b.runs[run].mean),
+                                    _across(a, b, run)))
     return rows
 
 
@@ -314,11 +349,11 @@ def _answers(cells: Dict[str, List[CellStats]], metrics: List[str], study, clip:
         lines.append("- **H3** is not asked: this study has no `sum_baseline`"
                      + (" (the quick preset leaves it out)." if study.quick else "."))
     for m in metrics:
-        row = _h4_key_row(cells[m], study)
-        if row is not None:
-            lines.append(f"- **H4** ({m}) {base} with {row.sampler.upper() if row.sampler == 'ddim' else row.sampler} "
-                         f"at {' → '.join(map(str, row.means))} steps: **{row.verdict}**"
-                         + (f" (1 seed; {_NOISE_WORDS[row.one_seed]})" if row.one_seed else "") + ".")
+        rows = _baseline_h4(cells[m], study)
+        if rows:
+            lines.append(f"- **H4** ({m}) {base}: " + "; ".join(
+                f"{r.sampler} at {_path(r)} steps **{r.verdict}**"
+                + (f" (1 seed; {_NOISE_WORDS[r.one_seed]})" if r.one_seed else "") for r in rows) + ".")
     if len(metrics) > 1:
         resolved, opposite, compared = disagreements(*(effects(cells[m], study) for m in metrics[:2]))
         lines.append(f"- **The metrics disagree** (both intervals exclude 0, opposite signs) about "
@@ -340,10 +375,18 @@ def _tally(items) -> List[tuple]:
     return list(counts.items())
 
 
-def _h4_key_row(cells: Sequence[CellStats], study) -> Optional[StepsRow]:
-    """The baseline's H4 row with DDIM (else the first sampler that has one)."""
-    rows = [r for r in h4_rows(cells, study) if r.run == study.baseline]
-    return next((r for r in rows if r.sampler == "ddim"), rows[0] if rows else None)
+def _baseline_h4(cells: Sequence[CellStats], study) -> List[StepsRow]:
+    """The baseline's H4 rows, one per sampler."""
+    return [r for r in h4_rows(cells, study) if r.run == study.baseline]
+
+
+def _path(row: StepsRow) -> str:
+    return " → ".join(map(str, row.means))
+
+
+def _course(row: StepsRow) -> str:
+    """``ddim 10 → 20 → 50 steps: 0.134 → 0.108 → 0.103`` (means over seeds)."""
+    return f"{row.sampler} {_path(row)} steps: {' → '.join(_f(m.mean) for m in row.means.values())}"
 
 
 def _h1_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
@@ -441,6 +484,13 @@ def _h4_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
                      + [_ci(next((d for a, b, d in r.changes if (a, b) == ab), None)) for ab in changes]
                      + [f"**{r.verdict}**" + (f" (1 seed; {_NOISE_WORDS[r.one_seed]})" if r.one_seed else "")]
                      for r in rs])
+    meets = meet_rows(cells, study)
+    if meets:
+        lines += ["", "Where the samplers meet: " + MEET + " Each run's paired difference at the largest step count "
+                  "the samplers share:", ""]
+        lines += _table(["run", "steps", "sampler", "mean", "sampler", "mean", "difference"],
+                        [[f"`{r.run}`", str(r.steps), r.first, _f(r.means[0]), r.other, _f(r.means[1]),
+                          f"{r.other} − {r.first}: {_dtext(r.diff, r.means[0])}"] for r in meets])
     return lines + [""]
 
 
@@ -467,49 +517,93 @@ def _disagreement_section(cells: Dict[str, List[CellStats]], metrics: List[str],
     return lines + [""]
 
 
+_ONE_SEED_HINT = {"falls": "for this one model it falls by more than twice its draw-to-draw std at every step, a hint "
+                           "that it sees what more steps improve",
+                  "rises": "for this one model it rises by more than twice its draw-to-draw std, a hint that it does "
+                           "not see what more steps improve",
+                  "within": "for this one model its changes stay within twice its draw-to-draw std"}
+
+
+def _names(rows: Sequence[StepsRow]) -> str:
+    return " and ".join(r.sampler for r in rows)
+
+
+def _takes(rows: Sequence[StepsRow]) -> str:
+    return f"{_names(rows)} {'takes' if len(rows) == 1 else 'take'} more steps"
+
+
+def _metric_reading(label: str, rows: Sequence[StepsRow], meets: Sequence[MeetRow]) -> str:
+    """One metric's H4 verdicts for the baseline with every sampler, and what they allow."""
+    fall = [r for r in rows if r.verdict == "falls"]
+    rise = [r for r in rows if r.verdict == "does not fall"]
+    seed1 = [r for r in rows if r.verdict == "not resolved" and r.one_seed]
+    unres = [r for r in rows if r.verdict == "not resolved" and not r.one_seed]
+    said = []
+    if fall:
+        said.append(f"falls as {_takes(fall)} ({'; '.join(_course(r) for r in fall)}; every change resolved)")
+    if rise:
+        said.append(f"rises as {_takes(rise)} ({'; '.join(_course(r) for r in rise)}; resolved at " + ", ".join(
+            f"{a} → {b}" for r in rise for a, b, d in r.changes if _side(d) > 0) + ")")
+    if unres:
+        said.append(f"is not resolved as {_takes(unres)} ({'; '.join(_course(r) for r in unres)})")
+    said += [f"has no interval with one training seed for {r.sampler} ({_path(r)}): {_ONE_SEED_HINT[r.one_seed]}"
+             for r in seed1]
+    text = f"{label} " + "; ".join(said) + "."
+    if fall and len(fall) == len(rows):
+        text += (" It sees what more sampling steps improve, so its differences between runs can be read as "
+                 "differences in sample quality, to the precision of their intervals.")
+    elif fall:
+        others = [r for r in rows if r not in fall]
+        text += (f" It sees what more {_names(fall)} steps improve, so its differences between runs in the "
+                 f"{_names(fall)} cells can be read as sample quality; in the {_names(others)} cells that is not shown"
+                 + (f", and where {_names(rise)} converges it rises: there a lower value is not evidence of better "
+                    "samples, and its differences are differences in that statistic only" if rise else "") + ".")
+    elif rise:
+        text += (f" It does not see what more sampling steps improve, so a run being better or worse in {label} is not "
+                 "evidence of better or worse samples; its differences are differences in that statistic only.")
+    elif unres:
+        text += (f" This study cannot show that {label} measures sample quality at this scale, so its differences "
+                 "between runs are not read as quality.")
+    for r in rise:
+        meet = next((m for m in meets if r.sampler in (m.first, m.other)), None)
+        steps = sorted(r.means)
+        climb = r.means[steps[-1]].mean - r.means[steps[0]].mean
+        if meet is not None and climb > 0 and abs(meet.diff.mean) < climb / 2:
+            text += (f" At {meet.steps} steps {meet.other} − {meet.first} is {_ci(meet.diff)}, less than half of "
+                     f"{r.sampler}'s rise: the two samplers approach one limit, the ODE's solution (the model's own "
+                     f"distribution), and {label} scores both above {r.sampler}'s {steps[0]}-step samples. So "
+                     f"{r.sampler}'s few-step error moves its samples away from the model's distribution in a direction "
+                     f"{label} rewards.")
+    return text
+
+
 def _scale_paragraph(cells: Dict[str, List[CellStats]], metrics: List[str], study) -> List[str]:
-    """What this scale can and cannot tell, from H4's verdicts for the baseline."""
-    parts = []
-    verdicts = {}
+    """What this scale can and cannot tell, from H4's verdicts for the baseline with every sampler."""
+    parts, verdicts, one_seed = [], {}, False  # verdicts: sampler → {metric label: verdict}
     for m in metrics:
-        row = _h4_key_row(cells[m], study)
-        if row is None:
+        rows = _baseline_h4(cells[m], study)
+        if not rows:
             continue
         label = cells[m][0].metric
-        verdicts[m] = row.verdict
-        path = " → ".join(map(str, row.means))
-        if row.verdict == "falls":
-            parts.append(f"{label} falls as {row.sampler} takes more steps ({path}, every change resolved): it sees what "
-                         "more sampling steps improve, so its differences between runs can be read as differences in "
-                         "sample quality, to the precision of their intervals.")
-        elif row.verdict == "does not fall":
-            ups = [f"{a} → {b}" for a, b, d in row.changes if _side(d) > 0]
-            parts.append(f"{label} does not fall as {row.sampler} takes more steps (it rises, resolved, at "
-                         f"{' and '.join(ups)} steps): it does not see what more sampling steps improve, so a run being better "
-                         f"or worse in {label} is not evidence of better or worse samples; its differences are "
-                         "differences in that statistic only.")
-        elif row.one_seed:
-            seen = {"falls": "for this one model it falls by more than twice its draw-to-draw std at every step, a "
-                             "hint that it sees what more steps improve",
-                    "rises": "for this one model it rises by more than twice its draw-to-draw std, a hint that it "
-                             "does not see what more steps improve",
-                    "within": "for this one model its changes stay within twice its draw-to-draw std"}[row.one_seed]
-            parts.append(f"With one training seed H4 has no interval for {label} ({row.sampler}, {path}): {seen}.")
-        else:
-            parts.append(f"Whether {label} falls as {row.sampler} takes more steps ({path}) is not resolved: this study "
-                         f"cannot show that {label} measures sample quality at this scale, so its differences between "
-                         "runs are not read as quality.")
+        for r in rows:
+            verdicts.setdefault(r.sampler, {})[label] = r.verdict
+        one_seed = one_seed or any(r.one_seed for r in rows)
+        parts.append(_metric_reading(label, rows, meet_rows(cells[m], study)))
     if not parts:
         return []
-    if any(r is not None and r.one_seed for r in (_h4_key_row(cells[m], study) for m in metrics)):
+    if one_seed:
         parts.append("Only the seeds of the full study can settle whether differences between runs read as sample "
                      "quality.")
-    if len(set(verdicts.values())) > 1:
-        parts.append("The metrics answer H4 differently; read H1–H3 in the one whose verdict is *falls*.")
-    if all(v != "falls" for v in verdicts.values()) and not study.quick:
-        parts.append("Neither metric is shown to track sample quality here: the study can say whether the runs "
-                     "differ, and whether an ε-scaling reproduces a loss's difference (H1), but not whether any of it "
-                     "makes better digits.")
+    for sampler, by in verdicts.items():
+        if len(set(by.values())) > 1:
+            falls = [label for label, v in by.items() if v == "falls"]
+            parts.append(f"With {sampler} the metrics answer H4 differently ("
+                         + ", ".join(f"{label}: {v}" for label, v in by.items()) + ")"
+                         + (f"; read H1–H3's {sampler} cells in {' and '.join(falls)}." if falls else "."))
+    if not any(v == "falls" for by in verdicts.values() for v in by.values()) and not study.quick:
+        parts.append("No metric is shown to track sample quality here: the study can say whether the runs differ, "
+                     "and whether an ε-scaling reproduces a loss's difference (H1), but not whether any of it makes "
+                     "better digits.")
     return ["", "## What this scale can and cannot tell", "", " ".join(parts), ""]
 
 

@@ -11,6 +11,7 @@ the v2 report instead (``study/questions.py``), built on this module's statistic
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import re
 from dataclasses import dataclass, field
@@ -154,15 +155,18 @@ def paired(c: CellStats, a: str, b: str) -> Optional[Summary]:
 
 # ---------------------------------------------------------------- the report
 
-_DIGITS = [3]  # decimals of every number the report prints; the v2 report sets it per metric (``_decimals``)
+# Decimals of every number the report prints. The v2 report sets them per metric (``_decimals``);
+# a context variable scopes the setting to the ``with`` block without passing it through every
+# formatter (as ``decimal.localcontext`` does), and is safe across threads.
+_DECIMALS: contextvars.ContextVar[int] = contextvars.ContextVar("s2dm_report_decimals", default=3)
 
 
 def _f(x: Optional[float], digits: Optional[int] = None) -> str:
-    return num(x, f".{_DIGITS[-1] if digits is None else digits}f")
+    return num(x, f".{_DECIMALS.get() if digits is None else digits}f")
 
 
 def _signed(x: Optional[float], digits: Optional[int] = None) -> str:
-    return num(x, f"+.{_DIGITS[-1] if digits is None else digits}f")
+    return num(x, f"+.{_DECIMALS.get() if digits is None else digits}f")
 
 
 @contextlib.contextmanager
@@ -170,11 +174,11 @@ def _decimals(cells: Sequence["CellStats"], baseline: str):
     """Print the numbers of these cells with enough decimals for 3 significant digits of the
     baseline's smallest mean (at least 3: FD-pixels-5k of 0.068 gets 4, FD-cnn of 6.8 gets 3)."""
     means = [c.runs[baseline].mean for c in cells if baseline in c.runs and c.runs[baseline].mean > 0]
-    _DIGITS.append(max(3, 2 - math.floor(math.log10(min(means)))) if means else 3)
+    token = _DECIMALS.set(max(3, 2 - math.floor(math.log10(min(means)))) if means else 3)
     try:
         yield
     finally:
-        _DIGITS.pop()
+        _DECIMALS.reset(token)
 
 
 def _pct(x: float) -> str:
@@ -346,9 +350,11 @@ def _runs_and_cost(study, cost: dict, ema: Dict[str, str]) -> List[str]:
         lines += ["Every cell samples the EMA weights: " + "; ".join(f"`{r}` {e}" for r, e in ema.items()) + ".", ""]
     lines += ["The method behind these numbers is in s2dm's docs/method.md: the losses (§2), the shrink factor and "
               "the ε-scaling control (§3, §4), the paired design (§7) and the metric's label (§8).", ""]
+    invocation = ("the report only, from the records on disk (no training or sampling)" if cost.get("report_only")
+                  else f"{cost['this_invocation_seconds'] / 60:.1f} min of wall time, up to {cost.get('workers', 1)} "
+                       "jobs at once (one thread each)")
     lines += ["## Cost and versions", "",
-              f"- this invocation: {cost['this_invocation_seconds'] / 60:.1f} min of wall time, up to "
-              f"{cost.get('workers', 1)} jobs at once (one thread each)",
+              f"- this invocation: {invocation}",
               f"- training: {cost['train_seconds'] / 60:.1f} min; sampling and scoring: "
               f"{cost['eval_seconds'] / 60:.1f} min (wall time of each model's training and each cell, summed over "
               "models, cells and invocations: jobs that ran at once add up to more than the wall time; on a shared "
@@ -423,16 +429,30 @@ def _interval_counts(ds: Sequence[CellStats], run: str) -> str:
             f"and includes 0 in {unresolved}.")
 
 
-def plot_fd_vs_nfe(rows: Sequence[dict], study, path: Path, metric: str = "FD-pixels"):
+def best_run(c: CellStats, candidates: Sequence[str]) -> Optional[str]:
+    """The candidate with the lowest mean over seeds in this cell (the first of equals, in the
+    order given); None when none was scored in it."""
+    there = [r for r in candidates if r in c.runs]
+    return min(there, key=lambda r: c.runs[r].mean) if there else None
+
+
+def plot_fd_vs_nfe(rows: Sequence[dict], study, path: Path, metric: str = "FD-pixels",
+                   best_of: Sequence[str] = ()):
     """One panel per sampler: each run's mean over seeds vs NFE, ± std as error bars; one
-    colour and marker per run in every panel, controls dashed. Returns the figure (None: no cells)."""
+    colour and marker per run in every panel, controls dashed; with two or more ``best_of``
+    runs (the training-free scales of a v2 study), the best of them in each cell starred.
+    Returns the figure (None: no cells)."""
     cells = cell_statistics(rows, study.baseline, metric=metric)
     if not cells:
         return None
-    points = {}
+    points, stars = {}, {}
     for c in cells:
         for run, s in c.runs.items():
             points.setdefault((c.sampler, run), []).append((c.nfe, s.mean, s.std))
+        best = best_run(c, best_of) if len(best_of) > 1 else None
+        if best is not None:
+            stars.setdefault((c.sampler, best), []).append((c.nfe, c.runs[best].mean))
     controls = [r.name for r in study.runs.values() if not r.trained]
     return plot_vs_nfe(points, list(dict.fromkeys(c.sampler for c in cells)), list(study.runs), path,
-                       ylabel=f"{cells[0].metric} (mean ± std over seeds)", dashed=controls)
+                       ylabel=f"{cells[0].metric} (mean ± std over seeds)", dashed=controls,
+                       stars=stars, star_label="best training-free scale of the cell")

@@ -361,14 +361,15 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
         write_mosaics(study, out)
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
-    report.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png")
+    best_of = questions.training_free(study) if study.v2 else ()
+    report.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png", best_of=best_of)
     if study.cnn_n:
-        report.plot_fd_vs_nfe(rows, study, out / "fd_cnn_vs_nfe.png", metric="FD-cnn")
+        report.plot_fd_vs_nfe(rows, study, out / "fd_cnn_vs_nfe.png", metric="FD-cnn", best_of=best_of)
     planned = len(plan_cells(study))
     cost = {"train_seconds": sum(train_seconds.values()), "eval_seconds": sum(r["seconds"] for r in records),
             "this_invocation_seconds": time.time() - t0, "cells_planned": planned,
             "workers": worker_count(workers, planned, pick_device("auto")),
-            "cells_scored": len(records)}
+            "cells_scored": len(records), "report_only": report_only}
     atomic_write_text(out / "report.md", questions.study_report(rows, study, cost, out, ema=ema_settings(study),
                                                                 clip=grad_clip_windows(study, out)))
     return out

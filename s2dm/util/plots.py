@@ -18,7 +18,7 @@ from .fileio import atomic_write
 
 # tab10 without grey (C7), which reads as "disabled" next to the others
 COLOURS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p"]  # no "*": a star marks a best point
 OFFSET_DECADES = 0.008  # horizontal shift between neighbouring series (log10 NFE): ~2 % of x
 
 # (panel, series) → [(x, y, error bar or None)]
@@ -42,16 +42,20 @@ def series_styles(names: Sequence[str], dashed: Sequence[str] = ()) -> Dict[str,
 
 
 def plot_vs_nfe(points: Points, panels: Sequence[str], names: Sequence[str], path: Path, *,
-                ylabel: str, title: Optional[str] = None, dashed: Sequence[str] = ()):
-    """Draw the figure, save it as a PNG at ``path`` and return it."""
+                ylabel: str, title: Optional[str] = None, dashed: Sequence[str] = (),
+                stars: Optional[Dict[Tuple[str, str], List[Tuple[float, float]]]] = None, star_label: str = ""):
+    """Draw the figure, save it as a PNG at ``path`` and return it. ``stars``: (panel, series)
+    → points marked with a star in the series' colour (named ``star_label`` in the legend)."""
     from matplotlib.figure import Figure  # optional dependency: only plots need matplotlib
     from matplotlib.lines import Line2D  # optional dependency
 
     styles = series_styles(names, dashed)
+    starred = any(stars.values()) if stars else False
+    labels = list(names) + ([star_label or "starred"] if starred else [])
     width = 0.6 + 3.6 * len(panels)
-    entry = 0.7 + 0.08 * max(len(n) for n in names)  # legend entry, inches: line sample + label at 10 pt
-    ncol = max(1, min(len(names), int(width / entry)))
-    legend_rows = -(-len(names) // ncol)
+    entry = 0.7 + 0.08 * max(len(n) for n in labels)  # legend entry, inches: line sample + label at 10 pt
+    ncol = max(1, min(len(labels), int(width / entry)))
+    legend_rows = -(-len(labels) // ncol)
     fig = Figure(figsize=(width, 3.2 + 0.3 * legend_rows), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, panel in zip(axes, panels):
@@ -59,6 +63,10 @@ def plot_vs_nfe(points: Points, panels: Sequence[str], names: Sequence[str], pat
             pts = sorted(points.get((panel, name), []))
             if pts:
                 _draw(ax, name, styles[name], pts)
+            marked = (stars or {}).get((panel, name), [])
+            if marked:
+                ax.plot([x * styles[name].offset for x, _ in marked], [y for _, y in marked], marker="*", ms=15,
+                        color=styles[name].colour, markeredgecolor="black", linestyle="none", zorder=5)
         _nfe_axis(ax, sorted({x for (p, _), pts in points.items() if p == panel for x, _, _ in pts}))
         ax.set_title(panel)
     axes[0].set_ylabel(ylabel)
@@ -66,6 +74,9 @@ def plot_vs_nfe(points: Points, panels: Sequence[str], names: Sequence[str], pat
         fig.suptitle(title)
     handles = [Line2D([], [], color=s.colour, marker=s.marker, linestyle=s.linestyle, ms=5, label=n)
                for n, s in styles.items()]
+    if starred:
+        handles.append(Line2D([], [], color="white", marker="*", ms=12, markeredgecolor="black", linestyle="none",
+                              label=labels[-1]))
     fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     return fig
