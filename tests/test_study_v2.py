@@ -361,7 +361,7 @@ def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
     assert "- **H4** (FD-pixels) baseline: ddim at 10 → 20 → 50 steps **does not fall**." in text
     scale = text.split("## What this scale can and cannot tell")[1].split("\n## ")[0]
     assert ("FD-pixels-5k rises as ddim takes more steps (ddim 10 → 20 → 50 steps: 11.000 → 10.000 → 10.500; "
-            "resolved at 20 → 50). It does not see what more sampling steps improve") in scale
+            "resolved at 20 → 50). With the baseline it does not see what more sampling steps improve") in scale
     assert "No metric is shown to track sample quality here" in scale
     assert "Where the samplers meet" not in text  # one sampler: nothing to meet
 
@@ -388,7 +388,7 @@ def test_h4_reads_every_sampler_and_where_the_samplers_meet(tmp_path):
     scale = text.split("## What this scale can and cannot tell")[1].split("\n## ")[0]
     assert ("FD-pixels-5k falls as ddim takes more steps (ddim 10 → 20 → 50 steps: 12.000 → 10.000 → 9.000; every "
             "change resolved); rises as spndm takes more steps (spndm 10 → 20 → 50 steps: 6.000 → 7.500 → 8.933; "
-            "resolved at 10 → 20, 20 → 50).") in scale
+            "resolved at 10 → 20 and 20 → 50).") in scale
     assert "differences between runs in the ddim cells can be read as sample quality; in the spndm cells that is not " \
            "shown, and where spndm converges it rises" in scale
     assert "At 50 steps spndm − ddim is -0.067 [" in scale and "spndm's few-step error moves its samples" in scale
@@ -396,6 +396,13 @@ def test_h4_reads_every_sampler_and_where_the_samplers_meet(tmp_path):
     # DDIM far below S-PNDM at 50 steps: the samplers have not met, so no reading of the rise as solver error
     apart = Q.study_report(two_samplers(ddim_50=(5.0, 6.0, 4.0)), study, COST, tmp_path, clip=CLIP)
     assert "spndm − ddim: +3.933 [" in apart and "few-step error" not in apart
+    # another trained run whose S-PNDM values fall: named with its own verdict; one that agrees is not
+    fitted = [dict(r, run="s2dm", value=r["value"] * (10 / r["steps"] if r["sampler"] == "spndm" else 1.0))
+              for r in two_samplers()]
+    text = Q.study_report(two_samplers() + fitted, study, COST, tmp_path, clip=CLIP)
+    scale = text.split("## What this scale can and cannot tell")[1].split("\n## ")[0]
+    assert ("For `s2dm` it answers otherwise: falls with spndm 10 → 20 → 50 steps: 6.000 → 3.750 → 1.787.") in scale
+    assert "with ddim" not in scale.split("For `s2dm`")[1]  # its DDIM verdict is the baseline's: not repeated
 
 
 def test_the_disagreement_note_appears_exactly_when_planted(tmp_path):

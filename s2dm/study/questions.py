@@ -542,8 +542,9 @@ def _metric_reading(label: str, rows: Sequence[StepsRow], meets: Sequence[MeetRo
     if fall:
         said.append(f"falls as {_takes(fall)} ({'; '.join(_course(r) for r in fall)}; every change resolved)")
     if rise:
-        said.append(f"rises as {_takes(rise)} ({'; '.join(_course(r) for r in rise)}; resolved at " + ", ".join(
-            f"{a} → {b}" for r in rise for a, b, d in r.changes if _side(d) > 0) + ")")
+        ups = ["{}{}".format(f"{r.sampler} " if len(rise) > 1 else "",
+                             " and ".join(f"{a} → {b}" for a, b, d in r.changes if _side(d) > 0)) for r in rise]
+        said.append(f"rises as {_takes(rise)} ({'; '.join(_course(r) for r in rise)}; resolved at {', '.join(ups)})")
     if unres:
         said.append(f"is not resolved as {_takes(unres)} ({'; '.join(_course(r) for r in unres)})")
     said += [f"has no interval with one training seed for {r.sampler} ({_path(r)}): {_ONE_SEED_HINT[r.one_seed]}"
@@ -559,8 +560,9 @@ def _metric_reading(label: str, rows: Sequence[StepsRow], meets: Sequence[MeetRo
                  + (f", and where {_names(rise)} converges it rises: there a lower value is not evidence of better "
                     "samples, and its differences are differences in that statistic only" if rise else "") + ".")
     elif rise:
-        text += (f" It does not see what more sampling steps improve, so a run being better or worse in {label} is not "
-                 "evidence of better or worse samples; its differences are differences in that statistic only.")
+        text += (f" With the baseline it does not see what more sampling steps improve, so a run being better or "
+                 f"worse in {label} is not evidence of better or worse samples; its differences are differences in "
+                 "that statistic only.")
     elif unres:
         text += (f" This study cannot show that {label} measures sample quality at this scale, so its differences "
                  "between runs are not read as quality.")
@@ -577,6 +579,17 @@ def _metric_reading(label: str, rows: Sequence[StepsRow], meets: Sequence[MeetRo
     return text
 
 
+def _other_runs(cells: Sequence[CellStats], study, base_rows: Sequence[StepsRow]) -> str:
+    """The other trained runs whose H4 verdict with a sampler differs from the baseline's."""
+    base = {r.sampler: r.verdict for r in base_rows}
+    differ: Dict[str, List[StepsRow]] = {}
+    for r in h4_rows(cells, study):
+        if r.run != study.baseline and r.sampler in base and r.verdict != base[r.sampler]:
+            differ.setdefault(r.run, []).append(r)
+    return "".join(f" For `{run}` it answers otherwise: " + "; ".join(f"{r.verdict} with {_course(r)}" for r in rs)
+                   + "." for run, rs in differ.items())
+
+
 def _scale_paragraph(cells: Dict[str, List[CellStats]], metrics: List[str], study) -> List[str]:
     """What this scale can and cannot tell, from H4's verdicts for the baseline with every sampler."""
     parts, verdicts, one_seed = [], {}, False  # verdicts: sampler → {metric label: verdict}
@@ -588,7 +601,7 @@ def _scale_paragraph(cells: Dict[str, List[CellStats]], metrics: List[str], stud
         for r in rows:
             verdicts.setdefault(r.sampler, {})[label] = r.verdict
         one_seed = one_seed or any(r.one_seed for r in rows)
-        parts.append(_metric_reading(label, rows, meet_rows(cells[m], study)))
+        parts.append(_metric_reading(label, rows, meet_rows(cells[m], study)) + _other_runs(cells[m], study, rows))
     if not parts:
         return []
     if one_seed:
