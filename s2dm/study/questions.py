@@ -579,12 +579,13 @@ def _metric_reading(label: str, rows: Sequence[StepsRow], meets: Sequence[MeetRo
     return text
 
 
-def _other_runs(cells: Sequence[CellStats], study, base_rows: Sequence[StepsRow]) -> str:
-    """The other trained runs whose H4 verdict with a sampler differs from the baseline's."""
-    base = {r.sampler: r.verdict for r in base_rows}
+def _other_runs(all_rows: Sequence[StepsRow], baseline: str) -> str:
+    """The other trained runs whose H4 verdict with a sampler differs from the baseline's
+    (``all_rows``: one metric's ``h4_rows``)."""
+    base = {r.sampler: r.verdict for r in all_rows if r.run == baseline}
     differ: Dict[str, List[StepsRow]] = {}
-    for r in h4_rows(cells, study):
-        if r.run != study.baseline and r.sampler in base and r.verdict != base[r.sampler]:
+    for r in all_rows:
+        if r.run != baseline and r.sampler in base and r.verdict != base[r.sampler]:
             differ.setdefault(r.run, []).append(r)
     return "".join(f" For `{run}` it answers otherwise: " + "; ".join(f"{r.verdict} with {_course(r)}" for r in rs)
                    + "." for run, rs in differ.items())
@@ -594,14 +595,15 @@ def _scale_paragraph(cells: Dict[str, List[CellStats]], metrics: List[str], stud
     """What this scale can and cannot tell, from H4's verdicts for the baseline with every sampler."""
     parts, verdicts, one_seed = [], {}, False  # verdicts: sampler → {metric label: verdict}
     for m in metrics:
-        rows = _baseline_h4(cells[m], study)
+        all_rows = h4_rows(cells[m], study)  # once per metric: the baseline's rows and the others'
+        rows = [r for r in all_rows if r.run == study.baseline]
         if not rows:
             continue
         label = cells[m][0].metric
         for r in rows:
             verdicts.setdefault(r.sampler, {})[label] = r.verdict
         one_seed = one_seed or any(r.one_seed for r in rows)
-        parts.append(_metric_reading(label, rows, meet_rows(cells[m], study)) + _other_runs(cells[m], study, rows))
+        parts.append(_metric_reading(label, rows, meet_rows(cells[m], study)) + _other_runs(all_rows, study.baseline))
     if not parts:
         return []
     if one_seed:
