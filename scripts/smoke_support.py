@@ -77,7 +77,10 @@ class Context:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                # compile caches inside the work folder: a cold compile, as a first run has
                "TORCHINDUCTOR_CACHE_DIR": str(self.work / "cache" / "inductor"),
-               "TRITON_CACHE_DIR": str(self.work / "cache" / "triton")}
+               "TRITON_CACHE_DIR": str(self.work / "cache" / "triton"),
+               # torchrun's torchelastic_* folders too, removed with the work folder
+               "TMPDIR": str(self.work / "tmp")}
+        (self.work / "tmp").mkdir(parents=True, exist_ok=True)
         env.update(extra)
         return env
 

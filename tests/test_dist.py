@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,10 @@ def torchrun(*args, nproc=2, env=None, timeout=300):
     exe = Path(sys.executable).parent / "torchrun"
     launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
     cmd = launcher + ["--standalone", "--nproc_per_node", str(nproc), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env={**_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    # torchrun leaves a torchelastic_* folder in the temporary directory: give it one that goes
+    with tempfile.TemporaryDirectory() as tmp:
+        return subprocess.run(cmd, cwd=ROOT, env={**_env(), "TMPDIR": tmp, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout)
 
 
 def one_process(*args, timeout=300):
