@@ -12,7 +12,7 @@ import yaml
 
 from s2dm.cli import main
 from s2dm.errors import UserError
-from s2dm.study import report as studyreport
+from s2dm.study import report as studyreport, stats as studystats, text as studytext
 from s2dm.study.runner import plan_cells
 from s2dm.study.spec import load_study
 from s2dm.util import textfmt
@@ -153,7 +153,7 @@ def test_counts_ranges_and_zeros_print_plainly():
     assert textfmt.num(-1e-9, ".6f") == "0.000000" and textfmt.num(-0.0, "+.1f") == "0.0"
     assert textfmt.num(-0.0123, "+.3f") == "-0.012" and textfmt.num(None) == "—"
     assert textfmt.span("0.005", "0.005") == "0.005" and textfmt.span("1", "2") == "1–2"
-    (c,) = studyreport.cell_statistics(TABLE, "baseline")
+    (c,) = studystats.cell_statistics(TABLE, "baseline")
     text = studyreport.overall_reading([c], "baseline", "s2dm", "control")
     assert "Over 1 cell the paired s2dm − baseline difference is -4.8 %; " in text
     assert "includes 0 in 1." in text and "in 0 cells" in text and "twice it in 0 of 1 cell." in text
@@ -165,16 +165,16 @@ def test_counts_ranges_and_zeros_print_plainly():
     clear = ([_row("baseline", s, v) for s, v in enumerate([10.0, 12.0, 11.0])]
              + [_row("s2dm", s, v - 1.0) for s, v in enumerate([10.0, 12.0, 11.0])]
              + [_row("control", s, v - 0.5) for s, v in enumerate([10.0, 12.0, 11.0])])
-    (m,) = studyreport.cell_statistics(clear, "baseline")
+    (m,) = studystats.cell_statistics(clear, "baseline")
     assert "50 % of the s2dm difference in the same cell (1 cell where that difference is measurable)" in \
         studyreport.overall_reading([m], "baseline", "s2dm", "control")
     assert "50 % of the s2dm difference" in studyreport.reading(m, "baseline", "s2dm", "control")
     assert "no share is given" in studyreport.reading(c, "baseline", "s2dm", "control")
     zero = [dict(r, value=r["value"] - 1e-12) for r in TABLE]  # a difference of -1e-12 is 0, not -0
-    (z,) = studyreport.cell_statistics(zero + [_row("twin", s, v - 2e-12) for s, v in enumerate([10.0, 12.0, 11.0])],
+    (z,) = studystats.cell_statistics(zero + [_row("twin", s, v - 2e-12) for s, v in enumerate([10.0, 12.0, 11.0])],
                                        "baseline")
-    assert studyreport.diff_text(z.diffs["twin"], 11.0).startswith("0.000 [")
-    assert "-0.000" not in studyreport.diff_text(z.diffs["twin"], 11.0)
+    assert studytext.diff_text(z.diffs["twin"], 11.0).startswith("0.000 [")
+    assert "-0.000" not in studytext.diff_text(z.diffs["twin"], 11.0)
     assert "-0.000000" not in studyreport.csv_text([{"value": -1e-9}])
 
 
@@ -222,7 +222,7 @@ TABLE = ([_row("baseline", s, v) for s, v in enumerate([10.0, 12.0, 11.0])]
 
 
 def test_cell_statistics_equal_a_hand_computation():
-    (c,) = studyreport.cell_statistics(TABLE, "baseline")
+    (c,) = studystats.cell_statistics(TABLE, "baseline")
     assert (c.sampler, c.steps, c.nfe, c.metric) == ("ddim", 10, 10, "FD-pixels-5k")
     assert c.runs["baseline"].mean == pytest.approx(11.0)
     assert c.runs["baseline"].std == pytest.approx(1.0)  # deviations -1, 1, 0 → var 2/2
@@ -238,18 +238,18 @@ def test_cell_statistics_equal_a_hand_computation():
     assert c.diffs["skip49"].values == pytest.approx([0.6]) and c.diffs["skip49"].ci95 is None
     assert c.baseline_mean["skip49"] == pytest.approx(10.0)
     assert c.noise == pytest.approx(0.4) and c.noise_run == "baseline"
-    assert studyreport.noise_sd(c.noise) == pytest.approx(0.4 / math.sqrt(2))
+    assert studystats.noise_sd(c.noise) == pytest.approx(0.4 / math.sqrt(2))
 
 
 def test_reading_and_report_text():
-    (c,) = studyreport.cell_statistics(TABLE, "baseline")
+    (c,) = studystats.cell_statistics(TABLE, "baseline")
     text = studyreport.reading(c, "baseline", "s2dm", "control")
     assert "s2dm − baseline = -0.533 (-4.8 %)" in text
     assert "the 95 % interval includes 0" in text  # [-1.653, +0.587]
     # control − baseline: -0.2, 0.1, -0.1 → mean -0.0667, 12.5 % of -0.533
     assert "control moves the baseline by -0.067; no share is given: the s2dm difference is within the metric's noise" in text
     assert "does not exceed twice the metric's own draw-to-draw std (0.283)" in text
-    assert studyreport.diff_text(c.diffs["s2dm"], 11.0).startswith("-0.533 [-1.653, +0.587] (-4.8 %)")
+    assert studytext.diff_text(c.diffs["s2dm"], 11.0).startswith("-0.533 [-1.653, +0.587] (-4.8 %)")
 
 
 def test_csv_round_trip(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 
 from s2dm.errors import UserError
 from s2dm.metrics import classifier as C
-from s2dm.study import questions as Q, report as R
+from s2dm.study import questions as Q, report as R, stats as ST, steps as H4
 from s2dm.study import runner
 from s2dm.study.spec import load_study, path_name
 
@@ -261,7 +261,7 @@ V1_ROWS = [row("baseline", s, v) for s, v in enumerate([10.0, 12.0, 11.0])] + \
 
 
 def _stats(rows, metric="FD-pixels"):
-    return R.cell_statistics(rows, "baseline", metric=metric)
+    return ST.cell_statistics(rows, "baseline", metric=metric)
 
 
 def test_h1_the_twin_reproduces_half_of_the_variant(tmp_path):
@@ -317,7 +317,7 @@ def test_h2_finds_the_planted_best_scale_and_compares_the_variant_with_it(tmp_pa
 def test_h3_the_sum_baseline_shift_and_the_clip_note(tmp_path):
     study = load_study(write(tmp_path, V2))
     (c10, *_) = _stats(synthetic())
-    d = R.paired(c10, "base-sum", "baseline")
+    d = ST.paired(c10, "base-sum", "baseline")
     sd = math.sqrt(((0.3 - 0.35) ** 2 + (0.4 - 0.35) ** 2) / 2)
     assert d.mean == pytest.approx(0.35) and d.ci95 == pytest.approx((0.35 - T2 * sd / math.sqrt(3),
                                                                       0.35 + T2 * sd / math.sqrt(3)))
@@ -342,7 +342,7 @@ def test_grad_clip_windows_reads_the_training_logs(tmp_path):
 
 def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
     study = load_study(write(tmp_path, V2))
-    rows = {(r.run, r.sampler): r for r in Q.h4_rows(_stats(synthetic()), study)}
+    rows = {(r.run, r.sampler): r for r in H4.h4_rows(_stats(synthetic()), study)}
     assert set(rows) == {("baseline", "ddim"), ("s2dm", "ddim"), ("base-sum", "ddim")}  # trained runs only
     base = rows[("baseline", "ddim")]  # −1 from 10 to 20, then up again from 20 to 50: non-monotone
     (a, b, d1), (_, _, d2) = base.changes
@@ -351,10 +351,10 @@ def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
     assert base.means[10].mean == pytest.approx(11.0)
     assert base.means[10].ci95 == pytest.approx((11 - T2 / math.sqrt(3), 11 + T2 / math.sqrt(3)))
     assert rows[("s2dm", "ddim")].changes[0][2].values == pytest.approx([-2.5, -2.5, -2.5])
-    assert Q.steps_verdict([(10, 20, R.Summary([-1.0, -1.1, -0.9])), (20, 50, R.Summary([-0.1, -0.2, -0.15]))]) == "falls"
-    assert Q.steps_verdict([(10, 20, R.Summary([-1.0, -1.1, -0.9])), (20, 50, R.Summary([-0.1, 0.2, -0.15]))]) \
+    assert H4.steps_verdict([(10, 20, ST.Summary([-1.0, -1.1, -0.9])), (20, 50, ST.Summary([-0.1, -0.2, -0.15]))]) == "falls"
+    assert H4.steps_verdict([(10, 20, ST.Summary([-1.0, -1.1, -0.9])), (20, 50, ST.Summary([-0.1, 0.2, -0.15]))]) \
         == "not resolved"
-    assert Q.steps_verdict([(10, 20, R.Summary([-1.0])), (20, 50, R.Summary([-0.5]))]) == "not resolved"  # 1 seed
+    assert H4.steps_verdict([(10, 20, ST.Summary([-1.0])), (20, 50, ST.Summary([-0.5]))]) == "not resolved"  # 1 seed
     text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
     assert "| `baseline` | ddim | 11.000 [8.516, 13.484] | 10.000 [7.516, 12.484] | 10.500 [7.883, 13.117] | " \
            "-1.000 [-1.000, -1.000] | +0.500 [+0.252, +0.748] | **does not fall** |" in text
@@ -377,7 +377,7 @@ def two_samplers(ddim_50=(9.0, 9.95, 8.05)):
 
 def test_h4_reads_every_sampler_and_where_the_samplers_meet(tmp_path):
     study = load_study(write(tmp_path, changed(lambda d: d["eval"].update(samplers=["ddim", "spndm"]))))
-    (meet,) = Q.meet_rows(_stats(two_samplers()), study)
+    (meet,) = H4.meet_rows(_stats(two_samplers()), study)
     assert (meet.run, meet.steps, meet.first, meet.other) == ("baseline", 50, "ddim", "spndm")
     assert meet.diff.values == pytest.approx([-0.1, -0.05, -0.05])
     assert meet.means == pytest.approx((9.0, 26.8 / 3))
@@ -428,7 +428,7 @@ def test_the_disagreement_note_appears_exactly_when_planted(tmp_path):
 
 def test_metrics_are_kept_apart_and_the_csv_adds_accuracy_only_for_fd_cnn():
     rows = synthetic() + synthetic("FD-cnn-5k") + [row("baseline", 0, 3.0, "FID-10k")]
-    assert [R.metric_family(m) for m in ("FD-pixels-5k", "FD-cnn-48", "FID-10k", "FID", "FD-inception768-10k")] == \
+    assert [ST.metric_family(m) for m in ("FD-pixels-5k", "FD-cnn-48", "FID-10k", "FID", "FD-inception768-10k")] == \
         ["FD-pixels", "FD-cnn", "FID", "FID", "FD-inception768"]
     (px, *_) = _stats(rows)
     (cnn, *_) = _stats(rows, "FD-cnn")

@@ -14,7 +14,8 @@ metric to a finished study samples again only for the cells it lacks.
 
 Resumable at both levels: a trained run is not retrained (``train`` resumes or returns at
 once) and a cell whose record (``cells/<model>/<cell>.json``) matches its settings is not
-re-sampled. Statistics and the report live in ``study/report.py``.
+re-sampled. Statistics live in ``study/stats.py``, the reports in ``study/report.py`` (v1) and
+``study/questions.py`` (v2).
 """
 from __future__ import annotations
 

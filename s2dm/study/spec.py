@@ -128,7 +128,7 @@ class Study:
 
     @property
     def v2(self) -> bool:
-        """The study asks the v2 questions (report.py's H1–H4 sections)."""
+        """The study asks the v2 questions (questions.py's H1–H4 sections)."""
         return bool(self.twins or self.sum_baseline or self.sweeps or self.cnn_n)
 
 
