@@ -28,8 +28,12 @@ process per CPU, summed).
 forward with ``torch.compile`` (inductor, frozen weights) against eager, with the compile
 time and the break-even: the image-NFE after which the compiled forward has paid for itself.
 
+``bf16`` (not in the default run): bfloat16 autocast against float32 for the digits models,
+sampling (with the PNG difference it makes) and training: what a lower precision would buy on
+this CPU (native bfloat16 kernels where it has AVX-512 BF16 or AMX) and what it costs in pixels.
+
     .venv/bin/python scripts/bench_speed.py                 # ~7 min on 2 CPU cores, alone
-    .venv/bin/python scripts/bench_speed.py --parts compile
+    .venv/bin/python scripts/bench_speed.py --parts compile bf16
 """
 from __future__ import annotations
 
@@ -312,6 +316,50 @@ def part_compile(args, out):
                     f"{cost:.0f}", even, f"{diff:.1e}"]]), ""]
 
 
+class Bf16(torch.nn.Module):
+    """The same weights run under bfloat16 autocast, ε returned as float32."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x, t).float()
+
+
+def part_bf16(args, out):
+    """bfloat16 autocast against float32, sampling and training, the digits models: what a
+    lower precision would buy on this CPU, and what it costs in pixels."""
+    rows = []
+    for name in [m for m in args.models if not m.startswith("CIFAR")]:
+        cfg, model, _, batch = model_of(name)
+        shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+        schedule = NoiseSchedule.from_config(cfg.diffusion)
+        images = {}
+
+        def run(net, key):
+            def go():
+                images[key], _ = generate(net, schedule, range(batch), image_shape=shape, batch_size=batch,
+                                          sampler="ddim", steps=args.steps)
+            return go
+
+        best = alternate({"fp32": run(model, "fp32"), "bf16": run(Bf16(model).eval(), "bf16")}, args.rounds)
+        levels = (to_uint8(images["bf16"]).int() - to_uint8(images["fp32"]).int()).abs()
+        bf16_cfg = copy.deepcopy(cfg)
+        bf16_cfg.train.precision = "bf16"
+        n = args.train_steps
+        fns = {"fp32": training_step_fn(cfg, before=False), "bf16": training_step_fn(bf16_cfg, before=False)}
+        train = alternate({k: (lambda f=f: f(n)) for k, f in fns.items()}, args.rounds)
+        rows.append([name, f"{best['fp32'] / best['bf16']:.2f}×", f"{int(levels.max())}",
+                     f"{float((levels > 0).float().mean()):.1%}", f"{train['fp32'] / train['bf16']:.2f}×"])
+        print(f"  bf16 {name}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
+    out += [f"**bfloat16 autocast vs float32** ({torch.get_num_threads()} threads; DDIM-{args.steps}, the "
+            "sampling batch of each model; training at its batch)", "",
+            table(["model", "sampling speed-up", "PNG difference, max uint8 levels", "pixels that differ",
+                   "training speed-up"], rows), ""]
+
+
 def table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -319,7 +367,7 @@ def table(header, rows) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="+", choices=("sampling", "training", "study", "compile"),
+    p.add_argument("--parts", nargs="+", choices=("sampling", "training", "study", "compile", "bf16"),
                    default=["sampling", "training", "study"])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling call (default 10)")
