@@ -252,6 +252,22 @@ def test_reading_and_report_text():
     assert studytext.diff_text(c.diffs["s2dm"], 11.0).startswith("-0.533 [-1.653, +0.587] (-4.8 %)")
 
 
+def test_the_v1_report_prints_small_metrics_to_three_significant_digits(tmp_path):
+    """FD-pixels-5k of digits is ~0.05-0.1: with a fixed 3 decimals its differences printed as
+    0.000 and -0.001 (the quick study's ddim-10 cell below, from a real run's records)."""
+    rows = [_row("baseline", 0, 0.098021), _row("s2dm", 0, 0.097983), _row("control", 0, 0.097091),
+            _row("baseline", 0, 0.093805, draw="noise")]
+    study = load_study(write_study(tmp_path, {**TOY, "runs": {**TOY["runs"], "control": {
+        "weights_of": "baseline", "eps_scale": "skip:9,tau:0.99", "seeds": [0]}}}))
+    text = studyreport.report_markdown(rows, study, {"this_invocation_seconds": 1, "train_seconds": 0,
+                                                     "eval_seconds": 0}, tmp_path)
+    # 2 - floor(log10(0.098)) = 4 decimals: the baseline to 3 significant digits
+    assert ("| ddim | 10 | 10 | 0.0980 | 0.0000 (1 seed: no interval) (0.0 %) | -0.0009 (1 seed: no interval) "
+            "(-0.9 %) | 0.0042 |") in text
+    assert "s2dm − baseline = 0.0000 (0.0 %)" in text and "control moves the baseline by -0.0009" in text  # the reading
+    assert "| ddim | 10 | 10 | 0.098 |" not in text
+
+
 def test_csv_round_trip(tmp_path):
     rec = {"run": "baseline", "seed": 0, "sampler": "ddim", "steps": 10, "nfe": 10, "draw": "main",
            "metric": "FD-pixels-5k", "value": 1.23456789, "seconds": 3.14159,

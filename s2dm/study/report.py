@@ -18,7 +18,7 @@ from ..util.plots import plot_vs_nfe
 from ..util.textfmt import noun, num, plural, span
 from .spec import path_name
 from .stats import CellStats, Summary, best_run, cell_statistics, measurable, noise_sd, relative_diffs
-from .text import diff_text, fmt, mean_std_text, ranges, rel_text, signed, table
+from .text import decimals, diff_text, fmt, mean_std_text, ranges, rel_text, signed, table
 
 
 CSV_COLUMNS = ["run", "seed", "sampler", "steps", "nfe", "draw", "metric", "value", "n", "image_seeds",
@@ -90,16 +90,13 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path, ema: Opt
     (``study.v2``) gets ``questions.v2_report`` instead (``questions.study_report`` chooses);
     ``clip`` is that report's."""
     cells = cell_statistics(rows, study.baseline)
-    lines = heading(study, cost)
-    lines += _headline(cells, study)
-    lines += every_run_section(cells, study)
-    lines += fid_section(cell_statistics(rows, study.baseline, metric="FID"), study)
-    lines += ["", "## Reading, cell by cell", ""]
-    for c in cells:
-        lines.append(f"- **{c.sampler}, {c.steps} steps (NFE {c.nfe})**: "
-                     f"{reading(c, study.baseline, study.effect, control_of(study))}")
-    lines += runs_and_cost_section(study, cost, ema or {})
-    return "\n".join(lines)
+    with decimals(cells, study.baseline):  # FD-pixels-5k of ~0.05 needs 4 decimals for its differences
+        tables = _headline(cells, study) + every_run_section(cells, study)
+        readings = ["", "## Reading, cell by cell", ""] + [
+            f"- **{c.sampler}, {c.steps} steps (NFE {c.nfe})**: "
+            f"{reading(c, study.baseline, study.effect, control_of(study))}" for c in cells]
+    lines = heading(study, cost) + tables + fid_section(cell_statistics(rows, study.baseline, metric="FID"), study)
+    return "\n".join(lines + readings + runs_and_cost_section(study, cost, ema or {}))
 
 
 def heading(study, cost: dict) -> List[str]:
