@@ -232,6 +232,12 @@ def options_from_args(args: argparse.Namespace, cls=SampleOptions, skip=()):
 
 
 # -- the parser: one function per verb --------------------------------------------------------
+def _num_images_arg(p: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    """``--n``, also spelt ``--num-images``: after ``torchrun`` its own parser claims ``--n``."""
+    p.add_argument("--n", "--num-images", type=int, default=None, required=required,
+                   help=f"{what}; spell it --num-images after torchrun, whose parser would claim --n")
+
+
 def _inception_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="image-loading processes (default 0)")
@@ -298,9 +304,7 @@ def _sample_parser(sub) -> None:
                         "train.eval_every; written into RUN/samples/<sampler>-<steps>-best)")
     s.add_argument("--out", help="output folder (default: RUN/samples/<sampler>-<steps>[-settings])")
     add_option_flags(s)
-    s.add_argument("--n", "--num-images", type=int, default=None,
-                   help=f"number of images, seeds 0..n-1 (default {DEFAULT_N}); spell it --num-images after "
-                        "torchrun, whose parser would claim --n")
+    _num_images_arg(s, f"number of images, seeds 0..n-1 (default {DEFAULT_N})")
     s.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 3,7,10-19")
     s.add_argument("--batch-size", type=int, default=256, help="images per network call (default 256)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -322,7 +326,7 @@ def _fid_parser(sub) -> None:
                    help="fid ref: config override, e.g. --set data.root=/data (repeatable)")
     f.add_argument("--out", help="fid ref: the .npz to write")
     f.add_argument("--force", action="store_true", help="fid ref: overwrite --out")
-    f.add_argument("--n", "--num-images", type=int, default=None, help="use only the first N images of each folder / data set; spell it --num-images after torchrun, whose parser would claim --n")
+    _num_images_arg(f, "use only the first N images of each folder / data set")
     # Checked by the library (metrics.statistics.FEATURES), not argparse: importing it costs
     # every verb pytorch-fid's start-up time.
     f.add_argument("--features", default=None,
@@ -353,7 +357,7 @@ def _eval_parser(sub) -> None:
                         "x_T, e.g. none,const:0.998,const:1.002,skip:9,tau:0.99 (forms: const:B, linear:K,B, "
                         "skip:S,tau:T[,variant:shared]); the tables and eps_sweep.png mark each cell's best")
     add_option_flags(e, skip=EVAL_LISTS)  # every cell's other sampler options
-    e.add_argument("--n", "--num-images", type=int, required=True, help="samples per cell (seeds offset..offset+n-1); spell it --num-images after torchrun, whose parser would claim --n")
+    _num_images_arg(e, "samples per cell (seeds offset..offset+n-1)", required=True)
     e.add_argument("--ref", required=True, help="reference statistics from `s2dm fid ref` (.npz)")
     e.add_argument("--out", required=True, help="output folder (resumable)")
     e.add_argument("--features", default=None,
