@@ -131,7 +131,8 @@ def side(d: Optional[Summary]) -> int:
 
 
 def resolved(d: Summary) -> bool:
-    return bool(d.ci95 and (d.ci95[0] > 0 or d.ci95[1] < 0))
+    """The 95 % interval excludes 0."""
+    return side(d) != 0
 
 
 def measurable(c: CellStats, run: str) -> bool:

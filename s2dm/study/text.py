@@ -11,7 +11,7 @@ from ..util.textfmt import num
 from .stats import CellStats, Summary
 
 
-# Decimals of every number the report prints. The v2 report sets them per metric (``decimals``);
+# Decimals of every number a report prints, set per metric (``decimals``) by both reports;
 # a context variable scopes the setting to the ``with`` block without passing it through every
 # formatter (as ``decimal.localcontext`` does), and is safe across threads.
 _DECIMALS: contextvars.ContextVar[int] = contextvars.ContextVar("s2dm_report_decimals", default=3)
