@@ -3,9 +3,11 @@
 1. A module imports only from its own layer or lower ones.
 2. Imports sit at the top of a module; one inside a function needs a one-line reason as a
    comment on its line or the line above (CLI start-up time, an optional dependency).
+3. docs/architecture.md names every module, under the layer it has here.
 """
 import ast
 import io
+import re
 import tokenize
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -128,3 +130,38 @@ def test_imports_inside_functions_give_a_reason():
                 bad.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, ("imports inside functions without a one-line reason (move them to the top, or say "
                      "why on their line or the line above):\n" + "\n".join(bad))
+
+
+def documented_modules() -> Dict[str, int]:
+    """Path under s2dm/ → layer, as docs/architecture.md's Modules section lists them: a
+    ``Layer N: `s2dm/pkg/` `` heading, then ``- `a.py`, `b.py` — what they do`` items."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    found: Dict[str, int] = {}
+    layer, folder = None, ""
+    for line in section.splitlines():
+        heading = re.match(r"Layer (\d+)(?:: `s2dm/(\w+)/`)?", line)
+        if heading:
+            layer, folder = int(heading.group(1)), f"{heading.group(2)}/" if heading.group(2) else ""
+        elif line.startswith("- ") and layer is not None:
+            for name in re.findall(r"`([\w/]+\.py)`", line.split(" — ")[0]):
+                found[name[len("s2dm/"):] if name.startswith("s2dm/") else folder + name] = layer
+    return found
+
+
+def test_architecture_md_names_every_module_in_its_layer():
+    documented = documented_modules()
+    missing, misplaced = [], []
+    for path in source_files():
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel not in documented:
+            if not rel.endswith("/__init__.py"):  # a subpackage's __init__ may go unnamed
+                missing.append(rel)
+            continue
+        layer = layer_of(module_of(path)[0])
+        if documented[rel] != layer:
+            misplaced.append(f"{rel}: layer {documented[rel]} in the docs, {layer} here")
+    stale = [rel for rel in documented if not (PACKAGE / rel).is_file()]
+    assert not (missing or misplaced or stale), (
+        "docs/architecture.md and the package disagree:\n" + "\n".join(
+            [f"not named: s2dm/{m}" for m in missing] + misplaced + [f"named but absent: s2dm/{s}" for s in stale]))
