@@ -1,5 +1,7 @@
-"""The README and docs/ say what the code does: their links resolve, the README's verb table is
-the CLI's verbs, and configs.md's table names every shipped config with its model's size."""
+"""The README and docs/ say what the code does: their links resolve, every config key they name
+exists, the README's verb table is the CLI's verbs, and configs.md's table names every shipped
+config with its model's size."""
+import dataclasses
 import re
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import pytest
 from conftest import ROOT
 from s2dm.cli import build_parser
 from s2dm.core.unet import build_model, count_parameters
-from s2dm.io.config import load_config, shipped_configs
+from s2dm.io.config import Config, load_config, shipped_configs
 from s2dm.study.runner import run_config
 from s2dm.study.spec import load_study
 
@@ -58,6 +60,32 @@ def test_every_relative_link_and_anchor_resolves():
                 bad.append(f"{doc.relative_to(ROOT)}: {target}: no heading with that anchor")
     assert count > 50, count  # the docs link to each other: the pattern finds them
     assert not bad, "\n".join(bad)
+
+
+FILE_SUFFIXES = (".py", ".yaml", ".ckpt", ".pt", ".npz", ".json", ".jsonl", ".png", ".md", ".safetensors")
+
+
+def test_every_config_key_the_docs_name_exists():
+    """`--set train.eval_every=200`, `optim.fused`, ... in prose and in code blocks: a key renamed
+    in the code and not in the docs would send a user to an error."""
+    sections = "|".join(f.name for f in dataclasses.fields(Config))
+    key = re.compile(rf"(?<![\w./-])((?:{sections})\.[a-z_][a-z0-9_.]*)")  # not cfg.train.x, not a/data.py
+    bad, count = [], 0
+    for doc in DOCS:
+        for name in key.findall(doc.read_text()):
+            name = name.rstrip(".")
+            if name.endswith(FILE_SUFFIXES):  # data.py, model.ckpt: files
+                continue
+            count += 1
+            node = Config()
+            for part in name.split("."):
+                fields = {f.name for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else set()
+                if part not in fields:
+                    bad.append(f"{doc.relative_to(ROOT)}: {name}")
+                    break
+                node = getattr(node, part)
+    assert count > 150, count  # 215 when written
+    assert not bad, "keys the docs name that no config has:\n" + "\n".join(bad)
 
 
 def test_the_readme_opens_with_the_two_setup_commands():
