@@ -95,12 +95,33 @@ def test_the_readme_opens_with_the_two_setup_commands():
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("bash scripts/test.sh")  # CI runs the README's
 
 
+def verbs() -> dict:
+    """The CLI's verbs → their subparsers."""
+    return next(a for a in build_parser()._actions if a.dest == "verb").choices
+
+
 def test_the_readme_verb_table_is_the_clis_verbs():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Verbs", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\| `s2dm (\w+)` \|", table, flags=re.M)
-    subparsers = next(a for a in build_parser()._actions if a.dest == "verb")
-    assert sorted(listed) == sorted(subparsers.choices)
+    assert sorted(listed) == sorted(verbs())
+
+
+def test_every_flag_the_docs_give_a_verb_exists():
+    """`s2dm sample ... --n 1000`: each flag after ``s2dm VERB`` on a line (up to the end of its
+    code span, a table cell or a shell comment) is one of that verb's flags."""
+    parsers = verbs()
+    known = {verb: {o for a in sp._actions for o in a.option_strings} for verb, sp in parsers.items()}
+    bad, count = [], 0
+    for doc in DOCS:
+        for line in doc.read_text().splitlines():
+            for m in re.finditer(rf"\bs2dm ({'|'.join(parsers)})\b([^`|]*)", line):
+                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m.group(2).split(" #")[0]):
+                    count += 1
+                    if flag not in known[m.group(1)]:
+                        bad.append(f"{doc.relative_to(ROOT)}: s2dm {m.group(1)} {flag}")
+    assert count > 100, count  # 138 when written
+    assert not bad, "flags the docs give that the verb does not have:\n" + "\n".join(bad)
 
 
 def _size_column() -> dict:
