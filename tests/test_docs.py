@@ -10,7 +10,9 @@ import pytest
 from conftest import ROOT
 from s2dm.cli import build_parser
 from s2dm.core.unet import build_model, count_parameters
+from s2dm.core.schedule import GRIDS
 from s2dm.io.config import Config, load_config, shipped_configs
+from s2dm.samplers import SAMPLERS
 from s2dm.study.runner import run_config
 from s2dm.study.spec import load_study
 
@@ -147,3 +149,9 @@ def test_configs_md_states_each_models_size(name):
     millions = count_parameters(build_model(cfg)) / 1e6
     digits = len(str(stated).split(".")[1])  # "0.7" is to 0.1 M, "0.18" to 0.01 M
     assert round(millions, digits) == stated, f"{name}: {millions:.3f} M parameters, configs.md says {stated} M"
+
+
+def test_the_sample_synopsis_lists_the_declared_samplers_and_grids():
+    synopsis = (ROOT / "docs" / "sampling.md").read_text()
+    assert re.search(r"\[--sampler ([\w|-]+)\]", synopsis).group(1).split("|") == list(SAMPLERS)
+    assert re.search(r"\[--grid ([\w|-]+)\]", synopsis).group(1).split("|") == list(GRIDS)
