@@ -1,6 +1,6 @@
-"""The README and docs/ say what the code does: their links resolve, every config key they name
-exists, the README's verb table is the CLI's verbs, and configs.md's table names every shipped
-config with its model's size."""
+"""The README and docs/ say what the code does: their links resolve; every config key and flag
+they name exists; the README's verb table is the CLI's verbs; configs.md names every shipped
+config with its model's size; the sample synopsis lists the declared samplers and grids."""
 import dataclasses
 import re
 from pathlib import Path
