@@ -99,6 +99,7 @@ def test_results_markdown_and_plot(evaluated):
     rows = read_csv(evaluated / "results.csv")
     md = (evaluated / "results.md").read_text()
     assert "| sampler | steps | NFE | tiny | ckpt_00000001 | Δ ckpt_00000001 (%) |" in md
+    assert "Lower is better; Δ = relative change against the first checkpoint." in md
     assert "FD-pixels-32" in md and "n = 32" in md
     by = {(r["label"], r["sampler"], r["steps"]): float(r["value"]) for r in rows}
     for s, k, nfe in (("ddim", "2", 2), ("deis", "4", expected_nfe("deis", 4))):
@@ -219,6 +220,8 @@ def test_plot_and_table_without_hand_work(tmp_path):
     assert [t.get_text() for t in legend.get_texts()] == ["a", "b"]
     md = ev.results_markdown([_eval_row("a", "ddim", 2, -1e-9)], ["a"], ["ddim"], [2])
     assert "| ddim | 2 | 2 | 0.0000 |" in md and "-0.0000" not in md
+    # one checkpoint: no Δ column, and no legend for one
+    assert "Lower is better." in md and "Δ" not in md
 
 
 def test_eps_scale_sweep_scores_every_scale_from_the_same_x_T(ckpts, ref, tmp_path, capsys):

@@ -299,7 +299,8 @@ def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence
     if len(scales) > 1:
         return sweep_markdown(rows, labels, samplers, steps, scales)
     by = {(r["label"], r["sampler"], int(r["steps"])): r for r in rows}
-    lines = _header(rows, labels, samplers, steps, "Δ = relative change against the first checkpoint")
+    lines = _header(rows, labels, samplers, steps,
+                    "Δ = relative change against the first checkpoint" if len(labels) > 1 else "")
     head = ["sampler", "steps", "NFE"] + [f"{lab}" for lab in labels] + [f"Δ {lab} (%)" for lab in labels[1:]]
     lines += _table_head(head)
     for s in samplers:
@@ -350,7 +351,7 @@ def _header(rows: List[dict], labels: Sequence[str], samplers: Sequence[str], st
         f"grid {first['grid']}, η = {first['eta']}"
         + (f", DEIS order {next(r['order'] for r in rows if r['order'] != '')}" if any(r["order"] != "" for r in rows) else "")
         + (f", ε-scale {first['eps_scale']}" if first["eps_scale"] and len(scales) == 1 else "")
-        + f". Lower is better; {legend}.",
+        + ". Lower is better" + (f"; {legend}." if legend else "."),
         "",
         "Checkpoints: " + "; ".join(
             f"`{lab}` = {firsts[lab]['checkpoint']} (step {firsts[lab]['checkpoint_step']}, "
