@@ -48,8 +48,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cifar-batch", type=int, default=16)
     args = p.parse_args()
-    rows = [measure("configs/digits.yaml", 128, args.repeats),
-            measure("configs/cifar10.yaml", args.cifar_batch, args.repeats)]
+    rows = [measure("digits.yaml", 128, args.repeats),  # bare names: the shipped configs, from any folder
+            measure("cifar10.yaml", args.cifar_batch, args.repeats)]
     print("| config | batch | train step (s) | checkpoint write (s) | size (MiB) | write ÷ step |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

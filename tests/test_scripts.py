@@ -1,0 +1,45 @@
+"""The benchmarks under scripts/ still run against today's library: each at its smallest size,
+checked for the tables it prints (their figures are measured by running them in full, alone;
+here nothing is timed). bench_gpu.py runs its CPU part: a GPU session has 15 minutes and should
+not spend them on a script that broke on the CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+BENCHES = {  # script: (tiny arguments, lines its output must contain)
+    "bench_gpu.py": (["--device", "cpu", "--batch", "2", "--warmup", "0", "--steps", "1", "--windows", "1",
+                      "--sample-n", "2", "--sample-batch", "2", "--fid-n", "2", "--fid-batch", "2", "--no-compile",
+                      "--skip-diffusers"],
+                     ["| fp32 | no | no |", "| bf16 | no | no |", "| sampling, DDIM 20 steps (NFE 20), fp32, batch 2 |",
+                      "| FID Inception features (32x32 → 299x299, pool3), batch 2,"]),
+    "bench_speed.py": (["--parts", "sampling", "training", "bf16", "--models", "study (digits, ch 16)",
+                        "--train-steps", "1", "--rounds", "1", "--steps", "1"],
+                       ["**Sampling: image-NFE/s of `generate`**", "**bfloat16 autocast vs float32**",
+                        "| study (digits, ch 16) | 2500 → 500 | ddim-1 |"]),
+    "bench_samplers.py": (["--steps", "4", "--samplers", "ddim", "pndm", "--batch", "2", "--ch", "16", "--ch-mult", "1",
+                           "--num-res-blocks", "1", "--repeats", "1", "--stub-repeats", "1"],
+                          ["| ddim | 4 | 4 |", "| pndm | 4 | 13 |", "| diffusers PNDM | 4 | 13 |"]),
+    "bench_train.py": (["--parts", "loss", "diffusers", "--batch-digits", "8", "--batch-cifar", "2", "--repeats", "1",
+                        "--fwd-repeats", "1", "--digits-repeats", "1", "--stub-repeats", "1", "--warmup", "0"],
+                       ["Goal ≥ 1.10×"]),
+    "bench_checkpoint.py": (["--repeats", "1", "--cifar-batch", "2"], ["| cifar10.yaml | 2 |"]),
+    "bench_eval.py": (["--train-steps", "1", "--cifar-images", "2"], ["| digits (ch 32) | fd-pixels, n 1,000, ddim 20 |"]),
+    "bench_fid.py": (["--n", "4", "--size", "8"], ["| one side from its cached `.npz` |"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(BENCHES))
+def test_benchmark_runs_at_its_smallest_size(script, tmp_path):
+    args, expected = BENCHES[script]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    missing = [line for line in expected if line not in proc.stdout]
+    assert not missing, f"{script} printed no {missing}:\n{proc.stdout[-3000:]}"
