@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT
 
@@ -43,3 +45,19 @@ def test_benchmark_runs_at_its_smallest_size(script, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     missing = [line for line in expected if line not in proc.stdout]
     assert not missing, f"{script} printed no {missing}:\n{proc.stdout[-3000:]}"
+
+
+def test_fd_noise_prints_the_spread_of_a_distance(tmp_path):
+    """scripts/fd_noise.py, the source of the tests' Fréchet-distance tolerances, on two folders
+    of random 8x8 images (N > D = 64: a well-conditioned covariance, a tiny spread)."""
+    rng = np.random.default_rng(0)
+    for side, n in (("a", 100), ("b", 90)):
+        (tmp_path / side).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / side / f"{i:06d}.png")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "fd_noise.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), "--draws", "5"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spread = float(proc.stdout.split("perturbations: ")[1])
+    assert proc.stdout.startswith("N 100 and 90, D 64:") and 0 <= spread < 1e-6, proc.stdout
