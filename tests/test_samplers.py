@@ -79,27 +79,34 @@ def test_ddpm_is_ddim_eta_one():
 
 
 # -- DEIS / PNDM accuracy on a problem with a known solution ------------------------------
+# Data N(0, s²I): x_t ~ N(0, (ᾱs² + 1 − ᾱ)I), so E[ε | x_t] = √(1−ᾱ)·x/(ᾱs² + 1 − ᾱ). In
+# v = x/√ᾱ, ρ = √((1−ᾱ)/ᾱ) the ODE dv/dρ = ε becomes dv/dρ = v·ρ/(s² + ρ²), hence
+# v ∝ √(s² + ρ²) and x_0 = x_T·s/√(ᾱ_T s² + 1 − ᾱ_T).
+GAUSS_SD = 0.5
+GAUSS_X_T = randn(4, 1, 8, 8, seed=7)
+
+
+def gaussian_eps(x, t):
+    abar = abar_c(t, x)
+    return x * (1 - abar).sqrt() / (abar * GAUSS_SD**2 + 1 - abar)
+
+
+def gaussian_error(sampler, order=3, steps=10):
+    """Max |x_0 − the ODE's closed-form solution| from GAUSS_X_T."""
+    out, info = sample(gaussian_eps, GAUSS_X_T, SCHED, sampler=sampler, steps=steps, order=order)
+    ab = SCHED.alpha_bar(info["timesteps"][0])
+    return float((out - GAUSS_X_T * GAUSS_SD / (ab * GAUSS_SD**2 + 1 - ab).sqrt()).abs().max())
+
+
 def test_higher_order_is_more_accurate_on_gaussian_data():
-    # Data N(0, s²I): x_t ~ N(0, (ᾱs² + 1 − ᾱ)I), so E[ε | x_t] = √(1−ᾱ)·x/(ᾱs² + 1 − ᾱ). In
-    # v = x/√ᾱ, ρ = √((1−ᾱ)/ᾱ) the ODE dv/dρ = ε becomes dv/dρ = v·ρ/(s² + ρ²), hence
-    # v ∝ √(s² + ρ²) and x_0 = x_T·s/√(ᾱ_T s² + 1 − ᾱ_T).
-    sd = 0.5
-    eps_fn = lambda x, t: x * (1 - abar_c(t, x)).sqrt() / (abar_c(t, x) * sd**2 + 1 - abar_c(t, x))
-    x_T = randn(4, 1, 8, 8, seed=7)
-
-    def error(sampler, order=3, steps=10):
-        out, info = sample(eps_fn, x_T, SCHED, sampler=sampler, steps=steps, order=order)
-        ab = SCHED.alpha_bar(info["timesteps"][0])
-        return float((out - x_T * sd / (ab * sd**2 + 1 - ab).sqrt()).abs().max())
-
     # The closed form is the ODE's solution: a fine ρAB run converges to it. (tAB would stall
     # near 2e-4 here: its last step, 0 → −1, integrates ε ∝ ρ ∝ √(t+1) with a polynomial in t.)
-    assert error("deis-rho", 3, steps=500) < 1e-6
+    assert gaussian_error("deis-rho", 3, steps=500) < 1e-6
     for variant in ("deis", "deis-rho"):
-        e = [error(variant, o) for o in range(4)]
+        e = [gaussian_error(variant, o) for o in range(4)]
         assert e[3] < e[1] < e[0] and e[2] < e[1], (variant, e)
-    assert error("pndm") < 0.2 * error("ddim")
-    assert error("spndm") < error("ddim")
+    assert gaussian_error("pndm") < 0.2 * gaussian_error("ddim")
+    assert gaussian_error("spndm") < gaussian_error("ddim")
 
 
 def test_ode_samplers_converge_to_one_solution_and_ddpm_is_not_one():
@@ -107,21 +114,13 @@ def test_ode_samplers_converge_to_one_solution_and_ddpm_is_not_one():
     # approaches the probability-flow ODE's solution (the Gaussian closed form above) as the steps
     # grow. Measured max errors at 10 → 50 → 250 steps (float64, deterministic): DDIM 0.40 →
     # 0.087 → 0.018, S-PNDM 0.17 → 0.0080 → 0.00033, the others below 0.04 at 10 steps.
-    sd = 0.5
-    eps_fn = lambda x, t: x * (1 - abar_c(t, x)).sqrt() / (abar_c(t, x) * sd**2 + 1 - abar_c(t, x))
-    x_T = randn(4, 1, 8, 8, seed=7)
-
-    def error(sampler, steps):
-        out, info = sample(eps_fn, x_T, SCHED, sampler=sampler, steps=steps)
-        ab = SCHED.alpha_bar(info["timesteps"][0])
-        return float((out - x_T * sd / (ab * sd**2 + 1 - ab).sqrt()).abs().max())
-
     assert set(SAMPLERS) - set(ODE_SAMPLERS) == {"ddpm"}
     for sampler in ODE_SAMPLERS:
-        e = [error(sampler, steps) for steps in (10, 50, 250)]
+        e = [gaussian_error(sampler, steps=steps) for steps in (10, 50, 250)]
         assert e[2] < e[1] < e[0] and e[2] < 0.1 * e[0] and e[2] < 0.02, (sampler, e)
     # DDPM draws fresh noise at every step: two generators from the same x_T end far apart (1.8 measured)
-    ddpm = [sample(eps_fn, x_T, SCHED, sampler="ddpm", steps=250, generator=torch.Generator().manual_seed(g))[0]
+    ddpm = [sample(gaussian_eps, GAUSS_X_T, SCHED, sampler="ddpm", steps=250,
+                   generator=torch.Generator().manual_seed(g))[0]
             for g in (0, 1)]
     assert float((ddpm[0] - ddpm[1]).abs().max()) > 0.5
 
