@@ -11,8 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 from ..util.textfmt import num, plural
 from .report import every_run_section, heading, fid_section, report_markdown, runs_and_cost_section
-from .stats import CellStats, Summary, best_run, cell_statistics, measurable, metric_family, paired, side
-from .steps import h4_answer, h4_section, scale_paragraph
+from .stats import CellStats, Summary, best_run, cell_statistics, label_of, measurable, metric_family, paired, side
+from .steps import StepsAnswer, h4_answer, h4_section, scale_paragraph, steps_answer
 from .text import ci_text, decimals, fmt, paired_text, pct, table
 
 
@@ -129,7 +129,7 @@ def disagreements(a: Dict[tuple, Summary], b: Dict[tuple, Summary]) -> tuple:
 
 
 def _metric_words(metric: str, cells: Sequence[CellStats]) -> str:
-    label = cells[0].metric if cells else metric
+    label = label_of(cells, metric)
     if metric == "FD-pixels":
         return f"**{label}** (Fréchet distance on raw pixels in [0, 1])"
     if metric == "FD-cnn":
@@ -173,19 +173,23 @@ def v2_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Dict[str,
               + "; not FID. Lower is better. A difference `a − b` is paired by training seed (same initial "
               "weights, data order and x_T): the mean over seeds, its 95 % Student-t interval in brackets, and "
               f"in % of the baseline's mean. Training seeds per run: {', '.join(map(str, seeds))}.", ""]
-    lines += _answers(cells, metrics, study, clip)
-    for section in (_h1_section, _h2_section, _h3_section, h4_section):
+    h4 = {m: steps_answer(cells[m], study) for m in metrics}  # once: the answers, H4's section, the reading
+    lines += _answers(cells, h4, metrics, study, clip)
+    sections = (lambda m, first: _h1_section(cells[m], m, study),
+                lambda m, first: _h2_section(cells[m], m, study),
+                lambda m, first: _h3_section(cells[m], m, study, clip, note=first),  # the clip note once
+                lambda m, first: h4_section(h4[m], cells[m], m))
+    for section in sections:
         for i, m in enumerate(metrics):
             with decimals(cells[m], study.baseline):
-                lines += (section(cells[m], m, study, clip, note=i == 0) if section is _h3_section
-                          else section(cells[m], m, study))
+                lines += section(m, i == 0)
     if len(metrics) > 1:
         lines += _disagreement_section(cells, metrics, study)
-    lines += scale_paragraph(cells, metrics, study)
+    lines += scale_paragraph(cells, h4, metrics, study)
     for m in metrics:
         with decimals(cells[m], study.baseline):
             every = every_run_section(cells[m], study)
-            every[0] += f" ({cells[m][0].metric if cells[m] else m})"
+            every[0] += f" ({label_of(cells[m], m)})"
             lines += [""] + every
             noise = [c for c in cells[m] if c.noise is not None]
             if noise:
@@ -197,7 +201,8 @@ def v2_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Dict[str,
     return "\n".join(lines)
 
 
-def _answers(cells: Dict[str, List[CellStats]], metrics: List[str], study, clip: Dict[str, dict]) -> List[str]:
+def _answers(cells: Dict[str, List[CellStats]], h4: Dict[str, StepsAnswer], metrics: List[str], study,
+             clip: Dict[str, dict]) -> List[str]:
     """The headline: one line per question and metric."""
     lines = ["**Answers** (details in the sections below):", ""]
     base = study.baseline
@@ -228,7 +233,7 @@ def _answers(cells: Dict[str, List[CellStats]], metrics: List[str], study, clip:
     if not study.sum_baseline:
         lines.append("- **H3** is not asked: this study has no `sum_baseline`"
                      + (" (the quick preset leaves it out)." if study.quick else "."))
-    lines += [a for a in (h4_answer(cells[m], m, study) for m in metrics) if a]
+    lines += [a for a in (h4_answer(h4[m], m, study) for m in metrics) if a]
     if len(metrics) > 1:
         resolved, opposite, compared = disagreements(*(effects(cells[m], study) for m in metrics[:2]))
         lines.append(f"- **The metrics disagree** (both intervals exclude 0, opposite signs) about "
@@ -253,7 +258,7 @@ def _tally(items) -> List[tuple]:
 def _h1_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
     if not study.twins:
         return []
-    label = cells[0].metric if cells else metric
+    label = label_of(cells, metric)
     lines = ["", f"## H1 — does each training-free twin reproduce its variant's difference? ({label})", "",
              "The twin samples the baseline's own weights with ε scaled by the factor that the variant's loss "
              "predicts (docs/method.md §3–§4). *Reproduced* = (twin − baseline) / (variant − baseline) of the means, "
@@ -275,7 +280,7 @@ def _h2_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
     free = training_free(study)
     if len(free) < 2:
         return []
-    label = cells[0].metric if cells else metric
+    label = label_of(cells, metric)
     rs = h2_rows(cells, study)
     vs = variants_of(study)
     lines = ["", f"## H2 — the best training-free scale, and does a trained variant beat it? ({label})", "",
@@ -295,7 +300,7 @@ def _h3_section(cells: Sequence[CellStats], metric: str, study, clip: Dict[str, 
     sb, base = study.sum_baseline, study.baseline
     if not sb:
         return []
-    label = cells[0].metric if cells else metric
+    label = label_of(cells, metric)
     lines = ["", f"## H3 — does the sum-reduction baseline differ from the mean one? ({label})", "",
              f"`{sb}` differs from {base} in " + (", ".join(f"`{k}={v}`" for k, v in study.runs[sb].overrides.items()
                                                         if study.runs[base].overrides.get(k) != v) or "its overrides")
@@ -327,7 +332,7 @@ def _disagreement_section(cells: Dict[str, List[CellStats]], metrics: List[str],
     a, b = metrics[:2]
     ea, eb = effects(cells[a], study), effects(cells[b], study)
     resolved, opposite, compared = disagreements(ea, eb)
-    la, lb = (cells[m][0].metric if cells[m] else m for m in (a, b))
+    la, lb = (label_of(cells[m], m) for m in (a, b))
     lines = ["", f"## Where {la} and {lb} disagree", "", DISAGREEMENT, ""]
     if resolved:
         lines += [f"They disagree about {plural(len(resolved), 'effect')} of the {compared} both measure:", ""]

@@ -17,7 +17,7 @@ from ..util.fileio import csv_text as to_csv
 from ..util.plots import plot_vs_nfe
 from ..util.textfmt import noun, num, plural, span
 from .spec import path_name
-from .stats import CellStats, Summary, best_run, cell_statistics, measurable, noise_sd, relative_diffs
+from .stats import CellStats, Summary, best_run, cell_statistics, label_of, measurable, noise_sd, relative_diffs
 from .text import decimals, diff_text, fmt, mean_std_text, ranges, rel_text, signed, table
 
 
@@ -117,7 +117,7 @@ def _headline(cells: Sequence[CellStats], study) -> List[str]:
     """The metric, the table of the effect and the control per cell, the overall reading. A
     study without ``effect:`` has no effect column (and its reading is the control's)."""
     base, effect, control = study.baseline, study.effect, control_of(study)
-    metric = cells[0].metric if cells else "FD-pixels"
+    metric = label_of(cells, "FD-pixels")
     lines = [f"Metric: **{metric}** (Fréchet distance on raw pixels in [0, 1] of {plural(study.n, 'sample')} "
              "per cell, image seeds 0..n−1 for every model, against the full training set; not FID). "
              f"Lower is better. Paired differences are run − {base} at the same training seed, "

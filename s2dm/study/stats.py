@@ -71,6 +71,12 @@ def metric_family(label: str) -> str:
     return re.sub(r"-\d+k?$", "", label)
 
 
+def label_of(cells: Sequence[CellStats], metric: str) -> str:
+    """These cells' metric label with its sample count (``FD-pixels-5k``), or ``metric`` when no
+    cell was scored."""
+    return cells[0].metric if cells else metric
+
+
 def cell_statistics(rows: Sequence[dict], baseline: str, metric: str = "FD-pixels") -> List[CellStats]:
     """One ``CellStats`` per (sampler, steps) of ``metric`` (a label, with or without its
     count: FD-pixels, FD-cnn, FID), in first-seen order."""

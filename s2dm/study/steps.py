@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from ..samplers import ODE_SAMPLERS
-from .stats import CellStats, Summary, across, noise_sd, side
+from .stats import CellStats, Summary, across, label_of, noise_sd, side
 from .text import ci_text, fmt, mean_ci_text, paired_text, table
 
 
@@ -99,10 +99,25 @@ def meet_rows(cells: Sequence[CellStats], study) -> List[MeetRow]:
     return rows
 
 
-def h4_answer(cells: Sequence[CellStats], metric: str, study) -> Optional[str]:
+@dataclass
+class StepsAnswer:
+    """One metric's H4, computed once for the report's answer, section and reading: every
+    trained run × sampler's rows, and where the ODE samplers meet."""
+    rows: List[StepsRow]
+    meets: List[MeetRow]
+
+    def of(self, run: str) -> List[StepsRow]:
+        return [r for r in self.rows if r.run == run]
+
+
+def steps_answer(cells: Sequence[CellStats], study) -> StepsAnswer:
+    return StepsAnswer(h4_rows(cells, study), meet_rows(cells, study))
+
+
+def h4_answer(h4: StepsAnswer, metric: str, study) -> Optional[str]:
     """The report's H4 answer line for one metric: the baseline's verdict with each sampler
     (None: no sampler was scored at two step counts)."""
-    rows = [r for r in h4_rows(cells, study) if r.run == study.baseline]
+    rows = h4.of(study.baseline)
     if not rows:
         return None
     return f"- **H4** ({metric}) {study.baseline}: " + "; ".join(
@@ -124,11 +139,11 @@ _NOISE_WORDS = {"falls": "falls by more than twice the baseline's draw noise at 
                 "within": "within twice the baseline's draw noise"}
 
 
-def h4_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
-    rs = h4_rows(cells, study)
+def h4_section(h4: StepsAnswer, cells: Sequence[CellStats], metric: str) -> List[str]:
+    rs = h4.rows
     if not rs:
         return []
-    label = cells[0].metric if cells else metric
+    label = label_of(cells, metric)
     steps = sorted({s for r in rs for s in r.means})
     lines = ["", f"## H4 — does {label} fall as the sampler takes more steps?", "",
              "Each trained run's mean over seeds with its 95 % interval; then the paired change from one step count "
@@ -141,7 +156,7 @@ def h4_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
                      + [ci_text(next((d for a, b, d in r.changes if (a, b) == ab), None)) for ab in changes]
                      + [f"**{r.verdict}**" + (f" (1 seed; {_NOISE_WORDS[r.one_seed]})" if r.one_seed else "")]
                      for r in rs])
-    meets = meet_rows(cells, study)
+    meets = h4.meets
     if meets:
         lines += ["", "Where the samplers meet: " + MEET + " Each run's paired difference at the largest step count "
                   "the samplers share:", ""]
@@ -225,19 +240,19 @@ def _other_runs(all_rows: Sequence[StepsRow], baseline: str) -> str:
                    + "." for run, rs in differ.items())
 
 
-def scale_paragraph(cells: Dict[str, List[CellStats]], metrics: List[str], study) -> List[str]:
+def scale_paragraph(cells: Dict[str, List[CellStats]], h4: Dict[str, StepsAnswer], metrics: List[str],
+                    study) -> List[str]:
     """What this scale can and cannot tell, from H4's verdicts for the baseline with every sampler."""
     parts, verdicts, one_seed = [], {}, False  # verdicts: sampler → {metric label: verdict}
     for m in metrics:
-        all_rows = h4_rows(cells[m], study)  # once per metric: the baseline's rows and the others'
-        rows = [r for r in all_rows if r.run == study.baseline]
+        rows = h4[m].of(study.baseline)
         if not rows:
             continue
-        label = cells[m][0].metric
+        label = label_of(cells[m], m)
         for r in rows:
             verdicts.setdefault(r.sampler, {})[label] = r.verdict
         one_seed = one_seed or any(r.one_seed for r in rows)
-        parts.append(_metric_reading(label, rows, meet_rows(cells[m], study)) + _other_runs(all_rows, study.baseline))
+        parts.append(_metric_reading(label, rows, h4[m].meets) + _other_runs(h4[m].rows, study.baseline))
     if not parts:
         return []
     if one_seed:
