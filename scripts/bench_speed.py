@@ -156,6 +156,29 @@ def model_of(name, cifar_batch: int = 8):
     return cfg, build_model(cfg).eval(), before or cifar_batch, now or cifar_batch
 
 
+def time_sampling(variants: dict, schedule, n: int, shape, steps: int, rounds: int):
+    """Best seconds of ``generate`` (DDIM, image seeds 0..n−1) of each variant ``key: (network,
+    batch)``, the rounds alternating; and each variant's images."""
+    images = {}
+
+    def call(key, net, batch):
+        def go():
+            images[key], _ = generate(net, schedule, range(n), image_shape=shape, batch_size=batch, sampler="ddim",
+                                      steps=steps)
+        return go
+    return alternate({k: call(k, net, batch) for k, (net, batch) in variants.items()}, rounds), images
+
+
+def png_levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a − b| per pixel, in uint8 levels of the PNGs the images would be saved as."""
+    return (to_uint8(a).int() - to_uint8(b).int()).abs()
+
+
+def time_training(fns: dict, steps: int, rounds: int) -> dict:
+    """Best seconds of ``steps`` training steps of each variant (``training_step_fn``), alternating."""
+    return alternate({k: (lambda f=f: f(steps)) for k, f in fns.items()}, rounds)
+
+
 # -- parts -------------------------------------------------------------------------------------
 def part_sampling(args, out):
     peak = matmul_gflops()
@@ -166,17 +189,9 @@ def part_sampling(args, out):
         schedule = NoiseSchedule.from_config(cfg.diffusion)
         n = max(before, now)  # images per round: whole batches of both
         steps = args.steps if n >= 64 else 2
-        images = {}
-
-        def run(net, key, batch):
-            def go():
-                images[key], _ = generate(net, schedule, range(n), image_shape=shape, batch_size=batch,
-                                          sampler="ddim", steps=steps)
-            return go
-
-        best = alternate({"before": run(Before(model).eval(), "before", before), "now": run(model, "now", now)},
-                         args.rounds)
-        levels = (to_uint8(images["now"]).int() - to_uint8(images["before"]).int()).abs()
+        best, images = time_sampling({"before": (Before(model).eval(), before), "now": (model, now)}, schedule, n,
+                                     shape, steps, args.rounds)
+        levels = png_levels(images["now"], images["before"])
         flops = flops_per_image(model, shape)
         rate = {k: n * steps / v for k, v in best.items()}
         rows.append([name, f"{before} → {now}", f"ddim-{steps}", f"{rate['before']:,.0f}", f"{rate['now']:,.0f}",
@@ -215,8 +230,7 @@ def part_training(args, out):
         cfg = model_of(name)[0]
         fns = {k: training_step_fn(cfg, k == "before") for k in ("before", "now")}
         n = args.train_steps
-        best = alternate({k: (lambda f=f: f(n)) for k, f in fns.items()}, args.rounds)
-        rate = {k: n / v for k, v in best.items()}
+        rate = {k: n / v for k, v in time_training(fns, n, args.rounds).items()}
         rows.append([name, str(cfg.train.batch_size), f"{rate['before']:.2f}", f"{rate['now']:.2f}",
                      f"**{rate['now'] / rate['before']:.2f}×**"])
         print(f"  training {name}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
@@ -336,21 +350,13 @@ def part_bf16(args, out):
         cfg, model, _, batch = model_of(name)
         shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         schedule = NoiseSchedule.from_config(cfg.diffusion)
-        images = {}
-
-        def run(net, key):
-            def go():
-                images[key], _ = generate(net, schedule, range(batch), image_shape=shape, batch_size=batch,
-                                          sampler="ddim", steps=args.steps)
-            return go
-
-        best = alternate({"fp32": run(model, "fp32"), "bf16": run(Bf16(model).eval(), "bf16")}, args.rounds)
-        levels = (to_uint8(images["bf16"]).int() - to_uint8(images["fp32"]).int()).abs()
+        best, images = time_sampling({"fp32": (model, batch), "bf16": (Bf16(model).eval(), batch)}, schedule, batch,
+                                     shape, args.steps, args.rounds)
+        levels = png_levels(images["bf16"], images["fp32"])
         bf16_cfg = copy.deepcopy(cfg)
         bf16_cfg.train.precision = "bf16"
-        n = args.train_steps
         fns = {"fp32": training_step_fn(cfg, before=False), "bf16": training_step_fn(bf16_cfg, before=False)}
-        train = alternate({k: (lambda f=f: f(n)) for k, f in fns.items()}, args.rounds)
+        train = time_training(fns, args.train_steps, args.rounds)
         rows.append([name, f"{best['fp32'] / best['bf16']:.2f}×", f"{int(levels.max())}",
                      f"{float((levels > 0).float().mean()):.1%}", f"{train['fp32'] / train['bf16']:.2f}×"])
         print(f"  bf16 {name}: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
