@@ -2,6 +2,7 @@
 they name exists; the README's verb table is the CLI's verbs; configs.md names every shipped
 config with its model's size; the sample synopsis lists the declared samplers and grids."""
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -32,13 +33,14 @@ def slug(heading: str) -> str:
     return "".join(ch for ch in text if ch.isalnum() or ch in "-_ ").replace(" ", "-")
 
 
-def anchors(path: Path) -> set:
+@functools.lru_cache(maxsize=None)  # a file's anchors, read once for all links to it
+def anchors(path: Path) -> frozenset:
     found, seen = set(), {}
     for m in re.finditer(r"^#{1,6} (.+)$", prose(path), flags=re.M):
         s = slug(m.group(1))
         found.add(s if s not in seen else f"{s}-{seen[s]}")  # GitHub numbers repeated headings
         seen[s] = seen.get(s, 0) + 1
-    return found
+    return frozenset(found)
 
 
 def test_slug_follows_githubs_rules():
