@@ -36,7 +36,8 @@ from s2dm import load_config  # noqa: E402
 from s2dm.core.schedule import NoiseSchedule  # noqa: E402
 from s2dm.errors import MetricError  # noqa: E402
 from s2dm.io.config import EVAL_METRICS  # noqa: E402
-from s2dm.metrics.fid import FeatureExtractor, frechet_distance  # noqa: E402
+from s2dm.metrics.features import FeatureExtractor  # noqa: E402
+from s2dm.metrics.fid import frechet_distance  # noqa: E402
 from s2dm.metrics.sampled import sample_stats  # noqa: E402
 from s2dm.metrics.statistics import Stats  # noqa: E402
 from s2dm.samplers import expected_nfe  # noqa: E402

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the stand-in Inception weights of the tests
 
-from s2dm.metrics import fid, inception  # noqa: E402
+from s2dm.metrics import features, fid, inception  # noqa: E402
 from s2dm.metrics.inputs import folder_files  # noqa: E402
 from s2dm.metrics.statistics import Stats  # noqa: E402
 from standins import standin_state_dict  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
         d_sigma = float(np.abs(p["sigma"] - s["sigma"]).max() / np.abs(p["sigma"]).max())
 
     # cached statistics: one side from its folder (network only) vs from its .npz
-    ext = fid.FeatureExtractor("inception", device="cpu", progress=False)
+    ext = features.FeatureExtractor("inception", device="cpu", progress=False)
     ext.load()
     t = time.perf_counter()
     stats_a = ext.stats_of_files(folder_files(a), str(a))

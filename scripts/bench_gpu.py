@@ -224,10 +224,10 @@ def bench_sampling(args, device) -> dict:
 
 
 def bench_fid_features(args, device) -> dict:
-    from s2dm.metrics import fid, inception
+    from s2dm.metrics import features, inception
 
     reset_memory(device)
-    ext = fid.FeatureExtractor("inception", device=str(device), batch_size=args.fid_batch, progress=False)
+    ext = features.FeatureExtractor("inception", device=str(device), batch_size=args.fid_batch, progress=False)
     try:
         ext.load()
         weights = "pytorch-fid FID Inception weights"

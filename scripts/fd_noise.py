@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 from pytorch_fid.fid_score import calculate_frechet_distance
 
-from s2dm.metrics.fid import FeatureExtractor, open_side
+from s2dm.metrics.features import FeatureExtractor
+from s2dm.metrics.fid import open_side
 
 
 def spread(a, b, draws: int, seed: int = 0) -> float:

@@ -23,7 +23,8 @@ from s2dm.io import data
 from s2dm.io.config import DataConfig
 from s2dm.io.data import dataset_tensor, labelled_splits, load_dataset, load_labelled
 from s2dm.metrics import classifier as C
-from s2dm.metrics.fid import FeatureExtractor, compare, extractor_for, frechet_distance, reference_stats
+from s2dm.metrics.features import FeatureExtractor
+from s2dm.metrics.fid import compare, extractor_for, frechet_distance, reference_stats
 from s2dm.metrics.statistics import FEATURES, Stats, feature_kind, metric_label, metric_name, parse_kind
 
 DIGITS = DataConfig()  # digits, 8x8, one channel

@@ -257,7 +257,8 @@ def test_evaluation_while_training_is_sharded(tmp_path):
     """2 ranks evaluate at step 4: each samples 35 of the 70 seeds and extracts its part of the
     reference; the value is one process's scoring of the same checkpoint."""
     from s2dm.core.schedule import NoiseSchedule
-    from s2dm.metrics.fid import FeatureExtractor, frechet_distance, reference_stats
+    from s2dm.metrics.features import FeatureExtractor
+    from s2dm.metrics.fid import frechet_distance, reference_stats
     from s2dm.metrics.sampled import sample_stats
     from s2dm.metrics.statistics import Stats
     from s2dm.samplers.options import SampleOptions

@@ -21,7 +21,7 @@ from PIL import Image
 
 from s2dm.cli import main
 from s2dm.errors import UserError
-from s2dm.metrics import fid, inception
+from s2dm.metrics import features, fid, inception
 from s2dm.metrics.inputs import folder_files, scan_images
 from s2dm.metrics.statistics import RunningMoments, Stats, metric_label, metric_name
 from s2dm.util.fileio import sha256_file
@@ -136,7 +136,7 @@ def test_2048_statistics_equal_pytorch_fid(folders):
     model = InceptionV3([3]).eval()
     mu_ref, sigma_ref = calculate_activation_statistics(files, model, batch_size=50, dims=2048,
                                                         device="cpu", num_workers=0)
-    ext = fid.FeatureExtractor("inception", dims=2048, device="cpu", progress=False)
+    ext = features.FeatureExtractor("inception", dims=2048, device="cpu", progress=False)
     stats = ext.stats_of_files(files, str(folders["a"]))
     assert stats.features == "inception-2048" and stats.metric == "FID" and stats.n == 3
     assert stats.mu.dtype == np.float64 and stats.sigma.shape == (2048, 2048)

@@ -38,7 +38,8 @@ from ..util.fileio import atomic_write, atomic_write_text, csv_text, sha256_file
 from ..util.plots import COLOURS, plot_vs_nfe
 from ..util.records import reusable_record
 from ..util.textfmt import num
-from .fid import FeatureExtractor, Stats, extractor_for, frechet_distance, metric_label, parse_kind
+from .features import FeatureExtractor
+from .fid import Stats, extractor_for, frechet_distance, metric_label, parse_kind
 
 CSV_COLUMNS = ["checkpoint", "label", "checkpoint_step", "sampler", "grid", "steps", "nfe", "eta",
                "order", "eps_scale", "best_scale", "n", "seeds", "metric", "value", "features", "ref", "ref_n",

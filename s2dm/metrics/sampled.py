@@ -16,7 +16,8 @@ from ..core.schedule import NoiseSchedule
 from ..samplers.generate import generate_batches
 from ..samplers.options import SampleOptions
 from ..util.images import to_uint8
-from .fid import FeatureExtractor, Stats, batch_aligned_shard
+from .features import FeatureExtractor, batch_aligned_shard
+from .statistics import Stats
 
 
 def sample_stats(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Sequence[int], options: SampleOptions,

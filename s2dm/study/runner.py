@@ -31,7 +31,8 @@ from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
 from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
-from ..metrics.fid import FeatureExtractor, Stats, extractor_for, frechet_distance, metric_label, reference_stats
+from ..metrics.features import FeatureExtractor
+from ..metrics.fid import Stats, extractor_for, frechet_distance, metric_label, reference_stats
 from ..samplers import expected_nfe
 from ..metrics.sampled import sample_stats
 from ..samplers.generate import generate

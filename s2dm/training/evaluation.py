@@ -30,7 +30,8 @@ from ..core.schedule import NoiseSchedule
 from ..errors import MetricError, RunError
 from ..io.checkpoint import BEST, checkpoint_name, point
 from ..io.config import EVAL_METRICS, INCEPTION_DIM, Config
-from ..metrics.fid import FeatureExtractor, Stats, dataset_stats, frechet_distance, training_images_label
+from ..metrics.features import FeatureExtractor
+from ..metrics.fid import Stats, dataset_stats, frechet_distance, training_images_label
 from ..metrics.classifier import architecture
 from ..metrics.inception import resolve_inception_weights
 from ..metrics.sampled import sample_stats
