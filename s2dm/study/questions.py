@@ -93,7 +93,8 @@ def h2_rows(cells: Sequence[CellStats], study) -> List[BestRow]:
     return rows
 
 
-def effects(cells: Sequence[CellStats], study) -> Dict[tuple, Summary]:
+def effects(cells: Sequence[CellStats], h1: Dict[str, List[TwinRow]], h2: Sequence[BestRow],
+            study) -> Dict[tuple, Summary]:
     """Every H1–H3 effect of one metric: (name, sampler, steps) → its paired Summary."""
     found: Dict[tuple, Summary] = {}
 
@@ -102,17 +103,36 @@ def effects(cells: Sequence[CellStats], study) -> Dict[tuple, Summary]:
             found[(name, c.sampler, c.steps)] = d
 
     for variant, twin in study.twins.items():
-        for r in h1_rows(cells, study.baseline, variant, twin):
+        for r in h1[variant]:
             put(f"{variant} − {study.baseline}", r.cell, r.variant)
             put(f"{twin} − {study.baseline}", r.cell, r.twin)
             put(f"{variant} − {twin}", r.cell, r.gap)
-    for r in h2_rows(cells, study):
+    for r in h2:
         for v, d in r.versus.items():
             put(f"{v} − best training-free scale", r.cell, d)
     if study.sum_baseline:
         for c in cells:
             put(f"{study.sum_baseline} − {study.baseline}", c, paired(c, study.sum_baseline, study.baseline))
     return found
+
+
+@dataclass
+class MetricRows:
+    """One metric's cells and its rows for every question, computed once: the answers, the
+    sections and the list of disagreements all read them."""
+    metric: str
+    cells: List[CellStats]
+    h1: Dict[str, List[TwinRow]]  # variant → its rows against its twin
+    h2: List[BestRow]
+    h4: StepsAnswer
+    effects: Dict[tuple, Summary]
+
+
+def metric_rows(rows: Sequence[dict], metric: str, study) -> MetricRows:
+    cells = cell_statistics(rows, study.baseline, metric=metric)
+    h1 = {variant: h1_rows(cells, study.baseline, variant, twin) for variant, twin in study.twins.items()}
+    h2 = h2_rows(cells, study)
+    return MetricRows(metric, cells, h1, h2, steps_answer(cells, study), effects(cells, h1, h2, study))
 
 
 def disagreements(a: Dict[tuple, Summary], b: Dict[tuple, Summary]) -> tuple:
@@ -164,7 +184,8 @@ def _mean_pct(ds: Sequence[tuple]) -> str:
 def v2_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Dict[str, str],
               clip: Dict[str, dict]) -> str:
     metrics = study_metrics(rows)
-    cells = {m: cell_statistics(rows, study.baseline, metric=m) for m in metrics}
+    by_metric = {m: metric_rows(rows, m, study) for m in metrics}
+    cells = {m: by_metric[m].cells for m in metrics}
     lines = heading(study, cost)
     words = " and ".join(_metric_words(m, cells[m]) for m in metrics) or "no metric scored yet"
     seeds = sorted({len(r.seeds) for r in study.runs.values()})
@@ -173,19 +194,18 @@ def v2_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Dict[str,
               + "; not FID. Lower is better. A difference `a − b` is paired by training seed (same initial "
               "weights, data order and x_T): the mean over seeds, its 95 % Student-t interval in brackets, and "
               f"in % of the baseline's mean. Training seeds per run: {', '.join(map(str, seeds))}.", ""]
-    h4 = {m: steps_answer(cells[m], study) for m in metrics}  # once: the answers, H4's section, the reading
-    lines += _answers(cells, h4, metrics, study, clip)
-    sections = (lambda m, first: _h1_section(cells[m], m, study),
-                lambda m, first: _h2_section(cells[m], m, study),
-                lambda m, first: _h3_section(cells[m], m, study, clip, note=first),  # the clip note once
-                lambda m, first: h4_section(h4[m], cells[m], m))
+    lines += _answers([by_metric[m] for m in metrics], study)
+    sections = (lambda q, first: _h1_section(q, study),
+                lambda q, first: _h2_section(q, study),
+                lambda q, first: _h3_section(q, study, clip, note=first),  # the clip note once
+                lambda q, first: h4_section(q.h4, q.cells, q.metric))
     for section in sections:
         for i, m in enumerate(metrics):
             with decimals(cells[m], study.baseline):
-                lines += section(m, i == 0)
+                lines += section(by_metric[m], i == 0)
     if len(metrics) > 1:
-        lines += _disagreement_section(cells, metrics, study)
-    lines += scale_paragraph(cells, h4, metrics, study)
+        lines += _disagreement_section(by_metric[metrics[0]], by_metric[metrics[1]], study)
+    lines += scale_paragraph(cells, {m: by_metric[m].h4 for m in metrics}, metrics, study)
     for m in metrics:
         with decimals(cells[m], study.baseline):
             every = every_run_section(cells[m], study)
@@ -201,14 +221,13 @@ def v2_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Dict[str,
     return "\n".join(lines)
 
 
-def _answers(cells: Dict[str, List[CellStats]], h4: Dict[str, StepsAnswer], metrics: List[str], study,
-             clip: Dict[str, dict]) -> List[str]:
+def _answers(qs: Sequence[MetricRows], study) -> List[str]:
     """The headline: one line per question and metric."""
     lines = ["**Answers** (details in the sections below):", ""]
     base = study.baseline
     for variant, twin in study.twins.items():
-        for m in metrics:
-            rs = h1_rows(cells[m], base, variant, twin)
+        for q in qs:
+            m, rs = q.metric, q.h1[variant]
             shares = [r.reproduced for r in rs if r.reproduced is not None]
             share = (f"the twin reproduces {_share_range(shares)} of it in the "
                      f"{plural(len(shares), 'cell')} where it is measurable" if shares
@@ -218,24 +237,25 @@ def _answers(cells: Dict[str, List[CellStats]], h4: Dict[str, StepsAnswer], metr
                          f"{_count_sides([r.gap for r in rs])}.")
     free = training_free(study)
     if len(free) > 1:
-        for m in metrics:
-            rs = h2_rows(cells[m], study)
+        for q in qs:
+            m, rs = q.metric, q.h2
             best = ", ".join(f"`{scale}` in {n}" for scale, n in _tally(r.scale for r in rs))
             gain = _count_sides([r.best_vs_base for r in rs if r.best != base])
             vs = "; ".join(f"`{v}` − best: {_count_sides([r.versus.get(v) for r in rs])}" for v in variants_of(study))
             lines.append(f"- **H2** ({m}) best training-free scale per cell: {best or '—'} (best − {base} where it is "
                          f"not none: {gain}). {vs}.")
     if study.sum_baseline:
-        for m in metrics:
-            ds = [(paired(c, study.sum_baseline, base), c.baseline_mean.get(study.sum_baseline)) for c in cells[m]]
+        for q in qs:
+            m = q.metric
+            ds = [(paired(c, study.sum_baseline, base), c.baseline_mean.get(study.sum_baseline)) for c in q.cells]
             lines.append(f"- **H3** ({m}) `{study.sum_baseline}` − {base}: {_count_sides([d for d, _ in ds])} "
                          f"({_mean_pct(ds)}).")
     if not study.sum_baseline:
         lines.append("- **H3** is not asked: this study has no `sum_baseline`"
                      + (" (the quick preset leaves it out)." if study.quick else "."))
-    lines += [a for a in (h4_answer(h4[m], m, study) for m in metrics) if a]
-    if len(metrics) > 1:
-        resolved, opposite, compared = disagreements(*(effects(cells[m], study) for m in metrics[:2]))
+    lines += [a for a in (h4_answer(q.h4, q.metric, study) for q in qs) if a]
+    if len(qs) > 1:
+        resolved, opposite, compared = disagreements(qs[0].effects, qs[1].effects)
         lines.append(f"- **The metrics disagree** (both intervals exclude 0, opposite signs) about "
                      f"{plural(len(resolved), 'effect')} of {compared}; opposite point estimates otherwise: "
                      f"{opposite}.")
@@ -255,10 +275,10 @@ def _tally(items) -> List[tuple]:
     return list(counts.items())
 
 
-def _h1_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
+def _h1_section(q: MetricRows, study) -> List[str]:
     if not study.twins:
         return []
-    label = label_of(cells, metric)
+    label = label_of(q.cells, q.metric)
     lines = ["", f"## H1 — does each training-free twin reproduce its variant's difference? ({label})", "",
              "The twin samples the baseline's own weights with ε scaled by the factor that the variant's loss "
              "predicts (docs/method.md §3–§4). *Reproduced* = (twin − baseline) / (variant − baseline) of the means, "
@@ -266,7 +286,7 @@ def _h1_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
              "exceeds twice the metric's draw-to-draw std). "
              "*variant − twin* is what the training did beyond the scaling.", ""]
     for variant, twin in study.twins.items():
-        rs = h1_rows(cells, study.baseline, variant, twin)
+        rs = q.h1[variant]
         lines += [f"`{variant}` and its twin `{twin}` (eps_scale `{scale_of(study, twin)}`):", ""]
         lines += table(["sampler", "steps", f"{variant} − {study.baseline}", f"{twin} − {study.baseline}",
                          "reproduced", f"{variant} − {twin}"],
@@ -276,12 +296,12 @@ def _h1_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
     return lines
 
 
-def _h2_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
+def _h2_section(q: MetricRows, study) -> List[str]:
     free = training_free(study)
     if len(free) < 2:
         return []
-    label = label_of(cells, metric)
-    rs = h2_rows(cells, study)
+    label = label_of(q.cells, q.metric)
+    rs = q.h2
     vs = variants_of(study)
     lines = ["", f"## H2 — the best training-free scale, and does a trained variant beat it? ({label})", "",
              f"Candidates: {study.baseline} itself (scale none) and every control on its weights ("
@@ -296,17 +316,17 @@ def _h2_section(cells: Sequence[CellStats], metric: str, study) -> List[str]:
     return lines + [""]
 
 
-def _h3_section(cells: Sequence[CellStats], metric: str, study, clip: Dict[str, dict], note: bool) -> List[str]:
+def _h3_section(q: MetricRows, study, clip: Dict[str, dict], note: bool) -> List[str]:
     sb, base = study.sum_baseline, study.baseline
     if not sb:
         return []
-    label = label_of(cells, metric)
+    label = label_of(q.cells, q.metric)
     lines = ["", f"## H3 — does the sum-reduction baseline differ from the mean one? ({label})", "",
              f"`{sb}` differs from {base} in " + (", ".join(f"`{k}={v}`" for k, v in study.runs[sb].overrides.items()
                                                         if study.runs[base].overrides.get(k) != v) or "its overrides")
              + "; same seeds, so the difference is paired.", ""]
     lines += table(["sampler", "steps", f"{sb} − {base}"],
-                    [[c.sampler, str(c.steps), paired_text(paired(c, sb, base), c.baseline_mean.get(sb))] for c in cells])
+                    [[c.sampler, str(c.steps), paired_text(paired(c, sb, base), c.baseline_mean.get(sb))] for c in q.cells])
     if note:  # once, under the first metric
         lines += ["", _clip_note(clip, sb, base)]
     return lines + [""]
@@ -328,18 +348,17 @@ def _clip_note(clip: Dict[str, dict], sb: str, base: str) -> str:
             "factor in the loss.")
 
 
-def _disagreement_section(cells: Dict[str, List[CellStats]], metrics: List[str], study) -> List[str]:
-    a, b = metrics[:2]
-    ea, eb = effects(cells[a], study), effects(cells[b], study)
+def _disagreement_section(a: MetricRows, b: MetricRows, study) -> List[str]:
+    ea, eb = a.effects, b.effects
     resolved, opposite, compared = disagreements(ea, eb)
-    la, lb = (label_of(cells[m], m) for m in (a, b))
+    la, lb = (label_of(q.cells, q.metric) for q in (a, b))
     lines = ["", f"## Where {la} and {lb} disagree", "", DISAGREEMENT, ""]
     if resolved:
         lines += [f"They disagree about {plural(len(resolved), 'effect')} of the {compared} both measure:", ""]
         for name, s, st in resolved:
-            with decimals(cells[a], study.baseline):
+            with decimals(a.cells, study.baseline):
                 first = ci_text(ea[(name, s, st)])
-            with decimals(cells[b], study.baseline):
+            with decimals(b.cells, study.baseline):
                 second = ci_text(eb[(name, s, st)])
             lines.append(f"- {s} {st}, {name}: {la} {first}, {lb} {second}")
     else:
