@@ -73,6 +73,22 @@ def test_trailing_grid_matches_formula():
         assert g[:-1].tolist() == expected and len(g) == S + 1
 
 
+def test_trailing_grid_has_exactly_s_points_for_every_s():
+    """For 62 of the S ≤ 1000 (61, 103, ...) diffusers' float arange gives S + 1 points, the last
+    −1; s2dm keeps the first S, which are diffusers' points wherever diffusers has S of them."""
+    long = 0
+    for S in range(1, 1001):
+        g = timestep_grid("trailing", S, 1000)
+        assert len(g) == S + 1 and g[0] == 999 and g[-2] >= 0 and (g[:-1] > g[1:]).all()
+        diffusers = (np.round(np.arange(1000, 0, -1000 / S)) - 1).astype(int).tolist()
+        if len(diffusers) == S:
+            assert g[:-1].tolist() == diffusers
+        else:
+            long += 1
+            assert diffusers[-1] == -1 and g[:-1].tolist() == diffusers[:-1]
+    assert long == 62
+
+
 def test_quad_grid_matches_ddim_code_and_dedups():
     g = timestep_grid("quad", 10, 1000)
     expected = [int(s) for s in np.linspace(0, math.sqrt(800), 10) ** 2][::-1]

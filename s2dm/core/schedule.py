@@ -153,7 +153,10 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
                     stacklevel=2,
                 )
         elif grid == "trailing":
-            points = (np.round(np.arange(T, 0, -T / steps)) - 1).astype(np.int64).tolist()
+            # A float arange can give S + 1 points (T = 1000: S = 61, 103, ... 62 of 1000), the
+            # last ≈ 0 and so −1 after the shift; diffusers has the same flaw. Its first S points
+            # are the grid, equal to diffusers' wherever that has S points.
+            points = (np.round(np.arange(T, 0, -T / steps)[:steps]) - 1).astype(np.int64).tolist()
         else:
             raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)} or pass a list", key="grid")
     else:
