@@ -95,6 +95,18 @@ def test_load_folder_shapes_channels_and_order(tmp_path):
     assert load_folder(tmp_path, size=(6, 6)).shape[0] == 3
 
 
+def test_load_image_scales_16_bit_gray(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16) is scaled by 1/257, not clipped at 255 as PIL's
+    convert does; a 16-bit RGB PNG PIL reduces to 8 bits itself."""
+    gray16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    p = _write(tmp_path / "g16" / "a.png", gray16)
+    assert Image.open(p).mode == "I;16"
+    expected = np.rint(gray16 / 257).astype(np.uint8)[..., None]
+    np.testing.assert_array_equal(load_image(p, "L"), expected)
+    np.testing.assert_array_equal(load_image(p, "RGB"), np.repeat(expected, 3, axis=2))
+    np.testing.assert_array_equal(load_folder(p.parent), expected[None])  # inferred gray
+
+
 def test_load_folder_infers_gray(tmp_path):
     _write(tmp_path / "a.png", _rand((4, 4)))
     assert load_folder(tmp_path).shape == (1, 4, 4, 1)

@@ -69,8 +69,18 @@ def load_image(path: PathLike, mode: str = "RGB") -> np.ndarray:
     """Load one image as uint8 HWC: ``mode="RGB"`` gives C = 3, ``mode="L"`` gives C = 1."""
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', not {mode!r}")
-    arr = np.asarray(open_image(path).convert(mode), dtype=np.uint8)
+    arr = np.asarray(_eight_bit(open_image(path)).convert(mode), dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image scaled to 8 bits (x / 257): PIL's convert clips its values at
+    255, which makes most of such an image white (pytorch-fid's loader clips too). PIL already
+    reduces 16-bit RGB to 8 bits itself."""
+    if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        return im
+    scaled = np.rint(np.asarray(im, dtype=np.float64) / 257)
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
 
 
 def _is_gray(im: Image.Image) -> bool:
