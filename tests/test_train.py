@@ -8,7 +8,9 @@ from s2dm import load_checkpoint
 from s2dm.cli import main
 from s2dm.core.unet import UNet
 from s2dm.errors import UserError
+from s2dm.io.checkpoint import read_checkpoint
 from s2dm.io.config import load_config
+from s2dm.training.state import new_state, restore
 
 
 def test_short_run_lowers_loss_writes_everything(tmp_path):
@@ -50,6 +52,24 @@ def test_resume_continues_exactly(tmp_path):
     steps = [r["step"] for r in read_log(split) if "loss" in r]
     assert steps == [5, 10, 15, 20]
     assert [r["loss"] for r in read_log(split) if "loss" in r] == [r["loss"] for r in read_log(straight) if "loss" in r]
+
+
+def test_resume_runs_the_optim_fused_it_is_asked_for(tmp_path):
+    """optim.fused may change on resume: the restored Adam runs the asked implementation with the
+    saved moments (Optimizer.load_state_dict alone brought back the saved flag)."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 10, "optim.fused=true")) == 0
+    saved = read_checkpoint(out / "checkpoints" / "ckpt_00000010.pt")["optimizer"]
+    for fused in (False, True):
+        cfg = load_config(out / "config.yaml", [f"optim.fused={str(fused).lower()}"])
+        state = new_state(cfg, torch.device("cpu"))
+        restore(state, cfg, out / "checkpoints", "cpu")
+        assert state.step == 10 and [g["fused"] for g in state.opt.param_groups] == [fused]
+        now = state.opt.state_dict()
+        assert now["param_groups"][0]["lr"] == saved["param_groups"][0]["lr"]
+        for i, moments in saved["state"].items():
+            for k, v in moments.items():
+                assert torch.equal(now["state"][i][k], v), (i, k)
 
 
 def test_resume_refuses_a_changed_loss(tmp_path, capsys):

@@ -119,7 +119,7 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
         check_resumable(cfg, saved["config"])
         load_state_strict(state.model, saved["model"], "model", path)
         load_state_strict(state.ema, saved["ema"], "EMA", path)
-        state.opt.load_state_dict(saved["optimizer"])
+        load_optimizer(state.opt, saved["optimizer"])
         if state.scaler is not None and saved.get("scaler"):
             state.scaler.load_state_dict(saved["scaler"])  # fp16: the loss scale continues
         state.step = int(saved["step"])
@@ -128,6 +128,18 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
     raise CheckpointError(f"no readable checkpoint in {ckpt_dir}; start over with resume='never', force=True")
+
+
+# Flags that choose how Adam computes, not what: the config's (optim.fused may change on resume).
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """The saved moments, step counts and hyperparameters, under ``opt``'s own implementation
+    flags: ``Optimizer.load_state_dict`` alone would bring back the saved ``fused``."""
+    groups = [{**g, **{k: now[k] for k in _IMPLEMENTATION if k in now}}
+              for g, now in zip(saved["param_groups"], opt.param_groups)]
+    opt.load_state_dict({**saved, "param_groups": groups + saved["param_groups"][len(groups):]})
 
 
 def check_folder(out: Path, resume: str, force: bool) -> bool:
