@@ -159,6 +159,39 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch, capsy
     assert sum(r.get("event") == "nonfinite_skipped" for r in read_log(out)) == 3
 
 
+def _poison_steps(monkeypatch, steps, *extra):
+    """Make the loss of the given 0-based steps NaN (found by their drawn t, so it holds across
+    a resume in the same process)."""
+    import s2dm.training.loop as train_mod
+    from conftest import TINY
+    from s2dm.training.draws import draw_step
+
+    cfg = load_config("configs/digits.yaml", TINY + list(extra))
+    bad = {tuple(draw_step(cfg, i, (cfg.train.batch_size, 1, 8, 8)).t.tolist()) for i in steps}
+    original = train_mod.compute_loss
+
+    def poisoned(cfg, model, x0, draws, schedule):
+        loss, terms = original(cfg, model, x0, draws, schedule)
+        return (loss * float("nan") if tuple(draws.t.tolist()) in bad else loss), terms
+
+    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+
+
+def test_skipped_steps_count_on_after_a_resume(tmp_path, monkeypatch, capsys):
+    """The log's nonfinite_skipped and train.max_nonfinite's streak are saved with the checkpoint:
+    a run resumed at step 10 logs and stops as the run that went straight (they restarted at 0)."""
+    _poison_steps(monkeypatch, [1, 8, 9, 10], "train.max_nonfinite=3")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(tiny_args(straight, 20, "train.max_nonfinite=3")) == 2
+    assert main(tiny_args(split, 10, "train.max_nonfinite=3")) == 0
+    assert main(tiny_args(split, 20, "train.max_nonfinite=3")) == 2  # steps 9, 10 and 11: 3 in a row
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(e.startswith("error: loss was non-finite for 3 steps in a row (step 11)")
+                                    and e.endswith("ckpt_00000010.pt") for e in errors), errors
+    counts = [[(r["step"], r["nonfinite_skipped"]) for r in read_log(run) if "lr" in r] for run in (straight, split)]
+    assert counts[0] == counts[1] == [(5, 1), (10, 3)]
+
+
 def test_corrupt_checkpoint_is_one_clear_error(tmp_path):
     bad = tmp_path / "ckpt_00000001.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")

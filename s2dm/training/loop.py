@@ -215,9 +215,6 @@ class _Run:
     tb: Optional[TensorBoard] = None
     progress: bool = True
     postfix: dict = dataclasses.field(default_factory=dict)  # the progress bar's figures
-    nonfinite_in_row: int = 0
-    nonfinite_total: int = 0
-    overflow_total: int = 0
 
     @property
     def ckpt_dir(self) -> Path:
@@ -334,20 +331,21 @@ def _start_record(run: _Run) -> dict:
 def _count_step(run: _Run, res: StepResult) -> None:
     """The step's bookkeeping: counters, the log window, a stop after too many non-finite
     losses in a row. Every step is spent, taken or skipped: its batch and draws are not reused."""
+    skipped = run.state.skipped
     if res.overflow:  # fp16: the GradScaler skipped the step and lowered its scale
-        run.overflow_total += 1
+        skipped.overflow_total += 1
     elif not res.finite:
-        run.nonfinite_in_row += 1
-        run.nonfinite_total += 1
+        skipped.nonfinite_in_row += 1
+        skipped.nonfinite_total += 1
         run.write({"step": run.state.step + 1, "event": "nonfinite_skipped", "loss": res.loss,
                    "grad_norm": res.grad_norm})
-        if run.nonfinite_in_row >= run.cfg.train.max_nonfinite:
+        if skipped.nonfinite_in_row >= run.cfg.train.max_nonfinite:
             raise RunError(  # every rank agreed on every skip and raises this
-                f"loss was non-finite for {run.nonfinite_in_row} steps in a row (step {run.state.step + 1}); "
+                f"loss was non-finite for {skipped.nonfinite_in_row} steps in a row (step {run.state.step + 1}); "
                 f"stopped without saving. Last checkpoint: {run.last_ckpt or 'none'}", all_ranks=True
             )
     else:
-        run.nonfinite_in_row = 0
+        skipped.nonfinite_in_row = 0
         run.window.add(res.t, res.terms, res.grad_norm)
     run.state.step += 1
 
@@ -358,9 +356,9 @@ def _log_window(run: _Run, bar) -> None:
     if dist.world_size() > 1:  # the window's means over the global batch
         window.all_reduce(dist.all_reduce_sum)
     rec = {"step": state.step, **window.summary(cfg.train.batch_size),
-           "lr": state.opt.param_groups[0]["lr"], "nonfinite_skipped": run.nonfinite_total}
+           "lr": state.opt.param_groups[0]["lr"], "nonfinite_skipped": state.skipped.nonfinite_total}
     if state.scaler is not None:
-        rec.update(loss_scale=state.scaler.get_scale(), fp16_overflow_skipped=run.overflow_total)
+        rec.update(loss_scale=state.scaler.get_scale(), fp16_overflow_skipped=state.skipped.overflow_total)
     run.write(rec)
     if run.tb is not None:
         run.tb.scalars(rec)

@@ -56,6 +56,16 @@ def check_resumable(cfg: Config, saved: dict) -> None:
 
 
 @dataclass
+class Skipped:
+    """Steps skipped so far: non-finite losses (``in_row`` is what ``train.max_nonfinite``
+    counts) and fp16 overflows the GradScaler skipped. Saved, so a resumed run counts on."""
+
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    overflow_total: int = 0
+
+
+@dataclass
 class RunState:
     """What a checkpoint restores: the modules, the optimiser (and fp16 GradScaler) and the
     step counter. ``net`` is what the training forward calls: ``model`` itself, or ``model``
@@ -70,13 +80,14 @@ class RunState:
     # The log window's sums since the last log line (global over ranks, on rank 0), so that a
     # run stopped between two log lines logs the same numbers after resuming.
     log_window: Optional[dict] = None
+    skipped: Skipped = dataclasses.field(default_factory=Skipped)
 
     def to_checkpoint(self, cfg: Config) -> dict:
         return {
             "step": self.step, "config": cfg.to_dict(), "model": self.model.state_dict(),
             "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "log_window": self.log_window,
+            "log_window": self.log_window, "skipped": dataclasses.asdict(self.skipped),
             # Every draw is derived from (seed, step), so these are not needed to resume;
             # they are kept so that a run's full RNG state at the checkpoint is on record.
             "rng": rng_states(), "data_position": self.step * cfg.train.batch_size,
@@ -124,6 +135,7 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
             state.scaler.load_state_dict(saved["scaler"])  # fp16: the loss scale continues
         state.step = int(saved["step"])
         state.log_window = saved.get("log_window")
+        state.skipped = Skipped(**(saved.get("skipped") or {}))  # none in checkpoints saved before it
         if path != candidates[0] and dist.is_main():
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
