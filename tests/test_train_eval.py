@@ -208,6 +208,31 @@ def test_tensorboard_events_hold_the_logged_scalars_and_grids(tmp_path):
     assert [e.step for e in acc.Images("samples/ema_mosaic")] == [4, 8]
 
 
+def _tb_steps(run) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    return {**{t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]},
+            **{t: [e.step for e in acc.Images(t)] for t in tags["images"]}}
+
+
+def test_tensorboard_after_a_resume_holds_what_a_straight_run_holds(tmp_path):
+    """A resumed run purges only the earlier process's events after its checkpoint's step: the
+    scalars, mosaic and evaluation at that step stay (purge_step was the step itself)."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    args = (*EXTRA, *EVAL, "train.tensorboard=true", "train.sample_every=4", "train.checkpoint_every=4")
+    assert main(tiny_args(straight, 8, *args)) == 0
+    assert main(tiny_args(split, 4, *args)) == 0
+    assert main(tiny_args(split, 8, *args)) == 0
+    a, b = _tb_steps(straight), _tb_steps(split)
+    assert a["samples/ema_mosaic"] == [4, 8] and [s for s, _ in a["loss/total"]] == [2, 4, 6, 8]
+    for timing in [t for t in a if t.endswith("_per_s")]:  # steps/s, images/s: only their steps compare
+        assert [s for s, _ in a.pop(timing)] == [s for s, _ in b.pop(timing)], timing
+    assert a == b and "eval/FD-pixels-70" in a
+
+
 def test_tensorboard_missing_is_one_line_at_start_up(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)  # as if not installed
     out = tmp_path / "run"

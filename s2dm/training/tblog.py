@@ -36,13 +36,14 @@ def check_tensorboard() -> None:
 
 class TensorBoard:
     """A SummaryWriter on ``run_dir/tb``; ``start_step``: the step a resumed run continues from
-    (later events of the earlier process are purged)."""
+    (the earlier process's events after it are purged, as log.jsonl's lines are)."""
 
     def __init__(self, run_dir: Path, start_step: int = 0):
         # optional dependency: imported only when asked for (check_tensorboard ran at start-up)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None)
+        # TensorBoard drops the events at purge_step and later: the checkpoint step's own stay.
+        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def scalars(self, record: dict) -> None:
         """A window record of log.jsonl: each known key as its tag."""
