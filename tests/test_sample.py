@@ -38,9 +38,9 @@ def test_resume_skips_existing_and_gives_same_images(tiny_run, tmp_path):
     mtime = kept.stat().st_mtime_ns
     (out / "000001.png").unlink()
     (out / "000003.png").unlink()
-    meta = sample_to_folder(tiny_run, out, SampleOptions(steps=5), seeds=list(range(5)), batch_size=2)
+    meta = sample_to_folder(tiny_run, out, SampleOptions(steps=5), seeds=range(5), batch_size=2)  # a range works too
     assert files(out) == before and kept.stat().st_mtime_ns == mtime
-    assert meta["n_images"] == 5 and meta["nfe"] == 5 and meta["timesteps"][-1] == -1
+    assert meta["n_images"] == 5 and meta["nfe"] == 5 and meta["timesteps"][-1] == -1 and meta["seeds"] == "0-4"
     with pytest.raises(UserError, match="steps"):
         sample_to_folder(tiny_run, out, SampleOptions(steps=7), seeds=list(range(5)))
 

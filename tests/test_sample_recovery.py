@@ -32,20 +32,26 @@ def check_complete(out, stamps):
     assert pngs(out) == stamps and len(stamps) == N
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["n_images"] == N and meta["seeds"] == f"0-{N - 1}" and meta["settings"]["steps"] == 2
+    assert meta["complete"] is True
     assert (out / "preview" / "mosaic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert temps(out) == []
 
 
-# A SIGKILL right before metadata.json's temp file is renamed onto its name: every PNG is on
-# disk, metadata.json is not, its complete temp file is. (If metadata.json were written in
-# place, the rename would never happen and the process would exit 0: the test checks -9.)
+# A SIGKILL right before the final metadata.json's temp file is renamed onto its name (the
+# first rename puts the settings on record before any image): every PNG is on disk,
+# metadata.json holds only the settings, the complete file is a temp file. (If metadata.json
+# were written in place, the rename would never happen and the process would exit 0: the test
+# checks -9.)
 KILL_AT_METADATA_RENAME = """
 import os, signal, sys
 import s2dm.util.fileio as fileio
 _replace = os.replace
+renames = []
 def dying_replace(src, dst, *a, **k):
     if os.path.basename(dst) == "metadata.json":
-        os.kill(os.getpid(), signal.SIGKILL)
+        renames.append(dst)
+        if len(renames) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
     return _replace(src, dst, *a, **k)
 fileio.os.replace = dying_replace
 from s2dm.cli import main
@@ -61,7 +67,7 @@ def test_sigkill_while_writing_metadata_then_rerun(tiny_run, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     stamps = pngs(out)
-    assert len(stamps) == N and not (out / "metadata.json").exists()
+    assert len(stamps) == N and json.loads((out / "metadata.json").read_text())["complete"] is False
     assert [t.split(".")[1] for t in temps(out)] == ["metadata"]  # the killed write's temp file
     # the same command again: no image is redone, metadata.json and the mosaic are written
     proc = subprocess.run([sys.executable, "-m", "s2dm", *sample_args(tiny_run, out)],
@@ -88,6 +94,41 @@ def test_corrupt_metadata_is_one_error_line_and_deleting_it_recovers(tiny_run, t
     (out / "metadata.json").unlink()
     assert main(sample_args(tiny_run, out)) == 0
     check_complete(out, stamps)
+
+
+KILL_AFTER_IMAGES = """
+import os, signal, sys
+import s2dm.sampling.folder as folder
+_save = folder.save_png
+saved = []
+def dying_save(img, path):
+    _save(img, path)
+    saved.append(path)
+    if len(saved) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+folder.save_png = dying_save
+from s2dm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_resumed_only_with_its_own_settings(tiny_run, tmp_path, capsys):
+    """Killed after 3 of 5 images, before its final metadata.json: a rerun with another sampler
+    is refused (it took the 3 images as its own), the same command finishes the folder."""
+    out = tmp_path / "samples"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_IMAGES, *sample_args(tiny_run, out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert len(pngs(out)) == 3
+    capsys.readouterr()
+    assert main(sample_args(tiny_run, out) + ["--sampler", "ddpm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --out: {out} holds images made with sampler='ddim', not 'ddpm'; choose another output folder"
+    assert len(pngs(out)) == 3
+    assert main(sample_args(tiny_run, out)) == 0
+    check_complete(out, pngs(out))
 
 
 def test_a_rerun_removes_the_temp_files_of_a_killed_run(tiny_run, tmp_path):

@@ -86,7 +86,7 @@ def sample_to_folder(
     cfg = ck.config
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     info = options.validate(schedule)  # fail on a bad option before any work
-    out = Path(out)
+    out, seeds = Path(out), [int(s) for s in seeds]  # a range or numpy ints: metadata.json's list
     settings = _settings(options, use_ema, ck)
     todo = dist.run0(lambda: _prepare(out, seeds, settings))
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
@@ -110,6 +110,8 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict) -> List[int]:
             key, was, now = differ
             raise RunError(f"{out} holds images made with {key}={was!r}, not {now!r}; choose another output folder",
                            key="out")
+    else:  # on record before the first image, so that a killed run is resumed only with the same settings
+        atomic_write_text(meta_path, json.dumps({"settings": settings, "complete": False}, indent=2))
     return [s for s in seeds if not (out / f"{s:06d}.png").exists()]
 
 
@@ -150,6 +152,7 @@ def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, mo
     meta_path = out / "metadata.json"
     meta = {
         "settings": settings,
+        "complete": True,  # False while the images are being made
         "config": cfg.to_dict(),
         "n_images": len(list(out.glob("[0-9]*.png"))),
         "seeds": f"{min(seeds)}-{max(seeds)}" if seeds == list(range(min(seeds), max(seeds) + 1)) else seeds,
