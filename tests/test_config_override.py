@@ -59,3 +59,20 @@ def test_apply_overrides_nests_and_refuses_a_value_as_section():
         "train": {"steps": 5}, "loss": {"type": "s2"}, "model": {"ch": 32}}
     with pytest.raises(UserError, match="steps is not a section"):
         apply_overrides(data, ["train.steps.x=1"])
+
+
+def test_an_override_fills_an_empty_yaml_section(tmp_path):
+    """`train:` with no body loads as None; `--set train.steps=5` makes it a section (it was
+    refused as 'train is not a section')."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\nloss:\n  type: l0\n")
+    assert load_config(path).train.steps == load_config().train.steps
+    cfg = load_config(path, ["train.steps=5", "train.eval.n=70"])
+    assert cfg.train.steps == 5 and cfg.train.eval.n == 70 and cfg.loss.type == "l0"
+
+
+def test_a_number_for_a_text_key_says_to_quote_it():
+    with pytest.raises(UserError) as info:
+        load_config(None, ["data.root=2024"])
+    assert str(info.value) == "data.root: expected str, got int 2024 (quote it: data.root='...')"
+    assert load_config(None, ["data.root='2024'"]).data.root == "2024"

@@ -186,7 +186,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:  # pragma: no cover - a programming error, not a user error
         raise TypeError(f"unsupported config type {tp} at {key}")
-    raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}", key=key)
+    # YAML reads 2024, 1.10 or yes unquoted as a number or a bool; its text may not survive.
+    hint = f" (quote it: {key}='...')" if tp is str and isinstance(value, (int, float)) else ""
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}{hint}", key=key)
 
 
 def build_dataclass(cls, data: Any, prefix: str = ""):
@@ -373,9 +375,11 @@ def apply_overrides(data: dict, overrides: List[str]) -> dict:
         path, value = parse_override(text)
         node = data
         for part in path[:-1]:
-            if not isinstance(node.get(part, {}), dict):
+            if node.get(part) is None:  # absent, or an empty YAML section (`train:` loads as None)
+                node[part] = {}
+            if not isinstance(node[part], dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section", key="overrides")
-            node = node.setdefault(part, {})
+            node = node[part]
         node[path[-1]] = value
     return data
 
