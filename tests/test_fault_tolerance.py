@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT, read_log, tiny_args
 from s2dm import load_checkpoint
 from s2dm.cli import main
+from s2dm.io.checkpoint import LATEST, point, resolve_checkpoint
 
 STEPS = 12
 EXTRA = ("train.checkpoint_every=2", "train.log_every=2")
@@ -118,6 +119,31 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, reference, capsys):
     finish_and_compare(out, reference)
     err = capsys.readouterr().err
     assert "ckpt_00000006.pt is corrupt or truncated" in err and "resuming from ckpt_00000004.pt" in err
+
+
+def test_a_save_after_a_fallback_keeps_itself_and_latest(tmp_path, reference):
+    """Resumed from step 4 past a corrupt ckpt 6, with keep_last 0: each new save prunes only
+    the files before it (it pruned itself, as if the corrupt file were the newest, and left
+    `latest` naming a deleted file)."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 6, *EXTRA)) == 0
+    ckpts = out / "checkpoints"
+    (ckpts / "ckpt_00000006.pt").write_bytes(b"PK\x03\x04 cut")
+    (ckpts / "ckpt_00000002.pt").unlink()
+    assert main(tiny_args(out, 5, *EXTRA, "train.keep_last=0")) == 0  # from 4 to 5 and a save
+    assert sorted(p.name for p in ckpts.glob("ckpt_*.pt")) == ["ckpt_00000005.pt", "ckpt_00000006.pt"]
+    assert resolve_checkpoint(out).name == "ckpt_00000005.pt" and load_checkpoint(out).step == 5
+
+
+def test_a_kill_between_the_save_and_latest_is_mended_by_a_rerun(tmp_path, reference, capsys):
+    """`latest` still names the previous checkpoint (killed after the final save, before the
+    pointer): the rerun, already trained, points it at the newest it resumed from."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 6, *EXTRA)) == 0
+    point(out / "checkpoints", LATEST, out / "checkpoints" / "ckpt_00000004.pt")
+    assert main(tiny_args(out, 6, *EXTRA)) == 0
+    assert "already trained to step 6" in capsys.readouterr().out
+    assert resolve_checkpoint(out).name == "ckpt_00000006.pt" and load_checkpoint(out).step == 6
 
 
 @pytest.mark.slow

@@ -50,7 +50,9 @@ def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int)
     atomic_torch_save(state, path)
     point(ckpt_dir, LATEST, path)
     best = pointer_target(ckpt_dir, BEST)
-    old = [p for p in sorted(ckpt_dir.glob("ckpt_*.pt"))[:-1] if p != best]  # best is kept
+    # Only the ones before it (best is kept): a later one is a file a resume found corrupt and
+    # passed over, which this run's own save of that step replaces.
+    old = [p for p in sorted(ckpt_dir.glob("ckpt_*.pt")) if p.name < path.name and p != best]
     for stale in old[: max(0, len(old) - keep_last)]:
         stale.unlink(missing_ok=True)
     remove_stale_temps(ckpt_dir)  # half-written files of a save that a kill interrupted (one writer: rank 0)

@@ -43,7 +43,7 @@ from ..core.losses import l0_loss, skip_step_loss
 from ..core.schedule import NoiseSchedule
 from ..core.unet import count_parameters
 from ..errors import Interrupted, RunError
-from ..io.checkpoint import init_weights_from
+from ..io.checkpoint import LATEST, init_weights_from, point, pointer_target
 from ..io.config import Config
 from ..io.data import load_dataset
 from ..samplers.generate import generate
@@ -265,6 +265,8 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
     if dist.is_main():
         if last_ckpt:
             truncate_log(log_path, state.step)
+            if pointer_target(last_ckpt.parent, LATEST) != last_ckpt:  # a kill between save and pointer
+                point(last_ckpt.parent, LATEST, last_ckpt)
             print(f"resuming {out} from step {state.step}")
         else:
             log_path.unlink(missing_ok=True)
