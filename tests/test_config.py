@@ -129,6 +129,11 @@ def test_num_workers_auto_and_capped(monkeypatch):
     (["sample.eta=-0.5"], "sample.eta", ">= 0"),
     (["sample.sampler=deis", "sample.eta=0.5"], "sample.eta", "sampler 'ddim' only"),
     (["sample.grid=trailing", "sample.legacy_pndm_index=true"], "sample.legacy_pndm_index", "<= 998"),
+    (["sample.batch_size=0"], "sample.batch_size", "positive"),
+    (["sample.batch_size=-3"], "sample.batch_size", "positive"),
+    (["sample.seed=-1"], "sample.seed", ">= 0"),
+    (["sample.mosaic_images=0"], "sample.mosaic_images", "positive"),
+    (["train.seed=-1"], "train.seed", ">= 0"),
 ])
 def test_sample_options_are_checked_at_load(overrides, key, words):
     """Every sampler option of the sample: section gets the check `s2dm sample` makes, at

@@ -288,6 +288,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.loss.tau <= 1.0, "loss.tau", "must lie in [0, 1]")
     need(1 <= cfg.loss.skip < T, "loss.skip", f"must lie in [1, {T - 1}]")
     need(cfg.train.steps > 0, "train.steps", "must be positive")
+    need(cfg.train.seed >= 0, "train.seed", "must be >= 0")
     need(cfg.train.batch_size > 0, "train.batch_size", "must be positive")
     need(cfg.train.batch_size % 2 == 0 or cfg.loss.t_sampling != "antithetic",
          "train.batch_size", "must be even for antithetic t sampling")
@@ -313,6 +314,8 @@ def validate(cfg: Config) -> None:
     need(cfg.model.num_res_blocks >= 1, "model.num_res_blocks", "must be >= 1")
     need(0.0 <= cfg.model.dropout < 1.0, "model.dropout", "must lie in [0, 1)")
     need(cfg.sample.mosaic_images > 0, "sample.mosaic_images", "must be positive")
+    need(cfg.sample.batch_size > 0, "sample.batch_size", "must be positive")
+    need(cfg.sample.seed >= 0, "sample.seed", "must be >= 0")
     _validate_eval(cfg)
     # The preview grids' sampler options, with the one check ``s2dm sample`` makes: a typo
     # fails here, before step 1, not at the first grid.
