@@ -5,7 +5,7 @@ import torch
 
 from s2dm.cli import main
 from s2dm.core.schedule import NoiseSchedule
-from s2dm.io.checkpoint import load_checkpoint
+from s2dm.io.checkpoint import load_checkpoint, resolve_checkpoint
 from s2dm.samplers.generate import generate
 from s2dm.util.images import to_uint8
 from s2dm.errors import UserError
@@ -43,6 +43,24 @@ def test_resume_skips_existing_and_gives_same_images(tiny_run, tmp_path):
     assert meta["n_images"] == 5 and meta["nfe"] == 5 and meta["timesteps"][-1] == -1 and meta["seeds"] == "0-4"
     with pytest.raises(UserError, match="steps"):
         sample_to_folder(tiny_run, out, SampleOptions(steps=7), seeds=list(range(5)))
+
+
+def test_a_checkpoint_saved_again_is_not_resumed_into_its_old_images(tiny_run, tmp_path):
+    """Same path, same step, new file (a run retrained into its folder): the folder's images are
+    an earlier model's, so adding to them is refused (they were kept and labelled as the new)."""
+    import os
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    out = tmp_path / "s"
+    sample_to_folder(str(run), out, SampleOptions(steps=2), seeds=[0, 1], batch_size=2)
+    ckpt = resolve_checkpoint(run)
+    st = ckpt.stat()
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a new save of the same step would
+    with pytest.raises(UserError, match=f"holds images made with an earlier file at {ckpt.resolve()}"):
+        sample_to_folder(str(run), out, SampleOptions(steps=2), seeds=[0, 1, 2], batch_size=2)
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
 
 
 def test_cli_sample_writes_metadata_and_grid(tiny_run, tmp_path, capsys):

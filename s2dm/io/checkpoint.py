@@ -59,6 +59,14 @@ def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int)
     return path
 
 
+def checkpoint_stamp(path: Union[str, Path]) -> str:
+    """``size:mtime_ns`` of a checkpoint file: a file saved again at the same path and step (a
+    run retrained with other settings) has another stamp, so records made from the old one are
+    not reused (hashing a CIFAR10 checkpoint would cost a second per look)."""
+    st = Path(path).stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def point(ckpt_dir: Union[str, Path], name: str, target: Union[str, Path]) -> None:
     """Point ``ckpt_dir/name`` (``latest``, ``best``) at the checkpoint file ``target``."""
     atomic_write_text(Path(ckpt_dir) / name, Path(target).name + "\n", fsync=True)

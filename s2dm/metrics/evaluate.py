@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
 from ..errors import CheckpointError, MetricError, SamplerError
-from ..io.checkpoint import read_checkpoint, resolve_checkpoint
+from ..io.checkpoint import checkpoint_stamp, read_checkpoint, resolve_checkpoint
 from ..io.config import config_from_saved
 from ..samplers import SAMPLERS, eps_scale_label, parse_eps_scale_list
 from ..samplers.options import SampleOptions
@@ -96,11 +96,6 @@ def checkpoint_labels(paths: Sequence[str]) -> List[str]:
             label, k = f"{base}-{k}", k + 1
         out.append(label)
     return out
-
-
-def _stamp(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -247,7 +242,7 @@ class _Eval:
 
     def key(self, f: Path, o: SampleOptions) -> dict:
         """What defines a cell's value: a record with another key is redone."""
-        key = {"checkpoint": str(f), "checkpoint_stamp": _stamp(f), "sampler": o.sampler, "steps": o.steps,
+        key = {"checkpoint": str(f), "checkpoint_stamp": checkpoint_stamp(f), "sampler": o.sampler, "steps": o.steps,
                "grid": o.grid, "eta": o.eta, "order": o.order, "eps_scale": o.eps_scale, "ema": self.use_ema,
                "n": len(self.seeds), "seeds": self.seeds_text, "ref": str(self.ref_path.resolve()),
                "ref_sha256": self.ref_sha, "features": self.ref_stats.features}
@@ -271,7 +266,7 @@ class _Eval:
         self.extractor.load()  # Inception weights: fail before sampling, not after
         folder = self.out / "samples" / label / name
         meta = sample_to_folder(str(f), str(folder), o, seeds=self.seeds, use_ema=self.use_ema,
-                                batch_size=self.batch_size, device=self.device)
+                                batch_size=self.batch_size, device=self.device, replace_stale=True)
         pngs = [folder / f"{s:06d}.png" for s in self.seeds]
         stats = self.extractor.stats_of_files(pngs, str(folder))
         value = dist.run0(lambda: frechet_distance(stats, self.ref_stats))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .._version import __version__
 from ..core.schedule import NoiseSchedule
 from ..errors import CheckpointError, RunError, SamplerError
-from ..io.checkpoint import load_checkpoint
+from ..io.checkpoint import checkpoint_stamp, load_checkpoint
 from ..samplers.generate import generate_batches
 from ..samplers.options import SampleOptions
 from ..util import dist
@@ -58,8 +58,8 @@ def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
 
 def _settings(options: SampleOptions, use_ema: bool, ck) -> dict:
     """What defines the images; resuming into a folder made with other settings is refused."""
-    return {"checkpoint": str(Path(ck.path).resolve()), "checkpoint_step": ck.step, **options.as_dict(),
-            "ema": bool(use_ema)}
+    return {"checkpoint": str(Path(ck.path).resolve()), "checkpoint_step": ck.step,
+            "checkpoint_stamp": checkpoint_stamp(ck.path), **options.as_dict(), "ema": bool(use_ema)}
 
 
 def sample_to_folder(
@@ -72,11 +72,13 @@ def sample_to_folder(
     batch_size: int = 256,
     device: str = "auto",
     mosaic_images: int = 64,
+    replace_stale: bool = False,
 ) -> dict:
     """Write ``{seed:06d}.png`` for every seed (skipping existing files), ``metadata.json``
     and ``preview/mosaic.png`` with the sampler ``options`` (default ``SampleOptions()``);
     returns the metadata. Under torchrun every rank calls it and gets the metadata; the seeds
-    are split across ranks."""
+    are split across ranks. A folder made with other settings is refused, or, with
+    ``replace_stale`` (a folder the caller owns, such as ``s2dm eval``'s), emptied first."""
     options = SampleOptions() if options is None else SampleOptions.of(options)
     dev = pick_device(device)
     ck = load_checkpoint(ckpt, device=dev)
@@ -88,13 +90,13 @@ def sample_to_folder(
     info = options.validate(schedule)  # fail on a bad option before any work
     out, seeds = Path(out), [int(s) for s in seeds]  # a range or numpy ints: metadata.json's list
     settings = _settings(options, use_ema, ck)
-    todo = dist.run0(lambda: _prepare(out, seeds, settings))
+    todo = dist.run0(lambda: _prepare(out, seeds, settings, replace_stale))
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info)
     return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, mosaic_images, shape))
 
 
-def _prepare(out: Path, seeds: Sequence[int], settings: dict) -> List[int]:
+def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: bool = False) -> List[int]:
     """The folder, its settings, the seeds still to do (rank 0)."""
     meta_path = out / "metadata.json"
     try:
@@ -106,11 +108,15 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict) -> List[int]:
     if meta_path.is_file():
         before = _read_settings(meta_path)
         differ = first_difference(before, settings, ignore=set(before) - set(settings))
-        if differ:
+        if differ and replace_stale:
+            for old in [*out.glob("[0-9]*.png"), out / PREVIEW_DIR / "mosaic.png", meta_path]:
+                old.unlink(missing_ok=True)
+        elif differ:
             key, was, now = differ
-            raise RunError(f"{out} holds images made with {key}={was!r}, not {now!r}; choose another output folder",
-                           key="out")
-    else:  # on record before the first image, so that a killed run is resumed only with the same settings
+            made = (f"an earlier file at {settings['checkpoint']} (it was saved again since)" if key == "checkpoint_stamp"
+                    else f"{key}={was!r}, not {now!r}")
+            raise RunError(f"{out} holds images made with {made}; choose another output folder", key="out")
+    if not meta_path.is_file():  # on record before the first image: a killed run resumes only with the same settings
         atomic_write_text(meta_path, json.dumps({"settings": settings, "complete": False}, indent=2))
     return [s for s in seeds if not (out / f"{s:06d}.png").exists()]
 
