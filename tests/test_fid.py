@@ -218,6 +218,39 @@ def test_pixels_hand_computed_distance(tmp_path, capsys):
     assert "FID" not in out.replace("not FID", "")
 
 
+def test_label_counts_the_samples_not_the_smaller_side(tmp_path, capsys):
+    """N in the label is the number of samples: the folder beside statistics (either order),
+    else the first argument; it was the smaller of the two sides' N."""
+    rng = np.random.default_rng(5)
+    big, small = tmp_path / "big", tmp_path / "small"
+    for folder, n in ((big, 12), (small, 5)):
+        folder.mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (2, 2), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    ref = tmp_path / "small.npz"
+    assert cli(capsys, "fid", "ref", small, "--features", "pixels", "--out", ref)[0] == 0
+    assert cli_json(capsys, "fid", big, ref)["label"] == "FD-pixels-12"
+    assert cli_json(capsys, "fid", ref, big)["label"] == "FD-pixels-12"
+    assert cli_json(capsys, "fid", big, small, "--features", "pixels")["label"] == "FD-pixels-12"
+    assert cli_json(capsys, "fid", small, big, "--features", "pixels")["label"] == "FD-pixels-5"
+    assert cli_json(capsys, "fid", big, ref, "--n", "7")["label"] == "FD-pixels-7"
+    expect_error(capsys, ["fid", ref, ref, "--n", "3"], "n 3", "both statistics")
+
+
+def test_pixels_of_another_layout_are_refused(tmp_path, capsys):
+    """4x16 images have the 64 pixels of 8x8 ones, in another layout: comparing them is an error
+    (only the feature dimension was checked)."""
+    rng = np.random.default_rng(6)
+    wide, square = tmp_path / "wide", tmp_path / "square"
+    for folder, hw in ((wide, (4, 16)), (square, (8, 8))):
+        folder.mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, hw, dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    assert cli(capsys, "fid", "ref", square, "--features", "pixels", "--out", tmp_path / "sq.npz")[0] == 0
+    expect_error(capsys, ["fid", wide, tmp_path / "sq.npz"], "1x4x16 images", "1x8x8 images")
+    expect_error(capsys, ["fid", wide, square, "--features", "pixels"], "1x4x16 images", "1x8x8 images")
+
+
 def test_pixels_stats_match_numpy(tmp_path, capsys):
     rng = np.random.default_rng(3)
     imgs = rng.integers(0, 256, size=(5, 2, 3, 3), dtype=np.uint8)  # N, H, W, C

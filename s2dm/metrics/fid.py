@@ -94,6 +94,10 @@ def check_comparable(a: Stats, b: Stats) -> None:
                           f"with {metric_name(b.features)} statistics ({b.features}, {b.source})")
     if a.features == "cnn":
         check_same_classifier([a, b])
+    if a.features == "pixels" and a.shape and b.shape and tuple(a.shape) != tuple(b.shape):
+        raise MetricError(f"cannot compare pixels of {'x'.join(map(str, a.shape))} images ({a.source}) with "
+                          f"pixels of {'x'.join(map(str, b.shape))} images ({b.source}): the same pixel count "
+                          "in another layout puts other pixels side by side")
     if a.mu.shape != b.mu.shape:
         raise MetricError(f"statistics differ in dimension: {a.source} has {a.dim}-d features "
                           f"({a.describe()}), {b.source} has {b.dim}-d ({b.describe()})")
@@ -162,6 +166,13 @@ def _classifier_of(sides: Sequence[Side], weights: Optional[PathLike]) -> Option
     return find_classifier(stats[0].weights_sha256, stats[0].weights_path, stats[0].path)
 
 
+def samples_side(sides: Sequence[Side]) -> Side:
+    """The side whose N labels the distance, N being the number of samples (FID-10k): the one
+    folder beside statistics, else the first argument (``s2dm fid SAMPLES REF``)."""
+    folders = [s for s in sides if s.images is not None]
+    return folders[0] if len(folders) == 1 else sides[0]
+
+
 def _npz_side(sides: Sequence[Side]) -> Side:
     return next(s for s in sides if s.images is None)
 
@@ -186,6 +197,8 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
     ``features`` None: taken from an .npz side, else ``inception``. All inputs are validated
     (and kinds/dimensions checked) before any network runs."""
     sides = [open_side(a, n), open_side(b, n)]
+    if n is not None and all(s.images is None for s in sides):
+        raise MetricError(f"n {n} takes the first N images of a folder; {a} and {b} are both statistics", key="n")
     npz_kinds = [s.stats.features for s in sides if s.stats is not None]
     if features is None and dims is None:
         kind = npz_kinds[0] if npz_kinds else feature_kind("inception", 2048)
@@ -226,10 +239,9 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
                 cache[key] = ext.stats_of_images(s.images)
             s.stats = cache[key]
     value = frechet_distance(sides[0].stats, sides[1].stats)
-    n_min = min((s.stats.n for s in sides if s.stats.n is not None), default=None)
     return {
         "metric": ext.metric,
-        "label": metric_label(ext.metric, n_min),
+        "label": metric_label(ext.metric, samples_side(sides).stats.n),
         "value": value,
         "features": ext.kind,
         "pixel_range": "[0, 1]" if ext.features == "pixels" else None,
