@@ -120,6 +120,19 @@ def test_load_folder_mixed_sizes(tmp_path):
         load_folder(tmp_path)
 
 
+def test_a_sample_folder_is_read_without_its_preview_mosaic(tmp_path):
+    """`data.dataset: folder` on an `s2dm sample` folder (it has metadata.json): the preview/
+    mosaic is not a sample (it was read, and refused as another size)."""
+    imgs = [_rand((8, 8), seed=i) for i in range(3)]
+    for i, im in enumerate(imgs):
+        _write(tmp_path / f"{i:06d}.png", im)
+    _write(tmp_path / "preview" / "mosaic.png", _rand((20, 20)))
+    with pytest.raises(UserError, match="differ in size"):
+        load_folder(tmp_path)  # without metadata.json: an ordinary folder, every image counts
+    (tmp_path / "metadata.json").write_text("{}")
+    np.testing.assert_array_equal(load_folder(tmp_path), np.stack(imgs)[..., None])
+
+
 def test_load_folder_expected_size_and_resize(tmp_path):
     _write(tmp_path / "a.png", _rand((8, 8, 3)))
     with pytest.raises(UserError, match=r"a\.png is 8x8 but 16x16 was expected"):

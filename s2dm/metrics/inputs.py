@@ -12,19 +12,17 @@ import torch
 from PIL import Image
 
 from ..errors import DataError, MetricError
-from ..util.images import PREVIEW_DIR, list_images, load_image
+from ..util.images import list_images, load_image
 
 PathLike = Union[str, os.PathLike]
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
 
 def folder_files(folder: PathLike, n: Optional[int] = None) -> List[Path]:
-    """The images of a folder (recursive, sorted; see ``images.list_images``). In an ``s2dm
-    sample`` folder (one with ``metadata.json``) the ``preview/`` grid is left out."""
+    """The images of a folder (recursive, sorted, an ``s2dm sample`` folder's ``preview/`` grid
+    left out; see ``images.list_images``)."""
     folder = Path(folder)
     files = list_images(folder)
-    if (folder / "metadata.json").is_file():
-        files = [f for f in files if f.parent != folder / PREVIEW_DIR]
     if n is not None:
         if n < 2:
             raise MetricError(f"n must be at least 2 (a covariance needs 2 images), not {n}", key="n")

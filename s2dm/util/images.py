@@ -18,7 +18,7 @@ from ..errors import ConfigError, DataError
 from .fileio import atomic_write
 
 # ``s2dm sample`` puts its preview mosaic in a subfolder: tools that read only the top level
-# (python -m pytorch_fid) then see nothing but the per-seed samples; ``s2dm fid`` skips it.
+# (python -m pytorch_fid) then see nothing but the per-seed samples; s2dm's readers skip it.
 PREVIEW_DIR = "preview"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -32,15 +32,17 @@ PathLike = Union[str, os.PathLike]
 # ---------------------------------------------------------------- reading
 
 def list_images(folder: PathLike) -> list[Path]:
-    """Sorted image files under ``folder`` (recursive; hidden files and folders skipped)."""
+    """Sorted image files under ``folder`` (recursive; hidden files and folders skipped; in an
+    ``s2dm sample`` folder, one with ``metadata.json``, its ``preview/`` mosaic too)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}")
+    preview = folder / PREVIEW_DIR if (folder / "metadata.json").is_file() else None
     found = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder).parts
         # Hidden entries are skipped: e.g. macOS "._x.png" resource forks are not images.
-        if any(part.startswith(".") for part in rel):
+        if any(part.startswith(".") for part in rel) or path.parent == preview:
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             found.append(path)
