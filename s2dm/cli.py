@@ -1,9 +1,14 @@
 """The ``s2dm`` command: argument parsing only, one function per verb.
 
 A user error (an ``S2dmError``: bad config, missing data, corrupt checkpoint, ...) prints one
-``error:`` line and exits 2; ``--debug`` shows the traceback instead. Only here do error lines
-name flags: an error's ``key`` that is one of the verb's arguments becomes its flag
-(``n`` → ``--n``, ``eps_scale`` → ``--eps-scale``); config keys (``sample.sampler``) stay.
+``error:`` line and exits 2; ``--debug`` shows the traceback instead. A bad argument (argparse)
+is one ``error:`` line with exit status 2 too, and a Python warning one ``warning:`` line.
+Only here do error lines name flags: an error's ``key`` that is one of the verb's arguments
+becomes its flag (``n`` → ``--n``, ``eps_scale`` → ``--eps-scale``); config keys
+(``sample.sampler``) stay. Library messages spell an option as a Python keyword argument
+(``force=True``, ``resume='never'``, ``image_size=32``); where the name is one of the verb's
+arguments, the error line spells it as the flag (``--force``, ``--resume never``,
+``--image-size 32``).
 """
 from __future__ import annotations
 
@@ -13,17 +18,20 @@ import json
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
+from ._version import __version__
 from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run_folder_of
-from .io.config import CONFIG_DIR, load_config, shipped_configs
+from .io.config import CONFIG_DIR, config_summary, load_config, shipped_configs
 from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
 from .sampling.folder import DEFAULT_N, parse_seeds, sample_to_folder
 from .study.spec import shipped_study_configs
 from .util import dist
+from .util.fileio import writing
 from .util.memory import keep_freed_memory
 from .util.textfmt import num, plural
 
@@ -42,6 +50,10 @@ s2dm VERB --help describes each verb."""
 def cmd_train(args) -> int:
     from .training.loop import train  # CLI start-up time: each verb imports its own modules
 
+    if args.force and args.resume != "never":
+        # --force starts over; with --resume auto it would silently resume instead
+        raise RunError("--force starts the run over and goes with --resume never; without --force, "
+                       "--resume auto (the default) continues the run")
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     ckpt = train(cfg, out, resume=args.resume, force=args.force, init_from=args.init_from)
@@ -82,13 +94,14 @@ def cmd_sample(args) -> int:
         dist.print0(f"sampling {ckpt} (the run's {args.which} checkpoint)")
     out = args.out
     if out is None:
+        resolve_checkpoint(ckpt)  # a missing checkpoint is the error to report, not the missing --out
         run = run_folder_of(ckpt)
         if run is None:
             raise RunError(f"--out is needed: {ckpt} is a file outside a run folder")
         out = run / "samples" / (options.folder_name(args.ema) + ("" if args.which == LATEST else f"-{args.which}"))
     meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
                             device=args.device)
-    print(f"{meta['n_images']} images in {out} (sampler {options.sampler}, {options.steps} steps, "
+    print(f"{plural(meta['n_images'], 'image')} in {out} (sampler {options.sampler}, {options.steps} steps, "
           f"NFE {meta['nfe']}); mosaic: {Path(out) / 'preview' / 'mosaic.png'}")
     return 0
 
@@ -98,7 +111,10 @@ def cmd_plot(args) -> int:
 
     out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1
                                            else Path("curves.png"))
-    plot_runs([Path(r) for r in args.runs], out)
+    if out.suffix.lower() != ".png":
+        raise RunError(f"--out {out}: the figure is a PNG; name the file .png")
+    with writing(out, RunError, key="out"):  # the run logs are checked before: an OSError here is the write
+        plot_runs([Path(r) for r in args.runs], out)
     print(f"curves of {plural(len(args.runs), 'run')}: {out}")
     return 0
 
@@ -107,14 +123,15 @@ def cmd_configs(args) -> int:
     print(f"shipped configs ({CONFIG_DIR}); pass a bare name, e.g. s2dm train --config digits.yaml")
     studies = set(shipped_study_configs())
     for path in shipped_configs():
-        first = next((ln.lstrip("# ").strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-        print(f"  {path.name:<26} {'study' if path in studies else 'train':<6} {first}")
+        print(f"  {path.name:<26} {'study' if path in studies else 'train':<6} {config_summary(path)}")
     return 0
 
 
 def cmd_fid(args) -> int:
     from .metrics.fid import compare, metric_label, reference_stats  # CLI start-up time: pytorch-fid, scipy
 
+    if args.dims is not None and args.features not in (None, "inception"):
+        raise MetricError(f"--dims chooses an Inception block; --features {args.features} has none")
     paths = list(args.paths)
     common = dict(n=args.n, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
                   weights=args.inception_weights, allow_download=args.allow_download, progress=not args.json)
@@ -232,8 +249,29 @@ def options_from_args(args: argparse.Namespace, cls=SampleOptions, skip=()):
 
 
 # -- the parser: one function per verb --------------------------------------------------------
-def _num_images_arg(p: argparse.ArgumentParser, what: str, required: bool = False) -> None:
-    """``--n``, also spelt ``--num-images``: after ``torchrun`` its own parser claims ``--n``."""
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one ``error:`` line, exit status 2, like every other user error (not
+    argparse's usage block, which for sample runs to a dozen lines)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {re.sub(r'^argument ', '', message)} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count or batch size: a batch of 0 images never finishes a range, a
+    negative one skips all work and leaves a half-made folder."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {value}")
+    return value
+
+
+def _num_images_arg(p, what: str, required: bool = False) -> None:
+    """``--n``, also spelt ``--num-images``, on the parser or group ``p``: after ``torchrun``
+    its own parser claims ``--n``."""
     p.add_argument("--n", "--num-images", type=int, default=None, required=required,
                    help=f"{what}; spell it --num-images after torchrun, whose parser would claim --n")
 
@@ -249,7 +287,9 @@ def _inception_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a model from a YAML config")
+    t = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a model from a YAML config into a run folder (checkpoints, log.jsonl, "
+                                   "curves.png, sample mosaics). Rerunning the command resumes the run.")
     t.add_argument("--config", required=True,
                    help="YAML config: a path, or a shipped config by name (digits.yaml, cifar10.yaml; s2dm configs)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -284,7 +324,9 @@ def _convert_parser(sub) -> None:
 
 
 def _export_parser(sub) -> None:
-    x = sub.add_parser("export", help="s2dm checkpoint -> diffusers DDPMPipeline folder or DDIM-layout file")
+    x = sub.add_parser("export", help="s2dm checkpoint -> diffusers DDPMPipeline folder or DDIM-layout file",
+                       description="Write an s2dm checkpoint's weights as a diffusers DDPMPipeline folder (which "
+                                   "DDPMPipeline.from_pretrained loads) or as the DDIM repository's state-dict file.")
     x.add_argument("--to", required=True, choices=("diffusers", "ddim"), help="the layout to write")
     x.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
     x.add_argument("--out", required=True, help="diffusers: the pipeline folder; ddim: the .ckpt file")
@@ -304,9 +346,10 @@ def _sample_parser(sub) -> None:
                         "train.eval_every; written into RUN/samples/<sampler>-<steps>-best)")
     s.add_argument("--out", help="output folder (default: RUN/samples/<sampler>-<steps>[-settings])")
     add_option_flags(s)
-    _num_images_arg(s, f"number of images, seeds 0..n-1 (default {DEFAULT_N})")
-    s.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 3,7,10-19")
-    s.add_argument("--batch-size", type=int, default=256, help="images per network call (default 256)")
+    which_seeds = s.add_mutually_exclusive_group()  # alternatives: --seeds 0-3 is --n 4
+    _num_images_arg(which_seeds, f"number of images, seeds 0..n-1 (default {DEFAULT_N})")
+    which_seeds.add_argument("--seeds", default=None, help="seeds, e.g. 0-49999 or 3,7,10-19 (instead of --n)")
+    s.add_argument("--batch-size", type=_positive_int, default=256, help="images per network call (default 256)")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the raw ones")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -336,7 +379,7 @@ def _fid_parser(sub) -> None:
     f.add_argument("--dims", type=int, choices=(64, 192, 768, 2048), default=None,
                    help="Inception block as pytorch-fid's --dims (default 2048 = FID; others are "
                         "labelled FD-inception<d>)")
-    f.add_argument("--batch-size", type=int, default=50, help="Inception batch size (default 50)")
+    f.add_argument("--batch-size", type=_positive_int, default=50, help="Inception batch size (default 50)")
     _inception_args(f)
     f.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     f.set_defaults(func=cmd_fid)
@@ -364,8 +407,8 @@ def _eval_parser(sub) -> None:
                    help="must match --ref (default: what --ref holds)")
     e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                    help="use the EMA weights (default) or the raw ones")
-    e.add_argument("--batch-size", type=int, default=256, help="sampling batch size")
-    e.add_argument("--fid-batch-size", type=int, default=50, help="Inception batch size")
+    e.add_argument("--batch-size", type=_positive_int, default=256, help="sampling batch size")
+    e.add_argument("--fid-batch-size", type=_positive_int, default=50, help="Inception batch size")
     e.add_argument("--seeds-offset", type=int, default=0, help="first seed (default 0)")
     e.add_argument("--keep-samples", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the sample PNGs after scoring (default) or delete them")
@@ -378,7 +421,7 @@ def _study_parser(sub) -> None:
         "study", help="train and evaluate a paired study (runs x seeds x cells) into report.md",
         description="Train every run x seed of a study YAML, evaluate every model in every "
                     "(sampler, steps) cell with the same image seeds, and write results.csv, report.md "
-                    "(paired differences, 95%% intervals, metric noise) and fd_vs_nfe.png. Resumable.")
+                    "(paired differences, 95 % intervals, metric noise) and fd_vs_nfe.png. Resumable.")
     st.add_argument("--config", required=True,
                     help="study YAML: a path, or a shipped one by name (study_digits.yaml; s2dm configs)")
     st.add_argument("--out", help="output folder (default runs/<config name>[-quick])")
@@ -402,7 +445,9 @@ def _plot_parser(sub) -> None:
 
 
 def _configs_parser(sub) -> None:
-    cf = sub.add_parser("configs", help="list the shipped configs (usable by bare name)")
+    cf = sub.add_parser("configs", help="list the shipped configs (usable by bare name)",
+                        description="List the configs shipped with s2dm, training and study ones, with the first "
+                                    "sentence of each; --config takes them by bare name.")
     cf.set_defaults(func=cmd_configs)
 
 
@@ -411,8 +456,8 @@ VERB_PARSERS = (_train_parser, _convert_parser, _export_parser, _sample_parser, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="s2dm", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="s2dm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"s2dm {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="verb", required=True)
     for add in VERB_PARSERS:
@@ -424,40 +469,91 @@ def build_parser() -> argparse.ArgumentParser:
 KEY_DESTS = {"overrides": "set", "use_ema": "ema"}
 
 
-def flag_of(parser: argparse.ArgumentParser, verb: str, key: Optional[str]) -> Optional[str]:
-    """The flag of ``verb``'s argument that an error's ``key`` names (``eps_scale`` →
-    ``--eps-scale``), or None (no key, a config key, a positional argument)."""
+def _option_of(parser: argparse.ArgumentParser, verb: str, key: Optional[str]) -> Optional[argparse.Action]:
+    """The flag-taking argument of ``verb`` that ``key`` (an API name) names, or None."""
     if not key:
         return None
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     dest = KEY_DESTS.get(key, key)
-    for action in verbs[verb]._actions:
-        if action.dest == dest and action.option_strings:
-            return action.option_strings[0]  # the long name: --n, not its alias --num-images
-    return None
+    return next((a for a in verbs[verb]._actions if a.dest == dest and a.option_strings), None)
 
 
-def error_message(exc: S2dmError, flag: Optional[str]) -> str:
+def flag_of(parser: argparse.ArgumentParser, verb: str, key: Optional[str]) -> Optional[str]:
+    """The flag of ``verb``'s argument that an error's ``key`` names (``eps_scale`` →
+    ``--eps-scale``), or None (no key, a config key, a positional argument)."""
+    action = _option_of(parser, verb, key)
+    return action.option_strings[0] if action else None  # the long name: --n, not its alias --num-images
+
+
+# An option as library messages spell it, a Python keyword argument: force=True, resume='never',
+# image_size=32 (not a config key such as model.ch=32: no dot or word character before it).
+_NAME, _VALUE = r"[a-z_][a-z0-9_]*", r"True|False|'[^']*'|-?\d+(?:\.\d+)?|[A-Z][A-Z_]*"  # PATH: a placeholder
+_EDGES = (r"(?<![\w.\-])", r"(?!\w|\.\w)")
+KWARG = re.compile(rf"{_EDGES[0]}({_NAME})=({_VALUE}){_EDGES[1]}")
+KWARG_RUN = re.compile(rf"{_EDGES[0]}{_NAME}=(?:{_VALUE})(?:, {_NAME}=(?:{_VALUE}))*{_EDGES[1]}")
+
+
+def spell_option(parser: argparse.ArgumentParser, verb: str, name: str, value: str) -> Optional[str]:
+    """``force=True`` → ``--force``, ``use_ema=False`` → ``--no-ema``, ``resume='never'`` →
+    ``--resume never``; None where ``name`` is not one of ``verb``'s flags."""
+    action = _option_of(parser, verb, name)
+    if action is None:
+        return None
+    if value in ("True", "False"):
+        want = "--no-" if value == "False" else "--"
+        # store_true's flag, or BooleanOptionalAction's --x / --no-x
+        return next((f for f in action.option_strings if f.startswith(want) and
+                     (value == "False" or not f.startswith("--no-"))), None)
+    return f"{action.option_strings[0]} {value.strip(chr(39))}"
+
+
+def spell_options(text: str, spell) -> str:
+    """``text`` with each run of keyword arguments (``resume='never', force=True``) spelt by
+    ``spell(name, value)`` as flags (``--resume never --force``) where every one is a flag."""
+    def one_run(m: re.Match) -> str:
+        parts = KWARG.findall(m.group(0))
+        flags = [spell(name, value) for name, value in parts]
+        return m.group(0) if None in flags else " ".join(flags)
+    return KWARG_RUN.sub(one_run, text)
+
+
+def error_message(exc: S2dmError, flag: Optional[str], spell=None) -> str:
     """The error's message naming ``flag``: its leading key replaced by the flag
-    (``n must be ...`` → ``--n must be ...``), else the flag put in front (``--out: ...``)."""
+    (``n must be ...`` → ``--n must be ...``), else the flag put in front (``--out: ...``)
+    unless the message names it already; ``spell``: see ``spell_options``."""
     text = str(exc)
-    if flag is None:
-        return text
-    lead = re.match(rf"{re.escape(exc.key)}(?![\w.])", text)
-    return flag + text[lead.end():] if lead else f"{flag}: {text}"
+    if flag is not None:
+        lead = re.match(rf"{re.escape(exc.key)}(?![\w.])", text)
+        text = flag + text[lead.end():] if lead else text
+    if spell is not None:
+        text = spell_options(text, spell)
+    if flag is not None and not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text):
+        text = f"{flag}: {text}"
+    return text
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning as one ``warning:`` line (not the file, line number and source line
+    that mean nothing to a CLI user)."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a bad argument (one line, see _Parser)
+        return exc.code
     keep_freed_memory()  # the process is s2dm's: small models run ~1.3x faster (util/memory.py)
     try:
-        with dist.session():  # under torchrun: join the process group, print results once
+        with dist.session(), warnings.catch_warnings():  # catch_warnings restores showwarning after
+            warnings.showwarning = _one_line_warning
             return args.func(args)
     except S2dmError as exc:
         if args.debug:
             raise
-        text = dist.error_text(exc, error_message(exc, flag_of(parser, args.verb, exc.key)))
+        spell = lambda name, value: spell_option(parser, args.verb, name, value)  # noqa: E731
+        text = dist.error_text(exc, error_message(exc, flag_of(parser, args.verb, exc.key), spell))
         if text is not None:
             print(f"error: {text}", file=sys.stderr)
         return 2

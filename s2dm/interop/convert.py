@@ -26,7 +26,8 @@ from ..core.unet import build_model
 from ..errors import InteropError
 from ..io.checkpoint import FORMAT_VERSION, first_mismatch
 from ..io.config import Config, ModelConfig, apply_overrides, config_from_dict, read_yaml
-from ..util.fileio import atomic_torch_save, sha256_file
+from ..util.fileio import atomic_torch_save, sha256_file, writing
+from ..util.textfmt import first_sentence
 from .layouts import (
     StateDict, architecture, diffusers_to_s2dm_state_dict, first_difference, model_from_ddim_state_dict,
     model_from_diffusers_config,
@@ -89,7 +90,7 @@ def read_weights_file(path: Path) -> object:
         if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
             raise InteropError(f"{path}: holds pickled Python objects besides weights, which are not loaded "
                                "(that would run code from the file); an s2dm checkpoint needs no conversion") from None
-        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        first = first_sentence(str(exc))  # torch appends paragraphs of advice that is not ours to give
         detail = "" if not first or first.startswith("Weights only load failed") else f": {first}"
         raise InteropError(f"{path}: cannot read it as a torch weights file, corrupt or truncated? "
                            f"({type(exc).__name__}{detail})") from None
@@ -224,8 +225,8 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
         size = image_size or (config_from_dict(apply_overrides(read_yaml(config), list(overrides))).data.image_size
                               if config else None)
         if size is None:
-            raise InteropError("a DDIM-layout file does not record the image size: give image_size "
-                               "(32 for CIFAR10, 64 for CelebA) or a config that has data.image_size",
+            raise InteropError("a DDIM-layout file does not record the image size: give image_size=32 (CIFAR10) "
+                               "or image_size=64 (CelebA), or a config that has data.image_size",
                                key="image_size")
         sd, ema, model, channels, info = read_ddim(source, size)
         diffusion = None
@@ -244,7 +245,8 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
     state = {"format_version": FORMAT_VERSION, "step": 0, "config": cfg.to_dict(), "model": weights,
              "ema": _float32(ema) if ema is not None else weights,  # one copy on disk when equal
              "source": source_info, "versions": _versions()}
-    atomic_torch_save(state, out)
+    with writing(out, InteropError, key="out"):
+        atomic_torch_save(state, out)
     n = sum(v.numel() for v in weights.values())
     return {"out": str(out), "parameters": n, "config": cfg, "source": source_info}
 

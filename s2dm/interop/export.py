@@ -21,7 +21,7 @@ from pathlib import Path
 from ..errors import InteropError
 from ..io.checkpoint import read_checkpoint, resolve_checkpoint
 from ..io.config import Config, config_from_saved
-from ..util.fileio import atomic_torch_save, atomic_write, atomic_write_text, sha256_file
+from ..util.fileio import atomic_torch_save, atomic_write, atomic_write_text, sha256_file, writing
 from .layouts import DDPM_SETTINGS, diffusers_unet_kwargs, s2dm_to_diffusers_state_dict
 
 # The diffusers release whose config keys these files were written against (the test extra's
@@ -124,12 +124,14 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
     if to == "diffusers":
         if out.is_file():
             raise InteropError(f"{out} is a file; the diffusers layout is a folder", key="out")
-        write_diffusers(out, cfg, weights, provenance)
+        with writing(out, InteropError, key="out"):
+            write_diffusers(out, cfg, weights, provenance)
     elif to == "ddim":
         if out.is_dir():
             raise InteropError(f"{out} is a folder; the ddim layout is one file", key="out")
         check_32_groups(cfg, "the DDIM repository's Model")
-        atomic_torch_save({k: v.detach().float() for k, v in weights.items()}, out)
+        with writing(out, InteropError, key="out"):
+            atomic_torch_save({k: v.detach().float() for k, v in weights.items()}, out)
     else:
         raise InteropError(f"to {to!r}: expected diffusers or ddim", key="to")
     return {"out": str(out), "weights": which, "step": int(state["step"]), "config": cfg}

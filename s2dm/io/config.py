@@ -18,6 +18,7 @@ from ..core.schedule import BETA_SCHEDULES, NoiseSchedule
 from ..errors import ConfigError
 from ..samplers.options import SampleOptions
 from ..util.fileio import atomic_write_text
+from ..util.textfmt import first_sentence
 from .data import DATASETS, LABELLED
 
 
@@ -396,6 +397,17 @@ def shipped_configs() -> List[Path]:
     return sorted(CONFIG_DIR.glob("*.yaml"))
 
 
+def config_summary(path: Union[str, Path]) -> str:
+    """The first sentence of the comment paragraph that opens a config file (``s2dm configs``)."""
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        text = line[1:].strip() if line.startswith("#") else ""
+        if not text:
+            break  # the paragraph ends at a blank line, a bare "#" or the first key
+        lines.append(text)
+    return first_sentence(" ".join(lines))
+
+
 def find_config(name: Union[str, Path]) -> Path:
     """A YAML path as given, or a bare name (``cifar10.yaml``, ``cifar10``) among the shipped
     configs; otherwise one error naming what exists."""
@@ -418,16 +430,23 @@ def read_yaml(path: Union[str, Path]) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        data = {}
+    if data is None:  # nothing, or comments only: training on the defaults instead would hide the mistake
+        raise ConfigError(f"{path} is empty", key="config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
 
 
+# The top-level keys that mark a study YAML (s2dm/study/spec.py) among config files.
+STUDY_KEYS = ("train_config", "runs")
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None) -> Config:
     """Read a YAML file (or start from defaults), apply ``--set`` overrides, validate."""
     data = read_yaml(path) if path is not None else {}
+    if set(STUDY_KEYS) <= set(data):  # else its first study key reads as an unknown config section
+        raise ConfigError(f"{find_config(path)} is a study config (it has {' and '.join(STUDY_KEYS)}), not a "
+                          "training config: run it with s2dm study", key="config")
     return config_from_dict(apply_overrides(data, overrides or []))
 
 

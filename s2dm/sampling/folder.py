@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..core.schedule import NoiseSchedule
-from ..errors import CheckpointError, RunError, SamplerError
+from ..errors import CheckpointError, DataError, RunError, SamplerError
 from ..io.checkpoint import checkpoint_stamp, load_checkpoint
 from ..samplers.generate import generate_batches
 from ..samplers.options import SampleOptions
@@ -34,10 +34,18 @@ from ..util.records import first_difference
 DEFAULT_N = 64  # images when neither a number nor seeds are given: one preview mosaic's worth
 
 
+# More images than any evaluation needs (FID takes 50,000); a list of this many seeds fits in
+# memory, where a typo such as 0-100000000000 would not.
+MAX_SEEDS = 1_000_000
+
+
 def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
     """``"0-99"`` (inclusive), ``"1,5,9"``, mixtures like ``"0-9,20"``; or ``n`` → 0..n−1."""
     if n is not None and n < 1:
         raise SamplerError(f"n must be positive (the number of images), not {n}", key="n")
+    too_many = f"more than s2dm samples in one call ({MAX_SEEDS:,}); sample in parts, with seed ranges"
+    if n is not None and n > MAX_SEEDS and spec is None:
+        raise SamplerError(f"n {n:,} images is {too_many}", key="n")
     if spec is None:
         return list(range(DEFAULT_N if n is None else n))
     out: List[int] = []
@@ -48,6 +56,8 @@ def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
         a, b = int(m.group(1)), int(m.group(2) or m.group(1))
         if b < a:
             raise SamplerError(f"seeds {spec!r}: range {a}-{b} is empty", key="seeds")
+        if len(out) + b - a + 1 > MAX_SEEDS:
+            raise SamplerError(f"seeds {spec!r}: {len(out) + b - a + 1:,} images is {too_many}", key="seeds")
         out.extend(range(a, b + 1))
     if n is not None:
         out = out[:n]
@@ -114,7 +124,7 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: boo
         elif differ:
             key, was, now = differ
             made = (f"an earlier file at {settings['checkpoint']} (it was saved again since)" if key == "checkpoint_stamp"
-                    else f"{key}={was!r}, not {now!r}")
+                    else f"{key} {was!r}, not {now!r}")
             raise RunError(f"{out} holds images made with {made}; choose another output folder", key="out")
     if not meta_path.is_file():  # on record before the first image: a killed run resumes only with the same settings
         atomic_write_text(meta_path, json.dumps({"settings": settings, "complete": False}, indent=2))
@@ -152,6 +162,14 @@ def _read_settings(meta_path: Path) -> dict:
     return meta["settings"]
 
 
+def _read_sample(path: Path, mode: str) -> np.ndarray:
+    """A sample PNG for the mosaic; a corrupt one (a copy cut short) says how to make it again."""
+    try:
+        return load_image(path, mode=mode)
+    except DataError as exc:
+        raise exc.retold(f"{exc}; delete it and rerun the same command to make it again") from None
+
+
 def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, mosaic_images: int,
             shape) -> dict:
     """metadata.json and the preview mosaic, once every image is on disk (rank 0)."""
@@ -170,7 +188,7 @@ def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, mo
     atomic_write_text(meta_path, json.dumps(meta, indent=2))  # a kill leaves the old file or none
     first = sorted(seeds)[:mosaic_images]
     mosaic_imgs = torch.stack([
-        torch.from_numpy(np.array(load_image(out / f"{s:06d}.png", mode="L" if shape[0] == 1 else "RGB"))).permute(2, 0, 1)
+        torch.from_numpy(np.array(_read_sample(out / f"{s:06d}.png", "L" if shape[0] == 1 else "RGB"))).permute(2, 0, 1)
         for s in first
     ]).float() / 127.5 - 1.0
     save_mosaic(mosaic_imgs, out / PREVIEW_DIR / "mosaic.png")

@@ -6,10 +6,13 @@ import hashlib
 import io
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, List, Union
+from typing import BinaryIO, Callable, Iterator, List, Optional, Type, Union
 
 import torch
+
+from ..errors import S2dmError
 
 
 def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None], fsync: bool = False) -> Path:
@@ -30,6 +33,18 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def writing(path: Union[str, os.PathLike], error: Type[S2dmError], key: Optional[str] = None) -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` (a read-only or missing folder, a file
+    where a folder should be, a full disk) into ``error``: one line naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        # name a file that stands where a folder of the path should be ("File exists (runs)")
+        within = f" ({exc.filename})" if exc.filename and Path(exc.filename) in Path(path).parents else ""
+        raise error(f"cannot write {path}: {exc.strerror or exc}{within}", key=key) from None
 
 
 def remove_stale_temps(folder: Union[str, os.PathLike], names: str = "*") -> List[Path]:

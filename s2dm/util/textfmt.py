@@ -1,4 +1,5 @@
-"""How s2dm prints numbers and counts: "1 cell", no "-0.000", one value for an empty range."""
+"""How s2dm prints numbers, counts and text: "1 cell", no "-0.000", one value for an empty range,
+a first sentence."""
 from __future__ import annotations
 
 from typing import Optional
@@ -25,3 +26,15 @@ def num(x: Optional[float], spec: str = ".3f") -> str:
 def span(lo: str, hi: str, sep: str = "–") -> str:
     """``lo–hi``, or one value when both ends print the same."""
     return lo if lo == hi else f"{lo}{sep}{hi}"
+
+
+def first_sentence(text: str) -> str:
+    """``text`` up to the end of its first sentence (a ``.``, ``?`` or ``!`` before a space or
+    the end, outside parentheses), whitespace collapsed; all of it if no sentence ends."""
+    text = " ".join(text.split())
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch in ".?!" and depth <= 0 and (i + 1 == len(text) or text[i + 1] == " "):
+            return text[:i + 1]
+    return text
