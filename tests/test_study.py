@@ -127,7 +127,8 @@ def test_a_study_without_effect_reports_the_control(tmp_path):
     assert main(["study", "--config", str(write_study(tmp_path, data)), "--out", str(out), "--quick"]) == 0
     report = (out / "report.md").read_text()
     headline = report.split("\n## ")[0]
-    assert "| sampler | steps | NFE | baseline | control − baseline | metric noise |a−b| |" in headline
+    # the pipes of |a−b| are escaped: 6 header cells over 6 separator cells
+    assert "| sampler | steps | NFE | baseline | control − baseline | metric noise \\|a−b\\| |\n|---|---|---|---|---|---|" in headline
     assert "No `effect:` run is in this study, so this reads the ε-scaling control. Over 1 cell " in headline
     assert "s2dm − baseline" in report  # still in the every-run table
     assert "control − baseline = " in report.split("## Reading, cell by cell")[1]

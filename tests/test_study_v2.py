@@ -73,12 +73,12 @@ def test_v1_configs_keep_their_labels_settings_and_report(tmp_path):
     study = load_study("study_digits.yaml")
     cell = runner.plan_cells(study)[0]
 
-    class Ref:
-        path, n, weights_sha256 = "/x/ref_pixels.npz", 1797, None
-
-    settings = runner._cell_settings(study, cell, ROOT / "r.pt", 1200, study.runs["control"], Ref)
+    model = {"checkpoint": "runs/baseline-s0/checkpoints/c.pt", "checkpoint_stamp": "1:2", "checkpoint_step": 1200}
+    ref = {"ref": "ref_pixels.npz", "ref_n": 1797, "ref_sha256": "ab"}
+    settings = runner._cell_settings(study, cell, study.runs["control"], model, ref)
+    # the v1 record's keys and those an earlier s2dm did not record (runner._earlier_record)
     assert sorted(settings) == sorted(["checkpoint", "checkpoint_step", "sampler", "steps", "order", "eps_scale", "n",
-                                       "image_seeds", "metric", "ref", "ref_n"])  # the v1 record's keys, no more
+                                       "image_seeds", "metric", "ref", "ref_n"] + list(runner.LATER_KEYS))
     assert settings["eps_scale"] == "skip:9,tau:0.99"
     text = Q.study_report(V1_ROWS, study, COST, ROOT)
     assert "## Reading, cell by cell" in text and "## H1" not in text and "Answers" not in text
@@ -438,8 +438,9 @@ def test_metrics_are_kept_apart_and_the_csv_adds_accuracy_only_for_fd_cnn():
     recs = [{**r, "seconds": 1.0, "settings": {"n": 5000, "image_seeds": "0-4999", "eps_scale": None,
                                                "checkpoint_step": 1200}} for r in rows[:1] + synthetic("FD-cnn-5k")[:1]]
     header = R.csv_text(R.rows_from_records(recs)).splitlines()[0]
-    assert header == ",".join(R.CSV_COLUMNS + ["classifier_accuracy"])
-    assert R.csv_text(R.rows_from_records(recs[:1])).splitlines()[0] == ",".join(R.CSV_COLUMNS)  # v1: unchanged
+    # the earlier columns keep their positions; grid, η, checkpoint and reference come after them
+    assert header == ",".join(R.CSV_COLUMNS + ["classifier_accuracy"] + R.LATER_COLUMNS)
+    assert R.csv_text(R.rows_from_records(recs[:1])).splitlines()[0] == ",".join(R.CSV_COLUMNS + R.LATER_COLUMNS)
 
 
 def test_the_plot_stars_the_best_training_free_scale_of_each_cell(tmp_path):

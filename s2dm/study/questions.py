@@ -143,7 +143,7 @@ def disagreements(a: Dict[tuple, Summary], b: Dict[tuple, Summary]) -> tuple:
         sa, sb = side(a[k]), side(b[k])
         if sa and sb and sa != sb:
             resolved.append(k)
-        elif a[k].mean * b[k].mean < 0 and round(a[k].mean, 3) and round(b[k].mean, 3):
+        elif a[k].mean * b[k].mean < 0:  # opposite signs, neither mean 0: no cut-off in one metric's units
             opposite += 1
     return resolved, opposite, len(common)
 
@@ -186,7 +186,7 @@ def v2_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Dict[str,
     metrics = study_metrics(rows)
     by_metric = {m: metric_rows(rows, m, study) for m in metrics}
     cells = {m: by_metric[m].cells for m in metrics}
-    lines = heading(study, cost)
+    lines = heading(study, cost, rows)
     words = " and ".join(_metric_words(m, cells[m]) for m in metrics) or "no metric scored yet"
     seeds = sorted({len(r.seeds) for r in study.runs.values()})
     lines += [f"Metrics: {words}; each is scored against the full training set, image seeds 0..n−1 for every "

@@ -23,6 +23,8 @@ from .text import decimals, diff_text, fmt, mean_std_text, ranges, rel_text, sig
 
 CSV_COLUMNS = ["run", "seed", "sampler", "steps", "nfe", "draw", "metric", "value", "n", "image_seeds",
                "eps_scale", "checkpoint_step", "seconds"]
+# Columns added later, after every earlier one (classifier_accuracy too): readers by position keep working.
+LATER_COLUMNS = ["grid", "eta", "checkpoint", "ref"]
 
 
 def rows_from_records(records: Sequence[dict]) -> List[dict]:
@@ -34,16 +36,19 @@ def rows_from_records(records: Sequence[dict]) -> List[dict]:
         rows.append({"run": r["run"], "seed": r["seed"], "sampler": r["sampler"], "steps": r["steps"],
                      "nfe": r["nfe"], "draw": r["draw"], "metric": r["metric"], "value": r["value"],
                      "n": s["n"], "image_seeds": s["image_seeds"], "eps_scale": s["eps_scale"] or "",
-                     "checkpoint_step": s["checkpoint_step"], "seconds": round(r["seconds"], 2)})
+                     "checkpoint_step": s["checkpoint_step"], "seconds": round(r["seconds"], 2),
+                     "grid": s.get("grid", ""), "eta": s.get("eta", ""), "checkpoint": s.get("checkpoint", ""),
+                     "ref": s.get("ref", "")})
         if r.get("classifier_accuracy") is not None:
             rows[-1]["classifier_accuracy"] = r["classifier_accuracy"]
     return rows
 
 
 def csv_text(rows: Sequence[dict]) -> str:
-    """``CSV_COLUMNS``, plus ``classifier_accuracy`` when a row has FD-cnn (empty in the others)."""
+    """``CSV_COLUMNS``, ``classifier_accuracy`` when a row has FD-cnn (empty in the others), then
+    ``LATER_COLUMNS``: the grid, η, checkpoint and reference of each number."""
     extra = ["classifier_accuracy"] if any(r.get("classifier_accuracy") is not None for r in rows) else []
-    return to_csv([{**r, "value": num(r["value"], ".6f")} for r in rows], CSV_COLUMNS + extra)
+    return to_csv([{**r, "value": num(r["value"], ".6f")} for r in rows], CSV_COLUMNS + extra + LATER_COLUMNS)
 
 
 def _verdict(run: str, baseline: str, d: Summary) -> str:
@@ -95,17 +100,31 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path, ema: Opt
         readings = ["", "## Reading, cell by cell", ""] + [
             f"- **{c.sampler}, {c.steps} steps (NFE {c.nfe})**: "
             f"{reading(c, study.baseline, study.effect, control_of(study))}" for c in cells]
-    lines = heading(study, cost) + tables + fid_section(cell_statistics(rows, study.baseline, metric="FID"), study)
+    lines = heading(study, cost, rows) + tables + fid_section(cell_statistics(rows, study.baseline, metric="FID"), study)
     return "\n".join(lines + readings + runs_and_cost_section(study, cost, ema or {}))
 
 
-def heading(study, cost: dict) -> List[str]:
-    """The report's title, and a warning when not every planned cell was scored."""
+def heading(study, cost: dict, rows: Sequence[dict] = ()) -> List[str]:
+    """The report's title, the timestep grid and η every cell sampled with, and a warning when
+    not every planned cell was scored with the study's current settings."""
     lines = [f"# Study: {Path(study.path).name}{' (quick preset)' if study.quick else ''}", ""]
+    grids = sorted({(str(r["grid"]), f"{float(r['eta']):g}") for r in rows if r.get("grid", "") != ""})
+    if grids:
+        lines += ["Every cell samples on the " + " or the ".join(f"`{g}` timestep grid with η = {e}" for g, e in grids)
+                  + " (η: DDIM's; the other samplers are deterministic).", ""]
     planned, scored = cost.get("cells_planned"), cost.get("cells_scored")
+    stale, earlier = cost.get("cells_stale", 0), cost.get("cells_earlier", 0)
     if planned and scored is not None and scored < planned:
-        lines += [f"**Incomplete: {scored} of {plural(planned, 'cell')} scored.** Run the same `s2dm study` "
-                  "command again to finish; nothing done is redone.", ""]
+        verb = "was" if stale == 1 else "were"
+        left_out = (f" {plural(stale, 'record')} on disk {verb} made with other settings (another model, n, "
+                    f"reference, ...) and {verb} left out." if stale else "")
+        lines += [f"**Incomplete: {scored} of {plural(planned, 'cell')} scored.**{left_out} Run the same "
+                  "`s2dm study` command again to finish; nothing done is redone.", ""]
+    if earlier:
+        lines += [f"{earlier} of the {plural(scored, 'record')} used {'was' if earlier == 1 else 'were'} made by an "
+                  "earlier s2dm, which recorded neither the checkpoint's stamp, the reference's hash, the grid nor η: "
+                  "they are used because everything they record matches and neither the checkpoint nor the reference "
+                  "was written after them.", ""]
     return lines
 
 

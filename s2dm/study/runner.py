@@ -21,27 +21,29 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from tqdm.auto import tqdm
 
 from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
-from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
+from ..errors import S2dmError, StudyError
+from ..io.checkpoint import checkpoint_stamp, checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
 from ..metrics.features import FeatureExtractor
-from ..metrics.fid import Stats, extractor_for, frechet_distance, metric_label, reference_stats
+from ..metrics.fid import (Stats, extractor_for, frechet_distance, metric_label, reference_stats,
+                           training_images_label)
 from ..samplers import expected_nfe
 from ..metrics.sampled import sample_stats
 from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
 from ..training.loop import train
 from ..util.dist import pick_device
-from ..util.fileio import atomic_write_text
+from ..util.fileio import atomic_write_text, sha256_file
 from ..util.images import save_mosaic
-from ..util.records import read_record, reusable_record
+from ..util.records import read_record
 from ..util.textfmt import plural
 from ..util.workers import one_thread, run_jobs, worker_count
 from . import questions, report
@@ -56,8 +58,25 @@ def model_name(run: str, seed: int) -> str:
 
 
 def run_config(study: Study, run: Run, seed: int):
+    """The training config of a run's model of one seed; a bad key or value of its ``set`` is a
+    StudyError naming the run."""
     sets = {**study.overrides, **run.overrides, "train.seed": seed}
-    return load_config(study.train_config, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    try:
+        return load_config(study.train_config, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    except S2dmError as exc:
+        raise StudyError(f"{study.path}: runs.{run.name}.set: {exc}") from None
+
+
+def check_configs(study: Study) -> None:
+    """Every trained run's config builds (the study's ``set``, then each run's): checked before
+    the study folder is made, so a typo leaves nothing behind."""
+    try:
+        load_config(study.train_config, [f"{k}={json.dumps(v)}" for k, v in study.overrides.items()])
+    except S2dmError as exc:
+        raise StudyError(f"{study.path}: set: {exc}") from None
+    for run in study.runs.values():
+        if run.trained:
+            run_config(study, run, run.seeds[0])
 
 
 def train_all(study: Study, out: Path, train_missing: bool = True, workers: Union[int, str] = 1,
@@ -109,6 +128,10 @@ def _train_job(study: Study, out: Path, run_name: str, seed: int, progress: bool
     earlier = (read_record(folder / "study_done.json") or {}).get("seconds", 0.0)
     t0 = time.time()
     train(cfg, folder, resume="auto", progress=progress)  # resumes a half-done run; refuses a changed config
+    step = checkpoint_step(resolve_checkpoint(folder))  # what the cells will sample
+    if step != cfg.train.steps:  # train() leaves a run trained past train.steps as it is
+        raise StudyError(f"{folder} is trained to step {step} but the study asks train.steps={cfg.train.steps} "
+                         "for it; choose another study folder, or delete that run folder to retrain it")
     took = earlier + time.time() - t0
     atomic_write_text(folder / "study_done.json", json.dumps({"seconds": took, "config": cfg.to_dict()}))
     return name, took
@@ -159,6 +182,8 @@ def plan_cells(study: Study) -> List[Cell]:
         for steps in study.fid_steps:
             for sampler in study.fid_samplers or study.samplers:
                 for run in study.runs.values():
+                    if run.samplers is not None and sampler not in run.samplers:
+                        continue
                     for seed in run.seeds:
                         cells.append(Cell(run.name, seed, sampler, steps, metric="inception", n=study.fid_n))
     return cells
@@ -169,31 +194,109 @@ def image_seeds(study: Study, cell: Cell) -> range:
     return range(start, start + cell.n)
 
 
+def cell_options(study: Study, cell: Cell, run: Run) -> SampleOptions:
+    """The sampler options of a cell: the study sets the sampler, steps, DEIS order and
+    ε-scale; grid and η are SampleOptions' defaults (uniform, 0)."""
+    return SampleOptions(sampler=cell.sampler, steps=cell.steps, order=study.order, eps_scale=run.eps_scale or None)
+
+
 def _checkpoint_of(study: Study, out: Path, run: Run, seed: int) -> Path:
     source = run.weights_of or run.name
     return resolve_checkpoint(out / "runs" / model_name(source, seed))
 
 
-def reference(study: Study, out: Path, features: str):
-    """Statistics of the full training set (the study's data), made once per study folder."""
-    path = out / f"ref_{features}.npz"
-    if path.is_file():
-        return Stats.load(path)
+def in_study(path, out: Path) -> str:
+    """A file of the study folder as its path relative to that folder: the records do not depend
+    on how ``--out`` is spelled, and the folder can be moved."""
+    path, root = Path(path).resolve(), Path(out).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
+def model_key(ckpt: Path, out: Path) -> dict:
+    """The checkpoint a cell samples: its stamp tells a retrained model from the one before."""
+    return {"checkpoint": in_study(ckpt, out), "checkpoint_stamp": checkpoint_stamp(ckpt),
+            "checkpoint_step": checkpoint_step(ckpt)}
+
+
+def reference(study: Study, out: Path, features: str, make: bool = True) -> Optional[Stats]:
+    """Statistics of the full training set (the study's data), made once per study folder and
+    data: ``ref_<features>.json`` records the data section they were made from, and other data
+    makes them again. A file made by an earlier s2dm (no such record) is kept when the data set
+    and size in its label are the study's. ``make=False``: None instead of making them."""
+    path, made_from = out / f"ref_{features}.npz", out / f"ref_{features}.json"
     sets = [f"{k}={json.dumps(v)}" for k, v in study.overrides.items()]
-    stats = reference_stats(study.train_config, path, features=features, overrides=sets,
+    data = load_config(study.train_config, sets).data
+    if path.is_file():
+        recorded = read_record(made_from)
+        if recorded is not None and recorded.get("data") == asdict(data):
+            return Stats.load(path)
+        if not made_from.exists():
+            stats = Stats.load(path)
+            if stats.source.startswith(training_images_label(data) + " ("):
+                return stats
+    if not make:
+        return None
+    made_from.unlink(missing_ok=True)  # no record of stale statistics while they are remade
+    stats = reference_stats(study.train_config, path, features=features, overrides=sets, force=True,
                             device="cpu" if features in ("pixels", "cnn") else "auto", progress=False)
+    atomic_write_text(made_from, json.dumps({"data": asdict(data)}, indent=2))
     return Stats.load(stats.path)
 
 
-def _cell_settings(study: Study, cell: Cell, ckpt: Path, step: int, run: Run, ref) -> dict:
-    seeds = image_seeds(study, cell)
-    settings = {"checkpoint": str(ckpt.resolve()), "checkpoint_step": step, "sampler": cell.sampler,
-                "steps": cell.steps, "order": study.order, "eps_scale": run.eps_scale, "n": cell.n,
-                "image_seeds": f"{seeds.start}-{seeds.stop - 1}", "metric": cell.metric,
-                "ref": str(ref.path), "ref_n": ref.n}
-    if cell.metric == "cnn":  # another classifier is another metric: the record is redone
-        settings["classifier_sha256"] = ref.weights_sha256
-    return settings
+def reference_key(ref: Stats, out: Path) -> dict:
+    """The reference a cell is scored against: its file and a hash of its contents."""
+    key = {"ref": in_study(ref.path, out), "ref_n": ref.n, "ref_sha256": sha256_file(ref.path)}
+    if ref.features == "cnn":  # another classifier is another metric: the record is redone
+        key["classifier_sha256"] = ref.weights_sha256
+    return key
+
+
+def _cell_settings(study: Study, cell: Cell, run: Run, model: dict, ref: dict) -> dict:
+    """A cell's key (``model_key``, ``reference_key``): a record with another is not reused."""
+    seeds, o = image_seeds(study, cell), cell_options(study, cell, run)
+    return {**model, "sampler": cell.sampler, "steps": cell.steps, "grid": o.grid, "eta": o.eta, "order": o.order,
+            "eps_scale": run.eps_scale, "n": cell.n, "image_seeds": f"{seeds.start}-{seeds.stop - 1}",
+            "metric": cell.metric, **ref}
+
+
+# What an earlier s2dm's cell record lacks; ``_earlier_record`` decides without them.
+LATER_KEYS = ("checkpoint_stamp", "ref_sha256", "grid", "eta")
+
+
+def _earlier_record(path: Path, recorded: dict, wanted: dict, out: Path) -> bool:
+    """A record made by an earlier s2dm (none of ``LATER_KEYS``) counts as made with ``wanted``
+    when everything it records matches (its checkpoint and reference paths, absolute or as
+    ``--out`` was spelled, end in the wanted ones), ``wanted`` samples with the only grid and η
+    it could (the defaults), and neither the checkpoint nor the reference was written after it
+    (which the stamp and hash it lacks would show)."""
+    if any(k in recorded for k in LATER_KEYS):
+        return False
+    default = SampleOptions()
+    if (wanted["grid"], wanted["eta"]) != (default.grid, default.eta):
+        return False
+    for k in (set(recorded) | set(wanted)) - set(LATER_KEYS):
+        if k in ("checkpoint", "ref"):
+            parts = Path(wanted[k]).parts
+            if not isinstance(recorded.get(k), str) or Path(recorded[k]).parts[-len(parts):] != parts:
+                return False
+        elif recorded.get(k) != wanted.get(k):
+            return False
+    made = path.stat().st_mtime_ns
+    return all((out / wanted[k]).stat().st_mtime_ns <= made for k in ("checkpoint", "ref"))
+
+
+def matching_record(path: Path, wanted: dict, out: Path) -> Optional[dict]:
+    """The cell record at ``path`` if it was made with the key ``wanted`` (the cell is not
+    redone, and the report uses it); an earlier s2dm's record that ``_earlier_record`` accepts
+    comes back with ``wanted`` as its settings and ``earlier: True``."""
+    record = read_record(path)
+    if record is None or not isinstance(record.get("settings"), dict):
+        return None
+    if record["settings"] == wanted:
+        return record
+    if _earlier_record(path, record["settings"], wanted, out):
+        return {**record, "settings": wanted, "earlier": True}
+    return None
 
 
 class OnePass:
@@ -217,8 +320,7 @@ def score_cells(model, schedule, study: Study, cells: Sequence[Cell], run: Run, 
     wall time is split evenly between the cells."""
     t0, cell = time.time(), cells[0]
     assert all(c.images == cell.images for c in cells), "cells of one pass sample the same images"
-    options = SampleOptions(sampler=cell.sampler, steps=cell.steps, order=study.order,
-                            eps_scale=run.eps_scale or None)
+    options = cell_options(study, cell, run)
     both = extractors[0] if len(extractors) == 1 else OnePass(extractors)
     first = sample_stats(model, schedule, list(image_seeds(study, cell)), options, both, image_shape=shape,
                          batch_size=study.batch_size, device=device,
@@ -236,30 +338,44 @@ def score_cells(model, schedule, study: Study, cells: Sequence[Cell], run: Run, 
 
 
 def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = True,
-                 workers: Union[int, str] = 1) -> List[dict]:
-    """Score every planned cell not already recorded, ``workers`` sampling passes at a time (the
-    cells of one model, sampler, steps and draw that are missing share a pass); returns every
-    cell's record in plan order. ``score=False`` only collects the records there are (a report
-    of a study in progress)."""
+                 workers: Union[int, str] = 1) -> Tuple[List[dict], int]:
+    """Score every planned cell whose record does not match its key (``_cell_settings``),
+    ``workers`` sampling passes at a time (the cells of one model, sampler, steps and draw that
+    are missing share a pass); returns the records in plan order and how many records on disk
+    were made otherwise (0 once scored). ``score=False`` only collects the records that match
+    (a report of a study in progress): the others are left out, and counted."""
     cells = plan_cells(study)
     paths = [out / "cells" / model_name(c.run, c.seed) / f"{c.key}.json" for c in cells]
-    if not score:
-        return [json.loads(p.read_text()) for p in paths if p.is_file()]
-    refs = {metric: reference(study, out, metric) for metric in {c.metric for c in cells}}
-    steps, records, passes = {}, [None] * len(cells), {}
+    refs = {metric: reference(study, out, metric, make=score) for metric in {c.metric for c in cells}}
+    ref_keys = {metric: reference_key(ref, out) for metric, ref in refs.items() if ref is not None}
+    models, records, passes, trained = {}, [None] * len(cells), {}, {}
     for i, (cell, path) in enumerate(zip(cells, paths)):
-        ckpt = _checkpoint_of(study, out, study.runs[cell.run], cell.seed)
-        if ckpt not in steps:  # the step alone, not the weights: scoring loads them where it runs
-            steps[ckpt] = checkpoint_step(ckpt)
-        settings = _cell_settings(study, cell, ckpt, steps[ckpt], study.runs[cell.run], refs[cell.metric])
-        records[i] = reusable_record(path, "settings", settings)
-        if records[i] is None:  # missing cells that sample the same images: one job
-            _, group, _, group_settings, group_paths, group_indices = passes.setdefault(
-                cell.images, (study, [], ckpt, [], [], []))
+        run = study.runs[cell.run]
+        source = study.runs[run.weights_of or run.name]
+        if not score and trained.setdefault((source.name, cell.seed), _training_record(study, out, source, cell.seed)) is None:
+            continue  # not trained with the study's settings: the runner would train it, or refuse
+        try:
+            ckpt = _checkpoint_of(study, out, run, cell.seed)
+        except S2dmError:
+            if score:
+                raise
+            continue  # not trained yet: nothing of it to report
+        if ckpt not in models:  # the stamp and step alone, not the weights: scoring loads them where it runs
+            models[ckpt] = model_key(ckpt, out)
+        if cell.metric not in ref_keys:
+            continue  # no reference of the study's data (report only): no record of this metric matches
+        settings = _cell_settings(study, cell, run, models[ckpt], ref_keys[cell.metric])
+        records[i] = matching_record(path, settings, out)
+        if records[i] is None and score:  # missing cells that sample the same images: one job
+            _, _, group, _, group_settings, group_paths, group_indices = passes.setdefault(
+                cell.images, (study, out, [], ckpt, [], [], []))
             group.append(cell)
             group_settings.append(settings)
             group_paths.append(path)
             group_indices.append(i)
+    if not score:
+        found = [r for r in records if r is not None]
+        return found, sum(1 for r, p in zip(records, paths) if r is None and p.is_file())
     jobs = list(passes.values())
     count = worker_count(workers, len(jobs), pick_device("auto"))
     bar = tqdm(total=len(cells), initial=sum(r is not None for r in records), desc=f"study cells ({plural(count, 'worker')})",
@@ -273,7 +389,7 @@ def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = T
 
     with bar:
         run_jobs(_score_job, jobs, count, finished)
-    return records
+    return records, 0
 
 
 # What a worker process keeps between its jobs: the study's reference statistics and feature
@@ -302,7 +418,7 @@ def _extractor(metric: str, ref: Stats, device) -> FeatureExtractor:
     return FeatureExtractor(metric, device="cpu" if metric == "pixels" else device, progress=False)
 
 
-def _score_job(study: Study, cells: List[Cell], ckpt: Path, settings: List[dict], paths: List[Path],
+def _score_job(study: Study, out: Path, cells: List[Cell], ckpt: Path, settings: List[dict], paths: List[Path],
                indices: List[int]) -> List[dict]:
     """Score the cells of one sampling pass and write their records; runs in a worker process
     (or in-process)."""
@@ -313,7 +429,7 @@ def _score_job(study: Study, cells: List[Cell], ckpt: Path, settings: List[dict]
             models.pop(next(iter(models)))
         models[key] = load_checkpoint(ckpt, device=device)
     ck = models[key]
-    refs = [_cached(_file_key(s["ref"]), lambda s=s: Stats.load(s["ref"])) for s in settings]
+    refs = [_cached(_file_key(out / s["ref"]), lambda s=s: Stats.load(out / s["ref"])) for s in settings]
     extractors = [_cached(("extractor", c.metric, r.weights_sha256), lambda c=c, r=r: _extractor(c.metric, r, device))
                   for c, r in zip(cells, refs)]
     cfg = ck.config
@@ -330,37 +446,46 @@ def _score_job(study: Study, cells: List[Cell], ckpt: Path, settings: List[dict]
 
 
 def write_mosaics(study: Study, out: Path) -> None:
-    """A 10×10 mosaic per run (its first seed's model, DDIM at ``mosaic_steps``, image seeds 0..99)."""
+    """A 10×10 mosaic per run (its first seed's model, DDIM at ``mosaic_steps``, image seeds
+    0..99); ``mosaics/<run>.json`` records what it was made from, and a mosaic made otherwise
+    (another checkpoint, a retrained one, other steps) is made again."""
     for run in study.runs.values():
         path = out / "mosaics" / f"{path_name(run.name)}.png"
         source = out / "runs" / model_name(run.weights_of or run.name, run.seeds[0])
-        if path.is_file() or not (source / "study_done.json").is_file():
+        if not (source / "study_done.json").is_file():
+            continue
+        ckpt = _checkpoint_of(study, out, run, run.seeds[0])
+        options = SampleOptions(sampler="ddim", steps=study.mosaic_steps, eps_scale=run.eps_scale or None)
+        made_from = {**model_key(ckpt, out), **options.as_dict(), "image_seeds": "0-99"}
+        if path.is_file() and read_record(path.with_suffix(".json")) == made_from:
             continue
         device = pick_device("auto")
-        ck = load_checkpoint(_checkpoint_of(study, out, run, run.seeds[0]), device=device)
+        ck = load_checkpoint(ckpt, device=device)
         cfg = ck.config
         images, _ = generate(ck.ema, NoiseSchedule.from_config(cfg.diffusion), range(100),
                              image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                             batch_size=100, device=device,
-                             **SampleOptions(sampler="ddim", steps=study.mosaic_steps,
-                                            eps_scale=run.eps_scale or None).as_kwargs())
+                             batch_size=100, device=device, **options.as_kwargs())
         save_mosaic(images, path)
+        atomic_write_text(path.with_suffix(".json"), json.dumps(made_from, indent=2))
 
 
 def run_study(config, out=None, quick: bool = False, progress: bool = True, report_only: bool = False,
               workers: Union[int, str] = "auto") -> Path:
     """The whole study: train, evaluate, grids, results.csv, report.md, fd_vs_nfe.png.
-    ``report_only``: no training or sampling, the report of the cells scored so far.
-    ``workers``: jobs (models to train, cells to score) run at once on a CPU, each with one
-    thread (util/workers.py); ``auto`` is one per CPU. The results do not depend on it."""
+    ``report_only``: no training or sampling (no mosaics either), the report of the cells scored
+    so far with the study's current settings. ``workers``: jobs (models to train, cells to
+    score) run at once on a CPU, each with one thread (util/workers.py); ``auto`` is one per
+    CPU. The results do not depend on it."""
     study = load_study(config, quick=quick)
+    check_configs(study)
     out = Path(out) if out else Path("runs") / (Path(config).stem + ("-quick" if quick else ""))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with one_thread():  # what runs here (reference statistics, mosaics) as in the workers
         train_seconds = train_all(study, out, train_missing=not report_only, workers=workers, progress=progress)
-        records = evaluate_all(study, out, progress=progress, score=not report_only, workers=workers)
-        write_mosaics(study, out)
+        records, stale = evaluate_all(study, out, progress=progress, score=not report_only, workers=workers)
+        if not report_only:
+            write_mosaics(study, out)
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
     best_of = questions.training_free(study) if study.v2 else ()
@@ -371,7 +496,8 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     cost = {"train_seconds": sum(train_seconds.values()), "eval_seconds": sum(r["seconds"] for r in records),
             "this_invocation_seconds": time.time() - t0, "cells_planned": planned,
             "workers": worker_count(workers, planned, pick_device("auto")),
-            "cells_scored": len(records), "report_only": report_only}
+            "cells_scored": len(records), "cells_stale": stale,
+            "cells_earlier": sum(1 for r in records if r.get("earlier")), "report_only": report_only}
     atomic_write_text(out / "report.md", questions.study_report(rows, study, cost, out, ema=ema_settings(study),
                                                                 clip=grad_clip_windows(study, out)))
     return out

@@ -165,9 +165,7 @@ def load_study(path, quick: bool = False) -> Study:
         spec = build_dataclass(StudyFile, raw)
     except S2dmError as exc:  # a key or value of the study YAML: a StudyError naming the file and key
         raise StudyError(f"{path}: {exc}") from None
-    train_config = (path.parent / spec.train_config).resolve()
-    if not train_config.is_file():
-        raise StudyError(f"{path}: train_config {spec.train_config} not found at {train_config}")
+    train_config = _train_config(spec.train_config, path)
     runs: Dict[str, Run] = {}
     sweeps: Dict[str, List[str]] = {}
     for name, r in spec.runs.items():
@@ -209,6 +207,19 @@ def load_study(path, quick: bool = False) -> Study:
         _apply_quick(study, spec.quick, path)
     _validate(study, SAMPLERS)
     return study
+
+
+def _train_config(name: str, path: Path) -> Path:
+    """``train_config`` next to the study file, else a shipped config of that bare name (a study
+    YAML copied elsewhere still finds ``digits.yaml``)."""
+    beside = (path.parent / name).resolve()
+    bare = Path(name).parent == Path(".")
+    if beside.is_file():
+        return beside
+    shipped = next((p for p in shipped_configs() if bare and name in (p.name, p.stem)), None)
+    if shipped is not None:
+        return shipped.resolve()
+    raise StudyError(f"{path}: train_config {name} not found at {beside}" + (" nor among the shipped configs" if bare else ""))
 
 
 def _label(text, where: str) -> Optional[str]:
@@ -320,7 +331,8 @@ def _validate(study: Study, samplers) -> None:
             bad = [s for s in run.samplers if s not in samplers]
             if bad:
                 raise StudyError(f"{where}: runs.{run.name}.samplers: unknown sampler {bad[0]!r}")
-            run.samplers = [s for s in run.samplers if s in study.samplers]  # a quick preset may drop some
+            used = set(study.samplers) | set(study.fid_samplers or ())
+            run.samplers = [s for s in run.samplers if s in used]  # a quick preset may drop some
     for s in list(study.samplers) + list(study.fid_samplers or []):
         if s not in samplers:
             raise StudyError(f"{where}: unknown sampler {s!r}; choose from {', '.join(samplers)}")

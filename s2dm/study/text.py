@@ -89,4 +89,7 @@ def paired_text(d: Optional[Summary], base_mean: Optional[float]) -> str:
 
 
 def table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    """A Markdown table; a ``|`` inside a cell (``|a−b|``) is escaped, or it would split the cell."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return [line(head), "|" + "---|" * len(head)] + [line(r) for r in rows]

@@ -1,0 +1,185 @@
+"""s2dm study: a record is reused, reported or a mosaic kept only when it was made from the
+model, data and settings the study asks for now; and the checks made before anything is written."""
+import copy
+import csv
+import json
+import os
+
+import pytest
+import yaml
+
+from s2dm.cli import main
+from s2dm.errors import UserError
+from s2dm.study import questions as Q, runner, text as T
+from s2dm.study.spec import load_study
+from s2dm.study.stats import Summary
+
+from conftest import ROOT
+from test_study import TOY
+
+
+def write(tmp_path, data, name="toy.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _mtimes(folder):
+    return {p: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_cells_and_mosaics_follow_the_model_not_its_path(tmp_path, monkeypatch):
+    data = copy.deepcopy(TOY)
+    data["eval"]["samplers"] = ["ddim"]
+    cfg, out = write(tmp_path, data), tmp_path / "out"
+    assert main(["study", "--config", str(cfg), "--out", str(out)]) == 0
+    cells, mosaic = _mtimes(out / "cells"), out / "mosaics" / "s2dm.png"
+    rows = {r["run"] + r["draw"]: r for r in csv.DictReader((out / "results.csv").open())}
+    # the grid, η, checkpoint and reference of every number, the checkpoint relative to the study folder
+    assert rows["s2dmmain"]["grid"] == "uniform" and float(rows["s2dmmain"]["eta"]) == 0.0
+    assert rows["s2dmmain"]["checkpoint"].startswith("runs/s2dm-s0/checkpoints/") and rows["s2dmmain"]["ref"] == "ref_pixels.npz"
+    assert "`uniform` timestep grid with η = 0" in (out / "report.md").read_text()
+
+    # --out spelled otherwise (relative, from its parent): every record is reused
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "--config", str(cfg), "--out", "out"]) == 0
+    assert _mtimes(out / "cells") == cells
+
+    # a retrained s2dm (another loss.tau, its old run folder deleted) at the same path and step:
+    # its cells and its mosaic are made again, the baseline's are kept
+    made = mosaic.stat().st_mtime_ns
+    data["runs"]["s2dm"]["set"]["loss.tau"] = 0.5
+    cfg = write(tmp_path, data)
+    assert main(["study", "--config", str(cfg), "--out", "out"]) == 2  # a changed config is refused
+    for p in (out / "runs" / "s2dm-s0").rglob("*"):
+        if p.is_file():
+            p.unlink()
+    assert main(["study", "--config", str(cfg), "--out", "out"]) == 0
+    after = _mtimes(out / "cells")
+    assert after[out / "cells" / "s2dm-s0" / "ddim-4.json"] != cells[out / "cells" / "s2dm-s0" / "ddim-4.json"]
+    assert after[out / "cells" / "baseline-s0" / "ddim-4.json"] == cells[out / "cells" / "baseline-s0" / "ddim-4.json"]
+    assert mosaic.stat().st_mtime_ns != made
+    # other mosaic steps: every mosaic is made again
+    made = {p: p.stat().st_mtime_ns for p in (out / "mosaics").glob("*.png")}
+    data["eval"]["mosaic_steps"] = 2
+    cfg = write(tmp_path, data)
+    assert main(["study", "--config", str(cfg), "--out", "out"]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in made.items())
+
+    # --report-only with another eval.n: the records of n=48 are stale, left out and counted; no mosaic is made
+    made = _mtimes(out / "mosaics")
+    (out / "mosaics" / "baseline.png").unlink()
+    data["eval"]["n"] = 40
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", "out", "--report-only"]) == 0
+    report = (out / "report.md").read_text()
+    assert "**Incomplete: 0 of 3 cells scored.** 3 records on disk were made with other settings" in report
+    assert "FD-pixels-48" not in report and not (out / "results.csv").read_text().strip().count("\n")
+    assert not (out / "mosaics" / "baseline.png").exists()
+    assert {p: t for p, t in _mtimes(out / "mosaics").items()} == {p: t for p, t in made.items() if p.name != "baseline.png"}
+
+    # train.steps lowered below what the runs are trained to: one error naming the run folder
+    data["eval"]["n"] = 48
+    data["set"]["train.steps"] = 8
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", "out"]) == 2
+
+
+@pytest.mark.slow
+def test_a_run_trained_past_train_steps_is_refused(tmp_path, capsys):
+    data = copy.deepcopy(TOY)
+    data["runs"] = {"baseline": data["runs"]["baseline"]}
+    data.pop("effect")
+    data["eval"].update(samplers=["ddim"], n=8)
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out)]) == 0
+    data["set"]["train.steps"] = 8
+    capsys.readouterr()
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one error line
+    assert err.startswith("error: ") and "baseline-s0 is trained to step 12 but the study asks train.steps=8" in err
+    assert "delete that run folder" in err and not (out / "runs" / "baseline-s0" / "study_done.json").read_text().count('"steps": 8')
+
+
+def test_the_reference_is_made_again_for_other_data(tmp_path):
+    data = copy.deepcopy(TOY)
+    out = tmp_path / "out"
+    out.mkdir()
+    study = load_study(write(tmp_path, data))
+    runner.reference(study, out, "pixels")
+    ref = out / "ref_pixels.npz"
+    made = ref.stat().st_mtime_ns
+    runner.reference(study, out, "pixels")
+    assert ref.stat().st_mtime_ns == made  # the same data: kept
+    data["set"]["data.random_flip"] = True
+    other = load_study(write(tmp_path, data))
+    assert runner.reference(other, out, "pixels", make=False) is None  # --report-only: no statistics of other data
+    runner.reference(other, out, "pixels")
+    assert ref.stat().st_mtime_ns != made
+
+
+def test_earlier_records_are_used_only_when_what_they_record_matches(tmp_path):
+    """A record of an earlier s2dm (absolute paths, no stamp, hash, grid or η) is used when all
+    it records matches and the checkpoint and reference are older than it."""
+    ckpt = tmp_path / "runs" / "b-s0" / "checkpoints" / "c.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    (tmp_path / "ref_pixels.npz").write_bytes(b"y")
+    wanted = {"checkpoint": "runs/b-s0/checkpoints/c.pt", "checkpoint_stamp": "1:2", "checkpoint_step": 12,
+              "sampler": "ddim", "steps": 4, "grid": "uniform", "eta": 0.0, "order": 3, "eps_scale": None, "n": 48,
+              "image_seeds": "0-47", "metric": "pixels", "ref": "ref_pixels.npz", "ref_n": 1797, "ref_sha256": "ab"}
+    earlier = {k: v for k, v in wanted.items() if k not in runner.LATER_KEYS}
+    earlier.update(checkpoint=f"/elsewhere/study/{wanted['checkpoint']}", ref="study/ref_pixels.npz")
+    path = tmp_path / "cell.json"
+    path.write_text(json.dumps({"value": 1.0, "settings": earlier}))
+    assert runner.matching_record(path, wanted, tmp_path)["earlier"] is True
+    assert runner.matching_record(path, {**wanted, "n": 40}, tmp_path) is None
+    assert runner.matching_record(path, {**wanted, "eta": 0.5}, tmp_path) is None
+    os.utime(ckpt, ns=(path.stat().st_mtime_ns + 10**9,) * 2)  # the checkpoint written after the record
+    assert runner.matching_record(path, wanted, tmp_path) is None
+    path.write_text(json.dumps({"value": 1.0, "settings": wanted}))
+    assert runner.matching_record(path, wanted, tmp_path)["value"] == 1.0
+    assert runner.matching_record(path, {**wanted, "checkpoint_stamp": "3:4"}, tmp_path) is None
+
+
+def test_opposite_point_estimates_are_counted_at_any_scale():
+    small = {("a", "ddim", 10): Summary([1e-4, 2e-4]), ("b", "ddim", 10): Summary([3.0, 2.0])}
+    other = {("a", "ddim", 10): Summary([-2.0, -1.0]), ("b", "ddim", 10): Summary([1.0, 2.0])}
+    assert Q.disagreements(small, other)[1:] == (1, 2)
+
+
+def test_a_pipe_in_a_table_cell_is_escaped():
+    head, sep, row = T.table(["x", "noise |a−b|"], [["1", "|2|"]])
+    assert head == "| x | noise \\|a−b\\| |" and sep == "|---|---|" and row == "| 1 | \\|2\\| |"
+
+
+def test_fid_cells_keep_a_runs_samplers(tmp_path):
+    data = copy.deepcopy(TOY)
+    data["runs"]["s2dm"]["samplers"] = ["ddim"]
+    data["eval"]["fid"] = {"n": 10, "steps": [4], "samplers": ["ddim", "deis"]}
+    cells = runner.plan_cells(load_study(write(tmp_path, data)))
+    fid = {(c.run, c.sampler) for c in cells if c.metric == "inception"}
+    assert fid == {("baseline", "ddim"), ("baseline", "deis"), ("s2dm", "ddim")}
+
+
+def test_a_copied_study_finds_its_training_config_by_bare_name(tmp_path):
+    data = copy.deepcopy(TOY)
+    data["train_config"] = "digits.yaml"
+    assert load_study(write(tmp_path, data)).train_config == (ROOT / "configs" / "digits.yaml").resolve()
+    data["train_config"] = "nope.yaml"
+    with pytest.raises(UserError, match=r"train_config nope.yaml not found at .*nope.yaml nor among the shipped configs"):
+        load_study(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("where, change, words", [
+    ("run", {"loss.typo": 1}, "runs.s2dm.set: loss.typo: unknown key"),
+    ("run", {"train.steps": "abc"}, "runs.s2dm.set: train.steps"),
+    ("study", {"loss.typo": 1}, ": set: loss.typo: unknown key"),
+])
+def test_a_bad_set_key_names_the_run_and_leaves_no_folder(tmp_path, capsys, where, change, words):
+    data = copy.deepcopy(TOY)
+    (data["runs"]["s2dm"]["set"] if where == "run" else data["set"]).update(change)
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1
+    assert not out.exists()
