@@ -132,9 +132,15 @@ def cmd_fid(args) -> int:
 
     if args.dims is not None and args.features not in (None, "inception"):
         raise MetricError(f"--dims chooses an Inception block; --features {args.features} has none")
+    if args.classifier is not None:  # the library's one `weights`: Inception's file, or FD-cnn's classifier
+        if args.features not in (None, "cnn") or args.inception_weights is not None:
+            raise MetricError("--classifier is FD-cnn's network; it goes with --features cnn, without "
+                              "--inception-weights")
+        args.features = "cnn"
     paths = list(args.paths)
+    weights = args.classifier if args.classifier is not None else args.inception_weights
     common = dict(n=args.n, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
-                  weights=args.inception_weights, allow_download=args.allow_download, progress=not args.json)
+                  weights=weights, allow_download=args.allow_download, progress=not args.json)
     if paths and paths[0] == "ref":
         sources = paths[1:] + ([args.config] if args.config else [])
         if len(sources) != 1:
@@ -381,6 +387,9 @@ def _fid_parser(sub) -> None:
                         "labelled FD-inception<d>)")
     f.add_argument("--batch-size", type=_positive_int, default=50, help="Inception batch size (default 50)")
     _inception_args(f)
+    f.add_argument("--classifier", metavar="PATH",
+                   help="FD-cnn: the classifier file (default: the one an FD-cnn .npz side was made with, or "
+                        "trained on --config's data set)")
     f.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     f.set_defaults(func=cmd_fid)
 
@@ -466,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # An error's key as the Python API spells it, where the flag's dest is another name.
-KEY_DESTS = {"overrides": "set", "use_ema": "ema"}
+KEY_DESTS = {"overrides": "set", "use_ema": "ema", "weights": "classifier"}  # weights: FD-cnn's (Inception's is inception_weights)
 
 
 def _option_of(parser: argparse.ArgumentParser, verb: str, key: Optional[str]) -> Optional[argparse.Action]:

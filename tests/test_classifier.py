@@ -384,3 +384,24 @@ def test_fashion_mnist_classifier_and_fd(tmp_path):
     assert metric_label(train.metric, train.n) == "FD-cnn" and metric_label(test.metric, test.n) == "FD-cnn-10k"
     held, far = frechet_distance(test, train), frechet_distance(noise, train)
     assert frechet_distance(train, train) < 1e-6 and 0 < held < 0.05 * far, (held, far)
+
+
+def test_cli_two_folders_with_the_classifier_flag(digits_clf, digits_ref, tmp_path, capsys):
+    """`s2dm fid A B --classifier PATH`: FD-cnn of two folders (the classifier's flag; it was
+    reachable only as --inception-weights), equal to A against the statistics of B."""
+    from s2dm.cli import main
+
+    d = C.labelled_data(DIGITS)
+    held = png_folder(tmp_path / "held", d.test_x)
+    train = png_folder(tmp_path / "train", dataset_tensor(load_dataset(DIGITS)).to(torch.uint8))
+    assert main(["fid", str(held), str(train), "--classifier", str(digits_clf.path), "--device", "cpu", "--json"]) == 0
+    res = __import__("json").loads(capsys.readouterr().out)
+    assert res["label"] == "FD-cnn-359" and res["weights"]["sha256"] == digits_clf.sha256
+    against_npz = compare(held, digits_ref, device="cpu", progress=False)["value"]
+    # the same float64 features of the same pixels: measured equal; 1e-12 leaves room for the
+    # rounding of moment sums taken in other batches
+    assert res["value"] == pytest.approx(against_npz, rel=1e-12)
+    assert main(["fid", str(held), str(train), "--features", "cnn"]) == 2
+    assert "(--classifier PATH)" in capsys.readouterr().err
+    assert main(["fid", str(held), str(train), "--classifier", str(digits_clf.path), "--features", "pixels"]) == 2
+    assert capsys.readouterr().err.startswith("error: --classifier is FD-cnn's network")

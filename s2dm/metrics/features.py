@@ -77,8 +77,8 @@ class FeatureExtractor:
         elif self.data is not None:
             path, how = dist.run0(lambda: ensure_classifier(self.data)), "s2dm cache"
         else:
-            raise MetricError("FD-cnn features need their classifier: the data set's config (data) or a "
-                              "classifier file (weights)", key="weights")
+            raise MetricError("FD-cnn features need their classifier: a classifier file (weights=PATH), or the "
+                              "labelled data set's config to train one on", key="weights")
         clf = load_classifier(path).to(self.device)
         self.classifier, self._model = clf, clf.model
         self.weights_path, self.weights_how, self.weights_sha256 = path, how, clf.sha256

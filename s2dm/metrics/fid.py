@@ -161,7 +161,7 @@ def _classifier_of(sides: Sequence[Side], weights: Optional[PathLike]) -> Option
     if all(s.images is None for s in sides) or weights is not None:
         return weights
     if not stats:
-        raise MetricError("FD-cnn of two folders needs the classifier: a classifier file (weights), or "
+        raise MetricError("FD-cnn of two folders needs the classifier: a classifier file (weights=PATH), or "
                           "FD-cnn statistics (.npz) as one side", key="weights")
     return find_classifier(stats[0].weights_sha256, stats[0].weights_path, stats[0].path)
 
