@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import signal
+import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -56,6 +57,22 @@ def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Processes started inside ignore Ctrl-C from their first instruction (an ignored signal
+    stays ignored across exec, and Python then installs no handler): ``_start_worker`` runs
+    only after a worker has imported torch, and a Ctrl-C in between printed a worker's
+    KeyboardInterrupt traceback. The submissions that start the workers take milliseconds."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
              on_done: Optional[Callable[[int, Any], None]] = None) -> List[Any]:
     """``fn(*job)`` for every job, ``workers`` at a time, each with one thread; the results in
@@ -82,7 +99,8 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
                                initializer=_start_worker)
     futures = {}
     try:
-        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        with _children_ignore_sigint():
+            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
