@@ -235,6 +235,8 @@ def test_label_counts_the_samples_not_the_smaller_side(tmp_path, capsys):
     assert cli_json(capsys, "fid", small, big, "--features", "pixels")["label"] == "FD-pixels-5"
     assert cli_json(capsys, "fid", big, ref, "--n", "7")["label"] == "FD-pixels-7"
     expect_error(capsys, ["fid", ref, ref, "--n", "3"], "n 3", "both statistics")
+    # the kind an .npz holds counts as given: --dims beside FD-pixels statistics is refused too
+    expect_error(capsys, ["fid", big, ref, "--dims", "64"], "--dims 64 chooses an Inception block")
 
 
 def test_pixels_of_another_layout_are_refused(tmp_path, capsys):

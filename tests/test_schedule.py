@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -94,8 +95,11 @@ def test_quad_grid_matches_ddim_code_and_dedups():
     expected = [int(s) for s in np.linspace(0, math.sqrt(800), 10) ** 2][::-1]
     assert g[:-1].tolist() == expected and g[0] == 800
     assert len(timestep_grid("quad", 20, 1000)) == 21
-    # The DDIM code's quad grid repeats t=0 from S=50 on: a wasted network call there.
-    for S, walked in ((50, 49), (100, 96)):
+    # The DDIM code's quad grid repeats t=0 from S=30 on (800/(S-1)^2 < 1): a wasted network call.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(timestep_grid("quad", 29, 1000)) == 30
+    for S, walked in ((30, 29), (50, 49), (100, 96)):
         with pytest.warns(UserWarning, match="coincide"):
             g = timestep_grid("quad", S, 1000)
         expected = sorted({int(s) for s in np.linspace(0, math.sqrt(800), S) ** 2}, reverse=True)

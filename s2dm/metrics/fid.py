@@ -207,6 +207,8 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
         features = features or (parse_kind(npz_kinds[0])[0] if npz_kinds else "inception")
         kind = feature_kind(features, dims or (npz_dims[0] if npz_dims else 2048))
     feat, d = parse_kind(kind)
+    if dims is not None and feat != "inception":  # e.g. the features an FD-pixels .npz holds
+        raise MetricError(f"dims {dims} chooses an Inception block; {metric_name(kind)} features have none", key="dims")
     for s in sides:
         if s.stats is not None and s.stats.features != kind:
             raise MetricError(f"cannot compare {metric_name(s.stats.features)} statistics {s.path} "
