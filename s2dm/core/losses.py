@@ -107,7 +107,7 @@ def skip_step_loss(
         eps_prime = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     l0 = _per_sample((noise - eps).square(), reduction)
-    c = _expand(skip_coefficient(schedule, t, skip), eps)
+    c = _expand(skip_coefficient(schedule, t, skip), x0)  # x0's float32, not a bf16/fp16 autocast output's
     lskip = _per_sample((eps_prime - c * eps).square(), reduction)
     active = (t >= skip).to(device=l0.device)
     per_sample = torch.where(active, tau * l0 + (1.0 - tau) * lskip, l0)
