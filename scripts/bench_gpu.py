@@ -247,7 +247,7 @@ def bench_fid_features(args, device) -> dict:
 # ---------------------------------------------------------------------------------------
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", help="auto (cuda if present) | cuda | cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if present) | cuda | cuda:N | cpu")
     p.add_argument("--config", default="configs/cifar10.yaml")
     p.add_argument("--batch", type=int, default=None, help="training batch (default: 128 on CUDA, 8 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 10 / 1)")
@@ -264,14 +264,17 @@ def main() -> None:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device(args.device if cuda and args.device.startswith("cuda") else "cuda" if cuda else "cpu")
     gpu = dict(batch=128, warmup=10, steps=20, windows=3, sample_n=1024, sample_batch=256, fid_n=2000, fid_batch=200)
     cpu = dict(batch=8, warmup=1, steps=3, windows=1, sample_n=4, sample_batch=4, fid_n=16, fid_batch=8)
     for key, value in (gpu if cuda else cpu).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (PyTorch's default)
+        # fp32 means IEEE fp32, for s2dm and diffusers alike: PyTorch's default runs float32
+        # convolutions in TF32 (matmuls are IEEE by default). Legacy flags, as s2dm's training sets them.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
         where = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
         variants = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False)]
         if not args.no_compile:

@@ -388,3 +388,26 @@ def test_tiny_overrides_are_what_the_equivalence_uses():
     # guard: the equivalence test relies on TINY having no dropout (a per-rank stream)
     cfg = load_config("configs/digits.yaml", TINY)
     assert cfg.model.dropout == 0.0 and cfg.train.batch_size % 2 == 0
+
+
+@pytest.mark.parametrize("precision, ieee", [("fp32", True), ("bf16", False), ("fp16", False)])
+def test_fp32_on_a_gpu_turns_tf32_off(precision, ieee):
+    """PyTorch runs float32 convolutions in TF32 on a GPU by default; s2dm's fp32 is IEEE float32
+    (the flags are process-wide and settable without a GPU; a CPU run leaves them alone)."""
+    import torch.backends.cuda
+    import torch.backends.cudnn
+
+    from s2dm.training.precision import ieee_float32
+
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    before = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = True
+        ieee_float32(precision, torch.device("cpu"))
+        assert all(f.allow_tf32 for f in flags)
+        ieee_float32(precision, torch.device("cuda"))
+        assert [f.allow_tf32 for f in flags] == [not ieee, not ieee]
+    finally:
+        for f, value in zip(flags, before):
+            f.allow_tf32 = value

@@ -153,9 +153,9 @@ def train_step(cfg: Config, state: RunState, x0: torch.Tensor, schedule: NoiseSc
     draws = draw_step(cfg, step, (cfg.train.batch_size, *x0.shape[1:]))
     if (a, b) != (0, cfg.train.batch_size):
         draws = draws.rows(a, b)
+    x0 = x0.to(device, non_blocking=True)  # the loader's pinned batch itself: a flip first would copy it unpinned
     if draws.flip is not None:
-        x0 = torch.where(draws.flip[:, None, None, None], x0.flip(3), x0)
-    x0 = x0.to(device, non_blocking=True)
+        x0 = torch.where(draws.flip.to(device)[:, None, None, None], x0.flip(3), x0)
     if cfg.train.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(dropout_seed(cfg, step))

@@ -1,6 +1,6 @@
 """Mixed precision and memory layout for training: ``train.precision``, ``channels_last``, ``compile``.
 
-- ``fp32``: plain float32.
+- ``fp32``: plain float32, IEEE on a GPU too (``ieee_float32``: no TF32).
 - ``bf16``: ``torch.autocast(device, bfloat16)`` around the forward and the loss; weights,
   gradients, Adam and the EMA stay float32. No loss scaling (bf16 has float32's range).
 - ``fp16``: ``torch.autocast(device, float16)`` plus a ``torch.amp.GradScaler``: the loss is
@@ -33,6 +33,16 @@ def check_supported(precision: str, device: torch.device) -> None:
     if device.type not in ("cuda", "cpu") and precision != "fp32":
         raise ConfigError(f"train.precision: {precision} autocast is supported on cuda and cpu, not "
                           f"{device.type}; use fp32", key="train.precision")
+
+
+def ieee_float32(precision: str, device: torch.device) -> None:
+    """fp32 on a GPU is IEEE float32: PyTorch runs float32 convolutions in TF32 (a 10-bit
+    mantissa) on Ampere and newer by default, which would make fp32 runs, and their comparison
+    with bf16, something else than their label. The legacy flags: mixing them with the newer
+    ``fp32_precision`` API makes later reads of either raise."""
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def autocast(precision: str, device: torch.device):

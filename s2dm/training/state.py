@@ -23,7 +23,7 @@ from ..io.checkpoint import load_state_strict, read_checkpoint, save_run_checkpo
 from ..io.config import Config, EvalConfig, saved_as_current
 from ..util import dist
 from ..util.records import first_difference
-from .precision import check_supported, make_scaler, to_channels_last
+from .precision import check_supported, ieee_float32, make_scaler, to_channels_last
 
 
 # Keys that may differ when a run is resumed (they change cadence, length, speed or what is
@@ -106,6 +106,7 @@ def new_state(cfg: Config, device: torch.device) -> RunState:
     """Fresh weights from (train.seed, INIT), whatever loss.type is (the same on every rank)."""
     device = torch.device(device)
     check_supported(cfg.train.precision, device)
+    ieee_float32(cfg.train.precision, device)
     torch.manual_seed(seeds.derive_seed(cfg.train.seed, seeds.INIT))
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
