@@ -534,9 +534,12 @@ def error_message(exc: S2dmError, flag: Optional[str], spell=None) -> str:
     if flag is not None:
         lead = re.match(rf"{re.escape(exc.key)}(?![\w.])", text)
         text = flag + text[lead.end():] if lead else text
+        again = re.match(rf"{re.escape(flag)}: {re.escape(exc.key)}(?![\w.])", text)  # "steps: steps must be ..."
+        text = flag + text[again.end():] if again else text
     if spell is not None:
         text = spell_options(text, spell)
-    if flag is not None and not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text):
+    named = (flag, "--no-" + flag[2:]) if flag is not None else ()  # --ema is named by --no-ema too
+    if flag is not None and not any(re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text) for f in named):
         text = f"{flag}: {text}"
     return text
 

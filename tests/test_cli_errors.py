@@ -214,3 +214,22 @@ def test_a_warning_is_one_line(monkeypatch, capsys):
 def test_a_bad_argument_is_one_line(capsys):
     line = error_line(capsys, ["sample", "--sampler"])
     assert re.match(r"error: --sampler: expected one argument", line), line
+
+
+def test_second_review_messages(tiny_run, tmp_path, capsys):
+    """A flag is not named twice (`--steps: --steps ...`, `--ema:` before `--no-ema`), and a
+    device error of train names its config key."""
+    from s2dm.cli import error_message, flag_of
+    from s2dm.errors import CheckpointError
+
+    line = error_line(capsys, ["sample", "--ckpt", tiny_run, "--out", tmp_path / "s", "--steps", "0"])
+    assert line == "error: --steps must be a positive integer, got 0"
+    line = error_line(capsys, ["sample", "--ckpt", tiny_run, "--out", tmp_path / "s", "--steps", "2000"])
+    assert line == "error: --steps=2000 exceeds the number of training timesteps T=1000"
+    parser = build_parser()
+    exc = CheckpointError("x.pt holds no EMA weights; sample the raw ones with use_ema=False", key="use_ema")
+    spell = lambda name, value: spell_option(parser, "sample", name, value)  # noqa: E731
+    assert error_message(exc, flag_of(parser, "sample", "use_ema"), spell) == \
+        "x.pt holds no EMA weights; sample the raw ones with --no-ema"
+    line = error_line(capsys, ["train", "--config", "digits.yaml", "--out", tmp_path / "r", "--set", "train.device=foo"])
+    assert line == "error: train.device 'foo' is not a device (try cpu, cuda, cuda:1)"

@@ -201,7 +201,7 @@ def check_fits(cfg: Config, weights: StateDict, have: dict, where: str, what: st
     if bad or diff:
         parts = [diff] if diff else []
         parts += [f"first mismatching weight: {bad}"] if bad else []
-        raise InteropError(f"{where}: the {what} weights do not fit {config_name}'s model: {'; '.join(parts)}")
+        raise InteropError(f"{where}: the {what} weights do not fit the model of {config_name}: {'; '.join(parts)}")
 
 
 def _float32(sd: StateDict) -> StateDict:
@@ -234,7 +234,7 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
         raise InteropError(f"layout {layout!r}: expected diffusers or ddim", key="layout")
     cfg = assemble_config(config, overrides, model, size, channels, diffusion)
     have = architecture(model, size, channels)
-    name = str(config) if config else "the config inferred from it"
+    name = str(config) if config else "the config read off the weights and the overrides"
     check_fits(cfg, sd, have, str(info["weights"]), "model", name)
     if ema is not None:
         check_fits(cfg, ema, have, str(info["weights"]), "EMA", name)

@@ -114,7 +114,8 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
     folder; 'ddim': a state-dict file) at ``out``. Returns a summary."""
     out = Path(out)
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):
-        raise InteropError(f"{out} exists and is not empty; overwrite it with force=True", key="force")
+        raise InteropError(f"{out} exists{'' if out.is_file() else ' and is not empty'}; overwrite it with force=True",
+                           key="force")
     path = resolve_checkpoint(ckpt)
     state = read_checkpoint(path)
     cfg = config_from_saved(state["config"])

@@ -42,7 +42,7 @@ from ..core.ema import ema_decay_at, update_ema
 from ..core.losses import l0_loss, skip_step_loss
 from ..core.schedule import NoiseSchedule
 from ..core.unet import count_parameters
-from ..errors import Interrupted, RunError
+from ..errors import Interrupted, RunError, S2dmError
 from ..io.checkpoint import LATEST, init_weights_from, point, pointer_target
 from ..io.config import Config
 from ..io.data import load_dataset
@@ -255,7 +255,10 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
     # Everything that can fail before step 1 (folder state, device, data, checkpoints, weights
     # to start from) is checked before the run folder is created: no empty run folders.
     resuming = dist.run0(lambda: check_folder(out, resume, force))
-    device = pick_device(cfg.train.device)
+    try:
+        device = pick_device(cfg.train.device)
+    except S2dmError as exc:  # "device cuda: ..." names the config key it came from
+        raise exc.retold(f"train.{exc}", key="train.device") from None
     dataset = load_dataset(cfg.data)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     state = new_state(cfg, device)
