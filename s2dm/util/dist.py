@@ -91,13 +91,29 @@ def session():
     group at the end, also after an error."""
     init()
     quiet = open(os.devnull, "w") if env_rank() != 0 else None
+    finished = False
     try:
         with (contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext()):
             yield
+        finished = True
     finally:
         if quiet:
             quiet.close()
-        cleanup()
+        cleanup(wait_for_all=finished)
+
+
+def cleanup(wait_for_all: bool = False) -> None:
+    """Leave the process group (no-op for a plain process). ``wait_for_all``: first wait until
+    every rank is done. Rank 0 writes results after the last collective; a rank that left
+    the group and exited meanwhile closed its gloo connections under rank 0's, which then
+    aborted once in a CI run ("terminate called without an active exception"). After an
+    error there is no waiting: another rank may be gone."""
+    if is_initialized():
+        import torch.distributed as dist  # torch.distributed bits: only under torchrun
+
+        if wait_for_all:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def error_text(exc: BaseException, message: Optional[str] = None) -> Optional[str]:
@@ -110,14 +126,6 @@ def error_text(exc: BaseException, message: Optional[str] = None) -> Optional[st
     if getattr(exc, "all_ranks", False):
         return None
     return f"[rank {env_rank()}] {message}"
-
-
-def cleanup() -> None:
-    """Leave the process group (no-op for a plain process)."""
-    if is_initialized():
-        import torch.distributed as dist  # torch.distributed bits: only under torchrun
-
-        dist.destroy_process_group()
 
 
 def rank() -> int:
