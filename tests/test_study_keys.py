@@ -10,7 +10,7 @@ import yaml
 
 from s2dm.cli import main
 from s2dm.errors import UserError
-from s2dm.study import questions as Q, runner, text as T
+from s2dm.study import questions as Q, records, runner, text as T
 from s2dm.study.spec import load_study
 from s2dm.study.stats import Summary
 
@@ -127,18 +127,18 @@ def test_earlier_records_are_used_only_when_what_they_record_matches(tmp_path):
     wanted = {"checkpoint": "runs/b-s0/checkpoints/c.pt", "checkpoint_stamp": "1:2", "checkpoint_step": 12,
               "sampler": "ddim", "steps": 4, "grid": "uniform", "eta": 0.0, "order": 3, "eps_scale": None, "n": 48,
               "image_seeds": "0-47", "metric": "pixels", "ref": "ref_pixels.npz", "ref_n": 1797, "ref_sha256": "ab"}
-    earlier = {k: v for k, v in wanted.items() if k not in runner.LATER_KEYS}
+    earlier = {k: v for k, v in wanted.items() if k not in records.LATER_KEYS}
     earlier.update(checkpoint=f"/elsewhere/study/{wanted['checkpoint']}", ref="study/ref_pixels.npz")
     path = tmp_path / "cell.json"
     path.write_text(json.dumps({"value": 1.0, "settings": earlier}))
-    assert runner.matching_record(path, wanted, tmp_path)["earlier"] is True
-    assert runner.matching_record(path, {**wanted, "n": 40}, tmp_path) is None
-    assert runner.matching_record(path, {**wanted, "eta": 0.5}, tmp_path) is None
+    assert records.matching_record(path, wanted, tmp_path)["earlier"] is True
+    assert records.matching_record(path, {**wanted, "n": 40}, tmp_path) is None
+    assert records.matching_record(path, {**wanted, "eta": 0.5}, tmp_path) is None
     os.utime(ckpt, ns=(path.stat().st_mtime_ns + 10**9,) * 2)  # the checkpoint written after the record
-    assert runner.matching_record(path, wanted, tmp_path) is None
+    assert records.matching_record(path, wanted, tmp_path) is None
     path.write_text(json.dumps({"value": 1.0, "settings": wanted}))
-    assert runner.matching_record(path, wanted, tmp_path)["value"] == 1.0
-    assert runner.matching_record(path, {**wanted, "checkpoint_stamp": "3:4"}, tmp_path) is None
+    assert records.matching_record(path, wanted, tmp_path)["value"] == 1.0
+    assert records.matching_record(path, {**wanted, "checkpoint_stamp": "3:4"}, tmp_path) is None
 
 
 def test_opposite_point_estimates_are_counted_at_any_scale():

@@ -11,7 +11,7 @@ import yaml
 from s2dm.errors import UserError
 from s2dm.metrics import classifier as C
 from s2dm.study import questions as Q, report as R, stats as ST, steps as H4
-from s2dm.study import runner
+from s2dm.study import records, runner
 from s2dm.study.spec import load_study, path_name
 
 from conftest import ROOT
@@ -76,9 +76,9 @@ def test_v1_configs_keep_their_labels_settings_and_report(tmp_path):
     model = {"checkpoint": "runs/baseline-s0/checkpoints/c.pt", "checkpoint_stamp": "1:2", "checkpoint_step": 1200}
     ref = {"ref": "ref_pixels.npz", "ref_n": 1797, "ref_sha256": "ab"}
     settings = runner._cell_settings(study, cell, study.runs["control"], model, ref)
-    # the v1 record's keys and those an earlier s2dm did not record (runner._earlier_record)
+    # the v1 record's keys and those an earlier s2dm did not record (records._earlier_record)
     assert sorted(settings) == sorted(["checkpoint", "checkpoint_step", "sampler", "steps", "order", "eps_scale", "n",
-                                       "image_seeds", "metric", "ref", "ref_n"] + list(runner.LATER_KEYS))
+                                       "image_seeds", "metric", "ref", "ref_n"] + list(records.LATER_KEYS))
     assert settings["eps_scale"] == "skip:9,tau:0.99"
     text = Q.study_report(V1_ROWS, study, COST, ROOT)
     assert "## Reading, cell by cell" in text and "## H1" not in text and "Answers" not in text

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
 from ..errors import S2dmError, StudyError
-from ..io.checkpoint import checkpoint_stamp, checkpoint_step, load_checkpoint, resolve_checkpoint
+from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import (Stats, extractor_for, frechet_distance, metric_label, reference_stats,
@@ -41,12 +41,13 @@ from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
 from ..training.loop import train
 from ..util.dist import pick_device
-from ..util.fileio import atomic_write_text, sha256_file
+from ..util.fileio import atomic_write_text
 from ..util.images import save_mosaic
 from ..util.records import read_record
 from ..util.textfmt import plural
 from ..util.workers import one_thread, run_jobs, worker_count
 from . import questions, report
+from .records import matching_record, model_key, reference_key
 from .spec import Run, Study, load_study, path_name
 
 # ---------------------------------------------------------------- models and cells
@@ -205,19 +206,6 @@ def _checkpoint_of(study: Study, out: Path, run: Run, seed: int) -> Path:
     return resolve_checkpoint(out / "runs" / model_name(source, seed))
 
 
-def in_study(path, out: Path) -> str:
-    """A file of the study folder as its path relative to that folder: the records do not depend
-    on how ``--out`` is spelled, and the folder can be moved."""
-    path, root = Path(path).resolve(), Path(out).resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-
-
-def model_key(ckpt: Path, out: Path) -> dict:
-    """The checkpoint a cell samples: its stamp tells a retrained model from the one before."""
-    return {"checkpoint": in_study(ckpt, out), "checkpoint_stamp": checkpoint_stamp(ckpt),
-            "checkpoint_step": checkpoint_step(ckpt)}
-
-
 def reference(study: Study, out: Path, features: str, make: bool = True) -> Optional[Stats]:
     """Statistics of the full training set (the study's data), made once per study folder and
     data: ``ref_<features>.json`` records the data section they were made from, and other data
@@ -243,60 +231,12 @@ def reference(study: Study, out: Path, features: str, make: bool = True) -> Opti
     return Stats.load(stats.path)
 
 
-def reference_key(ref: Stats, out: Path) -> dict:
-    """The reference a cell is scored against: its file and a hash of its contents."""
-    key = {"ref": in_study(ref.path, out), "ref_n": ref.n, "ref_sha256": sha256_file(ref.path)}
-    if ref.features == "cnn":  # another classifier is another metric: the record is redone
-        key["classifier_sha256"] = ref.weights_sha256
-    return key
-
-
 def _cell_settings(study: Study, cell: Cell, run: Run, model: dict, ref: dict) -> dict:
     """A cell's key (``model_key``, ``reference_key``): a record with another is not reused."""
     seeds, o = image_seeds(study, cell), cell_options(study, cell, run)
     return {**model, "sampler": cell.sampler, "steps": cell.steps, "grid": o.grid, "eta": o.eta, "order": o.order,
             "eps_scale": run.eps_scale, "n": cell.n, "image_seeds": f"{seeds.start}-{seeds.stop - 1}",
             "metric": cell.metric, **ref}
-
-
-# What an earlier s2dm's cell record lacks; ``_earlier_record`` decides without them.
-LATER_KEYS = ("checkpoint_stamp", "ref_sha256", "grid", "eta")
-
-
-def _earlier_record(path: Path, recorded: dict, wanted: dict, out: Path) -> bool:
-    """A record made by an earlier s2dm (none of ``LATER_KEYS``) counts as made with ``wanted``
-    when everything it records matches (its checkpoint and reference paths, absolute or as
-    ``--out`` was spelled, end in the wanted ones), ``wanted`` samples with the only grid and η
-    it could (the defaults), and neither the checkpoint nor the reference was written after it
-    (which the stamp and hash it lacks would show)."""
-    if any(k in recorded for k in LATER_KEYS):
-        return False
-    default = SampleOptions()
-    if (wanted["grid"], wanted["eta"]) != (default.grid, default.eta):
-        return False
-    for k in (set(recorded) | set(wanted)) - set(LATER_KEYS):
-        if k in ("checkpoint", "ref"):
-            parts = Path(wanted[k]).parts
-            if not isinstance(recorded.get(k), str) or Path(recorded[k]).parts[-len(parts):] != parts:
-                return False
-        elif recorded.get(k) != wanted.get(k):
-            return False
-    made = path.stat().st_mtime_ns
-    return all((out / wanted[k]).stat().st_mtime_ns <= made for k in ("checkpoint", "ref"))
-
-
-def matching_record(path: Path, wanted: dict, out: Path) -> Optional[dict]:
-    """The cell record at ``path`` if it was made with the key ``wanted`` (the cell is not
-    redone, and the report uses it); an earlier s2dm's record that ``_earlier_record`` accepts
-    comes back with ``wanted`` as its settings and ``earlier: True``."""
-    record = read_record(path)
-    if record is None or not isinstance(record.get("settings"), dict):
-        return None
-    if record["settings"] == wanted:
-        return record
-    if _earlier_record(path, record["settings"], wanted, out):
-        return {**record, "settings": wanted, "earlier": True}
-    return None
 
 
 class OnePass:
