@@ -3,12 +3,8 @@
 A user error (an ``S2dmError``: bad config, missing data, corrupt checkpoint, ...) prints one
 ``error:`` line and exits 2; ``--debug`` shows the traceback instead. A bad argument (argparse)
 is one ``error:`` line with exit status 2 too, and a Python warning one ``warning:`` line.
-Only here do error lines name flags: an error's ``key`` that is one of the verb's arguments
-becomes its flag (``n`` → ``--n``, ``eps_scale`` → ``--eps-scale``); config keys
-(``sample.sampler``) stay. Library messages spell an option as a Python keyword argument
-(``force=True``, ``resume='never'``, ``image_size=32``); where the name is one of the verb's
-arguments, the error line spells it as the flag (``--force``, ``--resume never``,
-``--image-size 32``).
+Only the command line's error lines name flags (``cli_errors.py``: an error's ``key`` and the
+keyword options library messages name, ``force=True``, become the verb's flags).
 """
 from __future__ import annotations
 
@@ -23,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._version import __version__
+from .cli_errors import one_line_warning, error_message, flag_of, spell_option
 from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run_folder_of
 from .io.config import CONFIG_DIR, config_summary, load_config, shipped_configs
@@ -474,82 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# An error's key as the Python API spells it, where the flag's dest is another name.
-KEY_DESTS = {"overrides": "set", "use_ema": "ema", "weights": "classifier"}  # weights: FD-cnn's (Inception's is inception_weights)
-
-
-def _option_of(parser: argparse.ArgumentParser, verb: str, key: Optional[str]) -> Optional[argparse.Action]:
-    """The flag-taking argument of ``verb`` that ``key`` (an API name) names, or None."""
-    if not key:
-        return None
-    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    dest = KEY_DESTS.get(key, key)
-    return next((a for a in verbs[verb]._actions if a.dest == dest and a.option_strings), None)
-
-
-def flag_of(parser: argparse.ArgumentParser, verb: str, key: Optional[str]) -> Optional[str]:
-    """The flag of ``verb``'s argument that an error's ``key`` names (``eps_scale`` →
-    ``--eps-scale``), or None (no key, a config key, a positional argument)."""
-    action = _option_of(parser, verb, key)
-    return action.option_strings[0] if action else None  # the long name: --n, not its alias --num-images
-
-
-# An option as library messages spell it, a Python keyword argument: force=True, resume='never',
-# image_size=32 (not a config key such as model.ch=32: no dot or word character before it).
-_NAME, _VALUE = r"[a-z_][a-z0-9_]*", r"True|False|'[^']*'|-?\d+(?:\.\d+)?|[A-Z][A-Z_]*"  # PATH: a placeholder
-_EDGES = (r"(?<![\w.\-])", r"(?!\w|\.\w)")
-KWARG = re.compile(rf"{_EDGES[0]}({_NAME})=({_VALUE}){_EDGES[1]}")
-KWARG_RUN = re.compile(rf"{_EDGES[0]}{_NAME}=(?:{_VALUE})(?:, {_NAME}=(?:{_VALUE}))*{_EDGES[1]}")
-
-
-def spell_option(parser: argparse.ArgumentParser, verb: str, name: str, value: str) -> Optional[str]:
-    """``force=True`` → ``--force``, ``use_ema=False`` → ``--no-ema``, ``resume='never'`` →
-    ``--resume never``; None where ``name`` is not one of ``verb``'s flags."""
-    action = _option_of(parser, verb, name)
-    if action is None:
-        return None
-    if value in ("True", "False"):
-        want = "--no-" if value == "False" else "--"
-        # store_true's flag, or BooleanOptionalAction's --x / --no-x
-        return next((f for f in action.option_strings if f.startswith(want) and
-                     (value == "False" or not f.startswith("--no-"))), None)
-    return f"{action.option_strings[0]} {value.strip(chr(39))}"
-
-
-def spell_options(text: str, spell) -> str:
-    """``text`` with each run of keyword arguments (``resume='never', force=True``) spelt by
-    ``spell(name, value)`` as flags (``--resume never --force``) where every one is a flag."""
-    def one_run(m: re.Match) -> str:
-        parts = KWARG.findall(m.group(0))
-        flags = [spell(name, value) for name, value in parts]
-        return m.group(0) if None in flags else " ".join(flags)
-    return KWARG_RUN.sub(one_run, text)
-
-
-def error_message(exc: S2dmError, flag: Optional[str], spell=None) -> str:
-    """The error's message naming ``flag``: its leading key replaced by the flag
-    (``n must be ...`` → ``--n must be ...``), else the flag put in front (``--out: ...``)
-    unless the message names it already; ``spell``: see ``spell_options``."""
-    text = str(exc)
-    if flag is not None:
-        lead = re.match(rf"{re.escape(exc.key)}(?![\w.])", text)
-        text = flag + text[lead.end():] if lead else text
-        again = re.match(rf"{re.escape(flag)}: {re.escape(exc.key)}(?![\w.])", text)  # "steps: steps must be ..."
-        text = flag + text[again.end():] if again else text
-    if spell is not None:
-        text = spell_options(text, spell)
-    named = (flag, "--no-" + flag[2:]) if flag is not None else ()  # --ema is named by --no-ema too
-    if flag is not None and not any(re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text) for f in named):
-        text = f"{flag}: {text}"
-    return text
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A Python warning as one ``warning:`` line (not the file, line number and source line
-    that mean nothing to a CLI user)."""
-    print(f"warning: {message}", file=sys.stderr if file is None else file)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -559,7 +480,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     keep_freed_memory()  # the process is s2dm's: small models run ~1.3x faster (util/memory.py)
     try:
         with dist.session(), warnings.catch_warnings():  # catch_warnings restores showwarning after
-            warnings.showwarning = _one_line_warning
+            warnings.showwarning = one_line_warning
             return args.func(args)
     except S2dmError as exc:
         if args.debug:

@@ -22,7 +22,7 @@ LAYERS: Dict[str, int] = {
     "samplers": 2, "io": 2,
     "training": 3, "metrics": 3, "interop": 3, "sampling": 3,
     "study": 4,
-    "cli": 5, "__init__": 5, "__main__": 5,
+    "cli": 5, "cli_errors": 5, "__init__": 5, "__main__": 5,
 }
 
 

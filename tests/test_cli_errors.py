@@ -9,7 +9,8 @@ import torch
 
 from s2dm import cli
 from s2dm._version import __version__
-from s2dm.cli import build_parser, main, spell_option, spell_options
+from s2dm.cli import build_parser, main
+from s2dm.cli_errors import spell_option, spell_options
 from s2dm.errors import ConfigError, InteropError
 from s2dm.interop.convert import convert
 from s2dm.io.config import load_config, shipped_configs
@@ -219,7 +220,7 @@ def test_a_bad_argument_is_one_line(capsys):
 def test_second_review_messages(tiny_run, tmp_path, capsys):
     """A flag is not named twice (`--steps: --steps ...`, `--ema:` before `--no-ema`), and a
     device error of train names its config key."""
-    from s2dm.cli import error_message, flag_of
+    from s2dm.cli_errors import error_message, flag_of
     from s2dm.errors import CheckpointError
 
     line = error_line(capsys, ["sample", "--ckpt", tiny_run, "--out", tmp_path / "s", "--steps", "0"])

@@ -9,7 +9,8 @@ import torch
 from conftest import ROOT, tiny_args
 
 from s2dm import errors
-from s2dm.cli import build_parser, error_message, flag_of, main
+from s2dm.cli import build_parser, main
+from s2dm.cli_errors import error_message, flag_of
 from s2dm.core.losses import l0_loss, skip_step_loss
 from s2dm.core.schedule import NoiseSchedule
 from s2dm.errors import (CheckpointError, ConfigError, DataError, InteropError, Interrupted, MetricError,
