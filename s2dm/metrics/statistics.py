@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import MetricError
 from ..util.dist import note
-from ..util.fileio import atomic_write
+from ..util.fileio import atomic_write, writing
 from .inception import DIMS
 
 # The feature kinds, the one list (the CLI's --features choices derive from it): pytorch-fid's
@@ -123,10 +123,8 @@ class Stats:
         )
         if self.classifier_accuracy is not None:
             arrays["classifier_accuracy"] = np.float64(self.classifier_accuracy)
-        try:
+        with writing(path, MetricError):
             atomic_write(path, lambda f: np.savez(f, **arrays))
-        except OSError as exc:
-            raise MetricError(f"cannot write {path}: {exc.strerror}") from None
         return path
 
     @classmethod

@@ -129,7 +129,7 @@ def _train_job(study: Study, out: Path, run_name: str, seed: int, progress: bool
     earlier = (read_record(folder / "study_done.json") or {}).get("seconds", 0.0)
     t0 = time.time()
     train(cfg, folder, resume="auto", progress=progress)  # resumes a half-done run; refuses a changed config
-    step = checkpoint_step(resolve_checkpoint(folder))  # what the cells will sample
+    step = checkpoint_step(folder)  # what the cells will sample
     if step != cfg.train.steps:  # train() leaves a run trained past train.steps as it is
         raise StudyError(f"{folder} is trained to step {step} but the study asks train.steps={cfg.train.steps} "
                          "for it; choose another study folder, or delete that run folder to retrain it")
@@ -292,7 +292,10 @@ def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = T
     for i, (cell, path) in enumerate(zip(cells, paths)):
         run = study.runs[cell.run]
         source = study.runs[run.weights_of or run.name]
-        if not score and trained.setdefault((source.name, cell.seed), _training_record(study, out, source, cell.seed)) is None:
+        model = (source.name, cell.seed)
+        if not score and model not in trained:  # once per model: it builds the run's config
+            trained[model] = _training_record(study, out, source, cell.seed)
+        if not score and trained[model] is None:
             continue  # not trained with the study's settings: the runner would train it, or refuse
         try:
             ckpt = _checkpoint_of(study, out, run, cell.seed)
