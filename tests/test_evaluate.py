@@ -213,6 +213,21 @@ def test_bad_eval_input(ckpts, ref, tmp_path, capsys):
     assert not (tmp_path / "o" / "samples").exists()
 
 
+def test_a_checkpoint_without_ema_is_refused_before_any_cell(ckpts, ref, tmp_path, capsys):
+    """Found before the progress bar and before OUT is made; --no-ema scores the raw weights."""
+    ck = torch.load(Path(ckpts[1]), map_location="cpu", weights_only=False)
+    ck["ema"] = None
+    bare = tmp_path / "no_ema.pt"
+    torch.save(ck, bare)
+    out = tmp_path / "o"
+    expect_error(capsys, ["eval", "--ckpt", ckpts[1], bare, "--n", "4", "--steps", "2", "--samplers", "ddim",
+                          "--ref", ref, "--out", out, "--features", "pixels"], "no_ema.pt holds no EMA weights", "--no-ema")
+    assert not out.exists()
+    assert main(["eval", "--ckpt", str(bare), "--n", "4", "--steps", "2", "--samplers", "ddim", "--ref", str(ref),
+                 "--out", str(out), "--features", "pixels", "--no-ema"]) == 0
+    assert read_csv(out / "results.csv")[0]["weights"] == "raw weights (no EMA)"
+
+
 def test_checkpoint_labels(tmp_path):
     from s2dm.io.checkpoint import checkpoint_name
 

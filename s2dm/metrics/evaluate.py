@@ -211,7 +211,12 @@ def _reference(ref: str, features: Optional[str]):
 def _check_checkpoints(files, ref_stats, ref, options: SampleOptions, samplers, steps, scales, use_ema: bool) -> dict:
     """Every checkpoint fits the reference and every cell's options are valid, before the first
     cell is sampled; returns each checkpoint's weights in words (reports state the EMA setting)."""
-    configs = {f: config_from_saved(read_checkpoint(f)["config"]) for f in files}
+    configs = {}
+    for f in files:  # one state dict at a time: a CIFAR10 checkpoint is half a GiB
+        state = read_checkpoint(f)
+        if use_ema and state.get("ema") is None:  # before any progress bar or folder
+            raise CheckpointError(f"{f} holds no EMA weights; score the raw ones with use_ema=False", key="use_ema")
+        configs[f] = config_from_saved(state["config"])
     for f, c in configs.items():
         shape = (c.data.channels, c.data.image_size, c.data.image_size)
         if ref_stats.features == "pixels" and ref_stats.shape and tuple(shape) != tuple(ref_stats.shape):
