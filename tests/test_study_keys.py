@@ -183,3 +183,19 @@ def test_a_bad_set_key_names_the_run_and_leaves_no_folder(tmp_path, capsys, wher
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_report_only_needs_records(tmp_path, capsys):
+    """--report-only on a folder that does not exist (a typo) or holds nothing of the study: one
+    error line, exit 2, and no folder made."""
+    cfg = write(tmp_path, copy.deepcopy(TOY))
+    missing, empty = tmp_path / "typo", tmp_path / "empty"
+    empty.mkdir()
+    for out, words in ((missing, "does not exist, so there is nothing to report"),
+                       (empty, "holds no scored cell of this study")):
+        capsys.readouterr()
+        assert main(["study", "--config", str(cfg), "--out", str(out), "--report-only"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: --report-only: {out} ") and words in err[-1], err
+        assert "Traceback" not in "\n".join(err)
+    assert not missing.exists() and not (empty / "report.md").exists()

@@ -422,6 +422,9 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     study = load_study(config, quick=quick)
     check_configs(study)
     out = Path(out) if out else Path("runs") / (Path(config).stem + ("-quick" if quick else ""))
+    if report_only and not out.is_dir():
+        raise StudyError(f"{out} does not exist, so there is nothing to report; run the study into it first",
+                         key="report_only")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with one_thread():  # what runs here (reference statistics, mosaics) as in the workers
@@ -429,6 +432,9 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
         records, stale = evaluate_all(study, out, progress=progress, score=not report_only, workers=workers)
         if not report_only:
             write_mosaics(study, out)
+        elif not records and not stale:  # stale records alone still make a report: it says why they are left out
+            raise StudyError(f"{out} holds no scored cell of this study; run the study into it first",
+                             key="report_only")
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
     best_of = questions.training_free(study) if study.v2 else ()
