@@ -234,6 +234,12 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path, capsys):
     (tmp_path / "bad.ckpt").write_bytes(b"not a torch file")
     assert convert(tmp_path / "bad.ckpt", tmp_path / "x.ckpt", "--image-size", 32, layout="ddim") == 2
     assert "corrupt or truncated" in error_line(capsys)
+    # the DDIM layout: a wrong path is named before the missing image size; a folder is diffusers'
+    assert convert(tmp_path / "nowhere.ckpt", tmp_path / "x.ckpt", layout="ddim") == 2
+    assert "nowhere.ckpt: no such file" in error_line(capsys)
+    assert convert(tmp_path / "hub", tmp_path / "x.ckpt", "--image-size", 32, layout="ddim") == 2
+    line = error_line(capsys)
+    assert "is a folder, but the DDIM layout is one weights file" in line and line.endswith("is --from diffusers")
 
 
 def test_export_refuses_what_diffusers_cannot_express(tmp_run_16, capsys):

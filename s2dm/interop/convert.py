@@ -160,10 +160,18 @@ def diffusion_from_scheduler(conf: dict, where: str) -> dict:
             "beta_start": float(conf.get("beta_start", 1e-4)), "beta_end": float(conf.get("beta_end", 0.02))}
 
 
-def read_ddim(path: Path, image_size: int) -> Tuple[StateDict, Optional[StateDict], ModelConfig, int, dict]:
-    """(weights, EMA weights or None, model, channels, provenance) of a DDIM-layout file."""
+def check_ddim_source(path: Path) -> None:
+    """A DDIM-layout source is one weights file; a folder is diffusers' layout."""
+    if path.is_dir():
+        raise InteropError(f"{path} is a folder, but the DDIM layout is one weights file (e.g. ckpt.pth); a folder "
+                           "of config.json and weights is layout='diffusers'", key="source")
     if not path.is_file():
         raise InteropError(f"{path}: no such file", key="source")
+
+
+def read_ddim(path: Path, image_size: int) -> Tuple[StateDict, Optional[StateDict], ModelConfig, int, dict]:
+    """(weights, EMA weights or None, model, channels, provenance) of a DDIM-layout file."""
+    check_ddim_source(path)
     sd, ema, notes = unwrap_ddim(read_weights_file(path), str(path))
     model, channels = model_from_ddim_state_dict(sd, image_size, str(path))
     return sd, ema, model, channels, {"weights": path, **notes}
@@ -222,6 +230,7 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
             raise InteropError("image_size is for layout 'ddim'; diffusers' config.json has the sample_size", key="image_size")
         sd, model, size, channels, diffusion, info = read_diffusers(source)
     elif layout == "ddim":
+        check_ddim_source(source)  # before the image size: a wrong path is the first thing to mend
         size = image_size or (config_from_dict(apply_overrides(read_yaml(config), list(overrides))).data.image_size
                               if config else None)
         if size is None:
