@@ -70,6 +70,14 @@ def test_validate_names_the_option(options, name, words):
     assert str(err.value).startswith(f"sample.{name}: ")
 
 
+def test_an_unknown_grid_offers_the_names_only():
+    """SampleOptions (configs, flags) hold a grid's name; a list of timesteps is for Python
+    callers of generate, so the error offers the names alone."""
+    with pytest.raises(UserError) as err:
+        SampleOptions(grid="cosine").validate(SCHED)
+    assert str(err.value) == "grid: unknown grid 'cosine'; choose one of uniform, quad, trailing"
+
+
 def test_validate_is_check_options():
     options = SampleOptions(sampler="deis", steps=12, order=2, eps_scale="skip:9,tau:0.99")
     assert options.validate(SCHED) == check_options(SCHED, **options.as_kwargs())

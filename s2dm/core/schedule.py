@@ -158,7 +158,7 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
             # are the grid, equal to diffusers' wherever that has S points.
             points = (np.round(np.arange(T, 0, -T / steps)[:steps]) - 1).astype(np.int64).tolist()
         else:
-            raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)} or pass a list", key="grid")
+            raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}", key="grid")
     else:
         raw = [float(p) for p in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
         if any(p != int(p) for p in raw):

@@ -341,7 +341,7 @@ def check_options(
     named = isinstance(grid, str)
     with _option("grid"):
         if named and grid not in GRIDS:
-            raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)} or pass a list")
+            raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     with _option("steps" if named else "grid"):  # a named grid fails only on its steps
         walked = timestep_grid(grid, steps, schedule.T)
     with _option("legacy_pndm_index"):
