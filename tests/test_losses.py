@@ -100,6 +100,46 @@ def test_a_half_precision_network_output_keeps_c_in_float32():
     np.testing.assert_allclose(terms["lskip"].double().numpy(), exact.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("loss", ["l0", "s2"])
+def test_timesteps_on_the_cpu_copy_nothing_back_from_the_device(loss):
+    """The training loop keeps t on the CPU while x0 is on the GPU: the losses make their
+    coefficients there and hand the network a device copy of t. Shown with the meta device,
+    which has no data to copy back: a ``.cpu()`` of a device tensor (a GPU sync) raises there."""
+    x0, t, eps, eps2 = data([3, 20, 500, 999])
+    seen = []
+
+    def model(x, t_model):
+        seen.append(t_model.device.type)
+        return x * 0.5
+    meta = [a.to("meta") for a in (x0, eps, eps2)]
+    if loss == "l0":
+        out, terms = l0_loss(model, meta[0], t, SCHED, noise=meta[1], return_terms=True)
+    else:
+        out, terms = skip_step_loss(model, meta[0], t, SCHED, skip=9, noise=meta[1], skip_noise=meta[2],
+                                    return_terms=True)
+    assert seen == ["meta"] and out.device.type == "meta" and terms["lskip"].shape == (4,)
+    with pytest.raises(Exception):  # what the test relies on: meta tensors cannot come back
+        torch.empty(1, device="meta").cpu()
+
+
+@pytest.mark.parametrize("loss_type", ["l0", "s2"])
+def test_the_training_step_keeps_t_on_the_cpu(loss_type):
+    """compute_loss hands the losses the CPU draw of t, not a device copy of it."""
+    from s2dm.io.config import load_config
+    from s2dm.training.draws import draw_step
+    from s2dm.training.loop import compute_loss
+
+    cfg = load_config("digits.yaml", [f"loss.type={loss_type}"])
+    draws = draw_step(cfg, 0, (4, 1, 8, 8))
+    seen = []
+
+    def model(x, t):
+        seen.append(t.device.type)
+        return x * 0.5
+    loss, _ = compute_loss(cfg, model, torch.zeros(4, 1, 8, 8, device="meta"), draws, SCHED)
+    assert seen == ["meta"] and loss.device.type == "meta"
+
+
 def test_shared_variant_uses_the_same_noise():
     x0, t, eps, eps2 = data([2, 30, 999])
     loss = skip_step_loss(Toy(), x0, t, SCHED, noise=eps, skip_noise=eps2, variant="shared")

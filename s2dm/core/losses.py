@@ -2,7 +2,10 @@
 
 Both make ONE network call per sample; both return a scalar (batch mean of the per-sample
 loss) or, with ``return_terms=True``, ``(scalar, terms)`` where ``terms`` holds per-sample
-tensors ``loss``, ``l0`` and ``lskip`` (zero where t < skip) for logging. The skip-step
+tensors ``loss``, ``l0`` and ``lskip`` (zero where t < skip) for logging. The timesteps ``t``
+may lie on the CPU while ``x0`` is on a GPU, as the training loop keeps them: the float64
+coefficients are made from them on the CPU, so the loss copies nothing back from the GPU (a
+``.cpu()`` of a GPU tensor waits for all its queued work). The skip-step
 loss's optimum relative to E[ε|x_t], τ/(τ+(1−τ)c_t²), is ``NoiseSchedule.shrink_factor``.
 """
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _predict(model, x0, t, schedule, noise):
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
     x_t = q_sample(x0, t, schedule, noise)
-    return noise, model(x_t, t)
+    return noise, model(x_t, t.to(x0.device, non_blocking=True))
 
 
 def l0_loss(
@@ -109,7 +112,7 @@ def skip_step_loss(
     l0 = _per_sample((noise - eps).square(), reduction)
     c = _expand(skip_coefficient(schedule, t, skip), x0)  # x0's float32, not a bf16/fp16 autocast output's
     lskip = _per_sample((eps_prime - c * eps).square(), reduction)
-    active = (t >= skip).to(device=l0.device)
+    active = (t >= skip).to(device=l0.device, non_blocking=True)
     per_sample = torch.where(active, tau * l0 + (1.0 - tau) * lskip, l0)
     loss = per_sample.mean()
     if not return_terms:

@@ -62,7 +62,7 @@ from .tblog import TensorBoard, check_tensorboard, open_tensorboard
 
 def compute_loss(cfg: Config, model, x0, draws: StepDraws, schedule: NoiseSchedule):
     dev = x0.device
-    t, noise = draws.t.to(dev), draws.noise.to(dev)
+    t, noise = draws.t, draws.noise.to(dev)  # t stays on the CPU: the losses' coefficients are made there
     if cfg.loss.type == "l0":
         return l0_loss(model, x0, t, schedule, noise=noise, reduction=cfg.loss.reduction, return_terms=True)
     return skip_step_loss(
