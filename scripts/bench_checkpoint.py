@@ -1,11 +1,13 @@
 """Time a full-state checkpoint write (model, EMA, Adam, RNG; atomic + fsync) against one
-training step, for the digits and CIFAR10 configs, on this machine.
+training step, for the digits and CIFAR10 configs, on this machine; and the redraw of
+``curves.png`` that goes with every checkpoint, on the log of a 100k-step run.
 
     .venv/bin/python scripts/bench_checkpoint.py [--repeats 3] [--cifar-batch 16]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -16,6 +18,7 @@ import torch
 from s2dm.core.schedule import NoiseSchedule
 from s2dm.io.checkpoint import save_run_checkpoint
 from s2dm.io.config import load_config
+from s2dm.training.curves import write_run_curves
 from s2dm.training.loop import train_step
 from s2dm.training.state import RunState, new_state
 
@@ -43,6 +46,29 @@ def measure(config: str, batch: int, repeats: int) -> dict:
             "ratio": save / step}
 
 
+def curves_seconds(repeats: int, windows: int = 2000, evals: int = 20) -> float:
+    """Median seconds of ``write_run_curves`` on a log of ``windows`` log windows (a 100k-step run
+    logged every 50 steps) and ``evals`` evaluations, after one draw that pays for matplotlib's
+    imports."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        lines = [{"step": 0, "event": "start"}]
+        for i in range(windows):
+            loss = 1.0 / (1 + i / 100)
+            lines.append({"step": 50 * (i + 1), "loss": loss, "l0": 0.9 * loss, "lskip": 1.0, "grad_norm": 1.0,
+                          **{f"loss_t_q{q}": loss * (4 - q) for q in range(1, 5)}})
+        lines += [{"step": s, "event": "eval", "metric": "FD-pixels-1k", "value": 1.0 / s, "n": 1000}
+                  for s in range(50 * windows // evals, 50 * windows + 1, 50 * windows // evals)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        write_run_curves(run)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            write_run_curves(run)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -54,6 +80,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['config']} | {r['batch']} | {r['step_s']:.3f} | {r['save_s']:.3f} | {r['mb']:.1f} | {r['ratio']:.2f} |")
+    curves = curves_seconds(args.repeats)
+    print(f"\n`curves.png` redrawn with each checkpoint, on a 100k-step run's log (2,000 windows, 20 evaluations): "
+          f"{curves:.2f} s = {curves / rows[0]['save_s']:.1f}× the digits checkpoint write")
 
 
 if __name__ == "__main__":

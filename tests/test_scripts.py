@@ -30,7 +30,7 @@ BENCHES = {  # script: (tiny arguments, lines its output must contain)
     "bench_train.py": (["--parts", "loss", "diffusers", "--batch-digits", "8", "--batch-cifar", "2", "--repeats", "1",
                         "--fwd-repeats", "1", "--digits-repeats", "1", "--stub-repeats", "1", "--warmup", "0"],
                        ["Goal ≥ 1.10×"]),
-    "bench_checkpoint.py": (["--repeats", "1", "--cifar-batch", "2"], ["| cifar10.yaml | 2 |"]),
+    "bench_checkpoint.py": (["--repeats", "1", "--cifar-batch", "2"], ["| cifar10.yaml | 2 |", "`curves.png` redrawn"]),
     "bench_eval.py": (["--train-steps", "1", "--cifar-images", "2"], ["| digits (ch 32) | fd-pixels, n 1,000, ddim 20 |"]),
     "bench_fid.py": (["--n", "4", "--size", "8"], ["| one side from its cached `.npz` |"]),
 }
