@@ -117,7 +117,9 @@ CPU_PART = Part(
     small_sets=("data.image_size=16", "data.num_workers=0", *TOY_MODEL, "train.batch_size=16", *PREVIEW),
     resume_steps=30, resume_every=5, kill_after=10, torchrun_steps=10,
     sampler_steps=10, sampler_images=4, fd_n=100, fid_n=50, fid_dims=64, sample_batch=100, fid_batch=50,
-    limits=dict(data=30, train=120, kill_resume=150, torchrun=90, samplers=90, fd=90, fid=120),
+    # Hang guards, not speed goals: ~2.5x what a 2-core AVX2 CPU shared with another job took
+    # (train 20 s, kill-resume 59 s, torchrun 19 s, samplers 10 s, fd 17 s, fid 29 s).
+    limits=dict(data=60, train=120, kill_resume=180, torchrun=90, samplers=90, fd=90, fid=120),
 )
 
 GPU_PART = Part(

@@ -41,7 +41,7 @@ def spawn(out, prelude="", extra=()):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(out, step, proc, timeout=240):
+def wait_for_step(out, step, proc, timeout=600):  # a hang guard, not a speed check
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
