@@ -292,6 +292,20 @@ def test_idx_truncated_and_bad_magic(tmp_path):
     g.write_bytes(gzip.compress(blob)[:50])
     with pytest.raises(UserError, match="cannot read"):
         read_idx(g)
+    p.write_bytes(b"\x00\x00\x08\x03" + np.array([-2, 28, 28], dtype=">i4").tobytes())  # a negative count
+    with pytest.raises(UserError, match=r"not an idx ubyte file \(its header gives dimensions \(-2, 28, 28\)\)"):
+        read_idx(p)
+    p.write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")  # the header cut short
+    with pytest.raises(UserError, match="not an idx ubyte file"):
+        read_idx(p)
+
+
+def test_a_data_set_of_no_images_is_refused(tmp_path):
+    """A valid idx header that counts 0 images: one error at load, not a ZeroDivisionError in
+    the training loop."""
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((0, 28, 28), np.uint8)))
+    with pytest.raises(UserError, match=f"the fashion_mnist data set in {tmp_path} holds no images"):
+        load_dataset(cfg("fashion_mnist", tmp_path, image_size=28))
 
 
 # ---------------------------------------------------------------- CelebA
@@ -344,6 +358,32 @@ def test_celeba_train_partition(tmp_path):
         "000001.jpg 0\n000002.jpg 1\n000003.jpg 0\n000004.jpg 2\n")
     ds = load_dataset(cfg("celeba", tmp_path, image_size=64, channels=3))
     assert [p.name for p in ds.paths] == ["000001.jpg", "000003.jpg"]
+
+
+def test_celeba_partition_file_that_is_not_text(tmp_path):
+    _face(tmp_path / "img_align_celeba", "000001.jpg")
+    (tmp_path / "list_eval_partition.txt").write_bytes(b"000001.jpg 0\n\xff\xfe\x00 0\n")
+    with pytest.raises(UserError, match="cannot read .*list_eval_partition.txt as text"):
+        load_dataset(cfg("celeba", tmp_path, image_size=64, channels=3))
+
+
+def test_a_file_that_fails_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    """CelebA decodes per item, in DataLoader workers: a truncated file past the first (the one
+    checked at load) reached the user as torch's re-raise, the worker's traceback in its text."""
+    from s2dm.cli import main
+
+    img_dir = tmp_path / "img_align_celeba"
+    for i in range(1, 5):
+        _face(img_dir, f"{i:06d}.jpg")
+    bad = img_dir / "000003.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    config = tmp_path / "celeba.yaml"
+    config.write_text(f"data: {{dataset: celeba, root: {tmp_path}, image_size: 8, channels: 3}}\n")
+    out = tmp_path / "ref.npz"
+    rc = main(["fid", "ref", "--config", str(config), "--features", "pixels", "--num-workers", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"error: cannot decode image {bad}") and "Traceback" not in "\n".join(err), err
+    assert not out.exists()
 
 
 def test_celeba_missing_and_wrong_size(tmp_path):

@@ -20,7 +20,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, S2dmError
 from ..util.images import from_uint8, load_folder, open_image, to_uint8
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "celeba", "folder")
@@ -134,20 +134,43 @@ def dataset_tensor(ds: Dataset, limit: Optional[int] = None) -> torch.Tensor:
     return out
 
 
+def loader_batches(loader: Iterable):
+    """The batches of a DataLoader. A user error (a CelebA file that does not decode) raised
+    in a worker process reaches the caller re-raised by torch, with the worker's whole
+    traceback in its message; it is given back its own one line."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except S2dmError as exc:
+            text = str(exc)
+            if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+                raise
+            last = text.rstrip().splitlines()[-1]  # "s2dm.errors.DataError: cannot decode image ..."
+            raise exc.retold(last.split(": ", 1)[-1]) from None
+        yield batch
+
+
 # ---------------------------------------------------------------- entry point
 
 def load_dataset(cfg) -> Dataset:
     """Build the training set named by ``cfg.dataset``; items are float32 (C, H, W) in [-1, 1]."""
     name, size, channels, root, download = _checked(cfg)
     if name == "digits":
-        return _digits(size)
-    if name == "fashion_mnist":
-        return _fashion_mnist(root, size, download)
-    if name == "cifar10":
-        return _cifar10(root, size, download)
-    if name == "celeba":
-        return _celeba(root, size)
-    return _folder(root, size, channels)
+        ds = _digits(size)
+    elif name == "fashion_mnist":
+        ds = _fashion_mnist(root, size, download)
+    elif name == "cifar10":
+        ds = _cifar10(root, size, download)
+    elif name == "celeba":
+        ds = _celeba(root, size)
+    else:
+        ds = _folder(root, size, channels)
+    if len(ds) == 0:  # a file with a valid header and no images
+        raise DataError(f"the {name} data set{f' in {root}' if root else ''} holds no images")
+    return ds
 
 
 def _checked(cfg) -> tuple:
@@ -314,7 +337,9 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     header = 4 + 4 * ndim
     dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">i4"))
-    if len(raw) - header != int(np.prod(dims)):
+    if len(dims) != ndim or any(d < 0 for d in dims):
+        raise DataError(f"{path} is not an idx ubyte file (its header gives dimensions {dims})")
+    if len(raw) - header != int(np.prod(dims, dtype=np.int64)):
         raise DataError(
             f"{path} holds {len(raw) - header} data bytes but its header says {dims}; "
             "the file is truncated or corrupt"
@@ -488,8 +513,12 @@ def _train_partition(files: list[str], folder: Path, root: Path) -> list[str]:
     part = next((p for p in parts if p.is_file()), None)
     if part is None:
         return files
+    try:
+        text = part.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {part} as text: {exc}") from None
     train = set()
-    for line in part.read_text().splitlines():
+    for line in text.splitlines():
         fields = line.replace(",", " ").split()
         if len(fields) == 2 and fields[1] == "0":  # skips the csv header too
             train.add(fields[0])

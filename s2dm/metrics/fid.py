@@ -47,7 +47,7 @@ from scipy.linalg import LinAlgWarning
 
 from ..errors import MetricError
 from ..io.config import load_config
-from ..io.data import dataset_tensor, load_dataset
+from ..io.data import dataset_tensor, load_dataset, loader_batches
 from ..util import dist
 from ..util.dist import note
 from ..util.images import to_uint8
@@ -281,7 +281,7 @@ def _dataset_batches(ds, limit: Optional[int], batch_size: int, num_workers: int
             yield x[i:min(i + batch_size, b)]
         return
     sub = torch.utils.data.Subset(ds, range(a, b))
-    for batch in torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=num_workers):
+    for batch in loader_batches(torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=num_workers)):
         yield to_uint8(batch)
 
 

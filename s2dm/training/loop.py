@@ -45,7 +45,7 @@ from ..core.unet import count_parameters
 from ..errors import Interrupted, RunError, S2dmError
 from ..io.checkpoint import LATEST, init_weights_from, point, pointer_target
 from ..io.config import Config
-from ..io.data import load_dataset
+from ..io.data import load_dataset, loader_batches
 from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
 from ..util import dist
@@ -313,7 +313,7 @@ def _loop(run: _Run) -> Path:
         ev = run.evaluator
         if ev is not None and ev.due(state.step) and state.step not in run.evaluated:
             _evaluate(run, bar)  # a run stopped between its checkpoint and its evaluation
-        for x0 in loader:
+        for x0 in loader_batches(loader):
             res = train_step(cfg, state, x0, run.schedule, run.device, stop_requested=stop.signal is not None)
             _count_step(run, res)
             bar.update(1)
