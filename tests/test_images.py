@@ -40,6 +40,21 @@ def test_list_images_recursive_sorted_and_filtered(tmp_path):
     assert got == ["a.bmp", "b.png", "sub/a.JPG"]
 
 
+def test_list_images_follows_linked_folders_without_looping(tmp_path):
+    """A data set assembled from links to folders elsewhere (as torchvision's ImageFolder reads
+    it); a link back up the tree and a dangling link are no images and no loop."""
+    elsewhere, data = tmp_path / "elsewhere", tmp_path / "data"
+    _write(elsewhere / "x.png", _rand((4, 4, 3)))
+    _write(elsewhere / "deep" / "y.png", _rand((4, 4, 3)))
+    _write(data / "top.png", _rand((4, 4, 3)))
+    (data / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (data / "linked2").symlink_to(elsewhere / "deep", target_is_directory=True)  # read already, via linked
+    (elsewhere / "up").symlink_to(data, target_is_directory=True)  # a loop
+    (data / "gone.png").symlink_to(tmp_path / "nothing.png")
+    got = [p.relative_to(data).as_posix() for p in list_images(data)]
+    assert got == ["linked/deep/y.png", "linked/x.png", "top.png"]
+
+
 def test_list_images_missing_folder(tmp_path):
     with pytest.raises(UserError, match="not found: .*nope"):
         list_images(tmp_path / "nope")

@@ -32,20 +32,25 @@ PathLike = Union[str, os.PathLike]
 # ---------------------------------------------------------------- reading
 
 def list_images(folder: PathLike) -> list[Path]:
-    """Sorted image files under ``folder`` (recursive; hidden files and folders skipped; in an
+    """Sorted image files under ``folder`` (recursive, through linked folders as well, each
+    folder read once, so a link back up is no loop; hidden files and folders skipped; in an
     ``s2dm sample`` folder, one with ``metadata.json``, its ``preview/`` mosaic too)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}")
     preview = folder / PREVIEW_DIR if (folder / "metadata.json").is_file() else None
-    found = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder).parts
-        # Hidden entries are skipped: e.g. macOS "._x.png" resource forks are not images.
-        if any(part.startswith(".") for part in rel) or path.parent == preview:
+    found, seen = [], set()
+    for here, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link to a folder already read, e.g. back up the tree
+            dirs.clear()
             continue
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            found.append(path)
+        seen.add(real)
+        here = Path(here)
+        # Hidden entries are skipped: e.g. macOS "._x.png" resource forks are not images.
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and here / d != preview)  # which link reads a folder
+        found += [here / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
+                  and (here / f).is_file()]
     if not found:
         raise DataError(
             f"no images ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) found in {folder} "
