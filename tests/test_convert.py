@@ -156,6 +156,13 @@ def test_ddim_layout_states_list_and_plain_state_dict(tmp_path, capsys):
 
     assert convert(tmp_path / "ckpt.pth", tmp_path / "x.ckpt", layout="ddim") == 2
     assert "--image-size" in error_line(capsys)
+    # the size from the flag and from a config: they must agree; 0 is no size; a study YAML is named
+    for extra, says in ((["--image-size", 0], "error: --image-size must be a positive integer, not 0"),
+                        (["--image-size", 32, "--config", "digits.yaml"],
+                         "error: --image-size 32 differs from data.image_size 8 of digits.yaml; drop one"),
+                        (["--config", "study_digits.yaml"], "is a study config (it has train_config and runs)")):
+        assert convert(tmp_path / "ckpt.pth", tmp_path / "x.ckpt", *extra, layout="ddim") == 2
+        assert says in error_line(capsys)
     assert convert(tmp_path / "ckpt.pth", tmp_path / "x.ckpt", "--image-size", 16, layout="ddim") == 0
     ck = load_checkpoint(tmp_path / "x.ckpt")
     assert ck.config.model.attn_resolutions == [8] and ck.config.model.ch_mult == [1, 2]
@@ -178,6 +185,8 @@ def test_ddim_layout_states_list_and_plain_state_dict(tmp_path, capsys):
 # -------------------------------------------------------------------------------------
 def test_architecture_mismatch_names_the_first_key(tmp_path, capsys):
     random_diffusers(DIGITS).save_pretrained(tmp_path / "hub")
+    assert convert(tmp_path / "hub", tmp_path / "x.ckpt", "--image-size", 8) == 2
+    assert error_line(capsys) == "error: --image-size is for --from ddim; diffusers' config.json has the sample_size"
     tiny = [arg for item in TINY_MODEL for arg in ("--set", item)]
     assert convert(tmp_path / "hub", tmp_path / "ok.ckpt", "--config", "configs/digits.yaml", *tiny) == 0
     assert load_checkpoint(tmp_path / "ok.ckpt").config.data.dataset == "digits"
@@ -218,6 +227,23 @@ def test_settings_s2dm_cannot_express_are_refused(change, key):
     model_from_diffusers_config(conf, "config.json")  # the DDPM layout itself is accepted
     with pytest.raises(UserError, match=rf"^config\.json: {re.escape(key)}:"):
         model_from_diffusers_config({**conf, **change}, "config.json")
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"block_out_channels": 32}, "block_out_channels: 32 is not a list of positive integers"),
+    ({"block_out_channels": [0, 0]}, "block_out_channels: [0, 0] is not a list of positive integers"),
+    ({"down_block_types": "DownBlock2D"}, "down_block_types: 'DownBlock2D' is not a list of names"),
+    ({"dropout": "x"}, "dropout: 'x' is not a rate in [0, 1)"),
+    ({"layers_per_block": 1.5}, "layers_per_block: 1.5 is not a positive integer"),
+    ({"sample_size": 0}, "sample_size: 0 is not one square image size"),
+])
+def test_a_malformed_config_json_is_one_error(change, says):
+    """Hand-edited or damaged values: a typed error naming the key (they were a TypeError,
+    ValueError or ZeroDivisionError)."""
+    conf = {"_class_name": "UNet2DModel", **diffusers_unet_kwargs(**SMALL)}
+    with pytest.raises(UserError) as err:
+        model_from_diffusers_config({**conf, **change}, "config.json")
+    assert str(err.value) == f"config.json: {says}"
 
 
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path, capsys):

@@ -25,7 +25,7 @@ from .._version import __version__
 from ..core.unet import build_model
 from ..errors import InteropError
 from ..io.checkpoint import FORMAT_VERSION, first_mismatch
-from ..io.config import Config, ModelConfig, apply_overrides, config_from_dict, read_yaml
+from ..io.config import Config, ModelConfig, apply_overrides, config_from_dict, read_config_yaml
 from ..util.fileio import atomic_torch_save, sha256_file, writing
 from ..util.textfmt import first_sentence
 from .layouts import (
@@ -160,6 +160,20 @@ def diffusion_from_scheduler(conf: dict, where: str) -> dict:
             "beta_start": float(conf.get("beta_start", 1e-4)), "beta_end": float(conf.get("beta_end", 0.02))}
 
 
+def ddim_image_size(image_size: Optional[int], config: Optional[str], overrides: Sequence[str]) -> Optional[int]:
+    """The image size of DDIM-layout weights (the file does not record it): ``image_size``, else
+    the config's ``data.image_size``, else None; the two must agree where both are given."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise InteropError(f"image_size must be a positive integer, not {image_size!r}", key="image_size")
+    if config is None:
+        return image_size
+    from_config = config_from_dict(apply_overrides(read_config_yaml(config), list(overrides))).data.image_size
+    if image_size is not None and image_size != from_config:
+        raise InteropError(f"image_size {image_size} differs from data.image_size {from_config} of {config}; "
+                           "drop one or make them agree", key="image_size")
+    return from_config
+
+
 def check_ddim_source(path: Path) -> None:
     """A DDIM-layout source is one weights file; a folder is diffusers' layout."""
     if path.is_dir():
@@ -186,7 +200,7 @@ def assemble_config(config: Optional[str], overrides: Sequence[str], model: Mode
     architecture read from the weights on s2dm's defaults (DDPM's training settings). The
     data set is not recorded in the weights: ``folder`` stands in until a --config names it."""
     if config is not None:
-        data = read_yaml(config)
+        data = read_config_yaml(config)
     else:
         data = {"data": {"dataset": "folder", "image_size": image_size, "channels": channels},
                 "model": dataclasses.asdict(model)}
@@ -227,12 +241,12 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
     ema = None
     if layout == "diffusers":
         if image_size is not None:
-            raise InteropError("image_size is for layout 'ddim'; diffusers' config.json has the sample_size", key="image_size")
+            raise InteropError("image_size is for layout='ddim'; diffusers' config.json has the sample_size",
+                               key="image_size")
         sd, model, size, channels, diffusion, info = read_diffusers(source)
     elif layout == "ddim":
         check_ddim_source(source)  # before the image size: a wrong path is the first thing to mend
-        size = image_size or (config_from_dict(apply_overrides(read_yaml(config), list(overrides))).data.image_size
-                              if config else None)
+        size = ddim_image_size(image_size, config, overrides)
         if size is None:
             raise InteropError("a DDIM-layout file does not record the image size: give image_size=32 (CIFAR10) "
                                "or image_size=64 (CelebA), or a config that has data.image_size",

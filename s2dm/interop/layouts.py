@@ -179,6 +179,24 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _listed(conf: dict, where: str, key: str, kind: type, ok=lambda v: True) -> list:
+    """``conf[key]`` (default empty): a list of ``kind``, each ``ok``; else a malformed config."""
+    value = conf.get(key, [])
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) and ok(v) for v in value):
+        raise InteropError(f"{where}: {key}: {value!r} is not a list of "
+                           f"{'positive integers' if kind is int else 'names'}")
+    return list(value)
+
+
+def _number(conf: dict, where: str, key: str, default, kind, ok, what: str):
+    """``conf[key]`` (else ``default``): a ``kind`` that is ``ok``; else a malformed config."""
+    value = conf.get(key, default)
+    if not isinstance(value, kind) or isinstance(value, bool) or not ok(value):
+        raise InteropError(f"{where}: {key}: {value!r} is not {what}")
+    return value
+
+
 def model_from_diffusers_config(conf: dict, where: str) -> Tuple[ModelConfig, int, int]:
     """(ModelConfig, image size, channels) of a DDPM-layout ``UNet2DModel`` config; a
     InteropError naming the first setting s2dm's UNet cannot express."""
@@ -190,8 +208,8 @@ def model_from_diffusers_config(conf: dict, where: str) -> Tuple[ModelConfig, in
     for key, (want, default) in DDPM_SETTINGS.items():
         if not _same(conf.get(key, default), want):
             refuse(key, f"{conf.get(key, default)!r} (DDPM has {want!r})")
-    widths = list(conf.get("block_out_channels", ()))
-    down, up = list(conf.get("down_block_types", ())), list(conf.get("up_block_types", ()))
+    widths = _listed(conf, where, "block_out_channels", int, lambda w: w > 0)
+    down, up = _listed(conf, where, "down_block_types", str), _listed(conf, where, "up_block_types", str)
     if not widths or len(down) != len(widths):
         refuse("block_out_channels", f"{widths} does not give one width per down block {down}")
     for i, kind in enumerate(down):
@@ -215,18 +233,20 @@ def model_from_diffusers_config(conf: dict, where: str) -> Tuple[ModelConfig, in
     size = conf.get("sample_size")
     if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
-    if not isinstance(size, int):
-        refuse("sample_size", f"{size!r} is not one square image size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise InteropError(f"{where}: sample_size: {size!r} is not one square image size")
     channels = conf.get("in_channels", 3)
     if conf.get("out_channels", 3) != channels or channels not in (1, 3):
         refuse("out_channels", f"{conf.get('out_channels', 3)} with in_channels {channels} "
                                "(ε-prediction: equal, 1 or 3)")
     model = ModelConfig(
-        ch=ch, ch_mult=[w // ch for w in widths], num_res_blocks=int(conf.get("layers_per_block", 2)),
+        ch=ch, ch_mult=[w // ch for w in widths],
+        num_res_blocks=_number(conf, where, "layers_per_block", 2, int, lambda n: n > 0, "a positive integer"),
         attn_resolutions=[size >> level for level, a in enumerate(attn) if a], resamp_with_conv=True,
         # Not in the weights; newer config.json files record it, older ones (google/ddpm-*)
         # do not, and then DDPM's 0.1 is what a fine-tune should use. --config overrides it.
-        dropout=float(conf.get("dropout", ModelConfig.dropout)),
+        dropout=float(_number(conf, where, "dropout", ModelConfig.dropout, (int, float), lambda d: 0 <= d < 1,
+                              "a rate in [0, 1)")),
     )
     return model, size, channels
 

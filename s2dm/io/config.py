@@ -441,12 +441,19 @@ def read_yaml(path: Union[str, Path]) -> dict:
 STUDY_KEYS = ("train_config", "runs")
 
 
-def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Read a YAML file (or start from defaults), apply ``--set`` overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
-    if set(STUDY_KEYS) <= set(data):  # else its first study key reads as an unknown config section
+def read_config_yaml(path: Union[str, Path]) -> dict:
+    """A training config YAML's sections, unvalidated; a study YAML is refused by name (else
+    its first study key would read as an unknown config section)."""
+    data = read_yaml(path)
+    if set(STUDY_KEYS) <= set(data):
         raise ConfigError(f"{find_config(path)} is a study config (it has {' and '.join(STUDY_KEYS)}), not a "
                           "training config: run it with s2dm study", key="config")
+    return data
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Read a YAML file (or start from defaults), apply ``--set`` overrides, validate."""
+    data = read_config_yaml(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
