@@ -163,6 +163,15 @@ def test_ddim_layout_states_list_and_plain_state_dict(tmp_path, capsys):
                         (["--config", "study_digits.yaml"], "is a study config (it has train_config and runs)")):
         assert convert(tmp_path / "ckpt.pth", tmp_path / "x.ckpt", *extra, layout="ddim") == 2
         assert says in error_line(capsys)
+    # a damaged copy: a NaN weight, an integer tensor
+    for name, damaged in (("nan.pth", float("nan")), ("int.pth", None)):
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        sd["conv_out.bias"] = sd["conv_out.bias"].long() if damaged is None else sd["conv_out.bias"].fill_(damaged)
+        torch.save(sd, tmp_path / name)
+        assert convert(tmp_path / name, tmp_path / "x.ckpt", "--image-size", 16, layout="ddim") == 2
+        assert error_line(capsys).endswith(f"{name}: conv_out.bias " + (
+            "is int64, not a floating-point weight" if damaged is None else "holds NaN or infinite values"))
+    assert not (tmp_path / "x.ckpt").exists()
     assert convert(tmp_path / "ckpt.pth", tmp_path / "x.ckpt", "--image-size", 16, layout="ddim") == 0
     ck = load_checkpoint(tmp_path / "x.ckpt")
     assert ck.config.model.attn_resolutions == [8] and ck.config.model.ch_mult == [1, 2]

@@ -86,6 +86,21 @@ def test_cli_sample_user_errors(tiny_run, tmp_path, capsys, args, msg):
     assert code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1
 
 
+def test_weights_that_are_not_finite_give_one_error_line(tiny_run, tmp_path, capsys):
+    """A checkpoint whose EMA holds a NaN samples NaN images: one error line, not to_uint8's
+    ValueError with a traceback (clamp would have let inf through as ±1)."""
+    ck = torch.load(resolve_checkpoint(tiny_run), map_location="cpu", weights_only=False)
+    name = next(k for k in ck["ema"] if k.endswith("conv_out.weight"))
+    ck["ema"][name] = torch.full_like(ck["ema"][name], float("nan"))
+    torch.save(ck, tmp_path / "nan.pt")
+    out = tmp_path / "s"
+    code = main(["sample", "--ckpt", str(tmp_path / "nan.pt"), "--out", str(out), "--steps", "2", "--n", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == ("error: the samples of image seeds 0..2 are not finite: the network's output is "
+                                     "NaN or infinite (are the checkpoint's weights finite?)"), err
+    assert not list(out.glob("*.png"))
+
+
 def test_parse_seeds():
     assert parse_seeds("0-3,7", None) == [0, 1, 2, 3, 7]
     assert parse_seeds(None, 3) == [0, 1, 2]

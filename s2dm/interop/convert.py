@@ -226,9 +226,15 @@ def check_fits(cfg: Config, weights: StateDict, have: dict, where: str, what: st
         raise InteropError(f"{where}: the {what} weights do not fit the model of {config_name}: {'; '.join(parts)}")
 
 
-def _float32(sd: StateDict) -> StateDict:
-    """fp16/bf16 copies of the weights are widened: s2dm trains and samples in float32."""
-    return {k: v.detach().to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()}
+def _float32(sd: StateDict, where: str) -> StateDict:
+    """fp16/bf16 copies of the weights are widened: s2dm trains and samples in float32. Every
+    tensor of the UNet is a finite floating-point weight: anything else is a damaged file."""
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise InteropError(f"{where}: {k} is {str(v.dtype).replace('torch.', '')}, not a floating-point weight")
+        if not bool(torch.isfinite(v).all()):
+            raise InteropError(f"{where}: {k} holds NaN or infinite values")
+    return {k: v.detach().to(torch.float32) for k, v in sd.items()}
 
 
 def convert(layout: str, source, out, *, config: Optional[str] = None, overrides: Sequence[str] = (),
@@ -261,12 +267,12 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
     check_fits(cfg, sd, have, str(info["weights"]), "model", name)
     if ema is not None:
         check_fits(cfg, ema, have, str(info["weights"]), "EMA", name)
-    weights = _float32(sd)
+    weights = _float32(sd, str(info["weights"]))
     source_info = {"format": layout, "path": str(Path(info["weights"]).resolve()),
                    "sha256": sha256_file(info["weights"]),
                    **{k: v for k, v in info.items() if k != "weights"}}
     state = {"format_version": FORMAT_VERSION, "step": 0, "config": cfg.to_dict(), "model": weights,
-             "ema": _float32(ema) if ema is not None else weights,  # one copy on disk when equal
+             "ema": _float32(ema, str(info["weights"])) if ema is not None else weights,  # one copy on disk when equal
              "source": source_info, "versions": _versions()}
     with writing(out, InteropError, key="out"):
         atomic_torch_save(state, out)

@@ -13,6 +13,7 @@ import torch
 
 from ..core.schedule import NoiseSchedule
 from ..core.seeds import PerSeedNoise
+from ..errors import SamplerError
 from . import sample as run_sampler
 
 
@@ -47,6 +48,9 @@ def generate_batches(
         noise = PerSeedNoise(batch_seeds, device=device)
         x_T = noise.randn(image_shape)
         x0, info = run_sampler(eps_fn, x_T, schedule, generator=noise, progress=progress, **sampler_options)
+        if not bool(torch.isfinite(x0).all()):  # clamp would pass inf as ±1; NaN has no pixel value
+            raise SamplerError(f"the samples of image seeds {batch_seeds[0]}..{batch_seeds[-1]} are not finite: the "
+                               "network's output is NaN or infinite (are the checkpoint's weights finite?)")
         yield batch_seeds, x0.clamp(-1, 1).cpu(), info
 
 

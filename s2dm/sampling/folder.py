@@ -140,13 +140,12 @@ def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, o
     bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), unit="img", dynamic_ncols=True,
                desc="sample" if world == 1 else f"sample ({world} ranks, rank 0 shown x{world})",
                disable=not dist.is_main())
-    with dist.same_outcome():
+    with dist.same_outcome(), bar:  # the bar closes before an error line is printed: that line stays the last
         for batch, images, info in generate_batches(model, schedule, mine, image_shape=shape, batch_size=batch_size,
                                                     device=device, **options.as_kwargs()):
             for seed, img in zip(batch, images):
                 save_png(img, out / f"{seed:06d}.png")
             bar.update(min(len(batch) * world, bar.total - bar.n))
-    bar.close()
     return info
 
 
