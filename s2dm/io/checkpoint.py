@@ -216,7 +216,8 @@ def init_weights_from(path, model: nn.Module, ema: nn.Module, cfg, resumed: bool
         path = resolve_checkpoint(path)
         state = read_checkpoint(path)
     except CheckpointError as exc:
-        raise CheckpointError(f"init_from: {exc} (convert published weights first: s2dm convert)",
+        # a damaged s2dm checkpoint and a published weights file (safetensors) read alike here
+        raise CheckpointError(f"init_from: {exc} (if it holds published weights, convert them first: s2dm convert)",
                               key="init_from") from None
     which = "ema" if state.get("ema") is not None else "model"
     bad = first_mismatch(model.state_dict(), state[which])
