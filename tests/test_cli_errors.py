@@ -151,6 +151,7 @@ def test_convert_keeps_the_first_sentence_of_a_corrupt_files_error(tmp_path, cap
 def test_library_messages_spell_options_as_python_and_the_cli_as_flags(tmp_path, capsys):
     out = tmp_path / "exists.ckpt"
     out.write_text("x")
+    (tmp_path / "w.ckpt").write_text("x")  # a source that exists: the size is asked for before it is read
     with pytest.raises(InteropError, match=r"overwrite it with force=True"):
         convert("ddim", tmp_path / "w.ckpt", out, image_size=32)
     line = error_line(capsys, ["convert", tmp_path / "w.ckpt", "--from", "ddim", "--image-size", "32", "--out", out])
