@@ -18,8 +18,10 @@ bash scripts/setup.sh test
 # trains its classifier; installed where this runs as root with apt-get (CI), else that test says
 # how to get it and is skipped.
 fashion=/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+fashion_pkg=dataset-fashion-mnist
+apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$fashion_pkg" >/dev/null 2>&1; }
 if [ ! -f "$fashion" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 \
-    || echo "note: apt-get could not install dataset-fashion-mnist; the Fashion-MNIST test will be skipped"
+  apt_install || { apt-get update -q >/dev/null 2>&1 && apt_install; } \
+    || echo "note: apt-get could not install $fashion_pkg; the Fashion-MNIST test will be skipped"
 fi
 .venv/bin/python -m pytest -q ${args[@]+"${args[@]}"}
