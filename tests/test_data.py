@@ -14,7 +14,8 @@ from PIL import Image
 
 from s2dm.errors import UserError
 from s2dm.io import data
-from s2dm.io.data import dataset_tensor, load_dataset, read_idx
+from s2dm.io.archives import read_idx
+from s2dm.io.data import dataset_tensor, load_dataset
 from s2dm.util.images import from_uint8, to_uint8
 
 
