@@ -101,6 +101,25 @@ def test_weights_that_are_not_finite_give_one_error_line(tiny_run, tmp_path, cap
     assert not list(out.glob("*.png"))
 
 
+@pytest.mark.parametrize("verb, args", [
+    ("sample", ["sample", "--steps", "2", "--n", "2", "--out"]),
+    ("export", ["export", "--to", "ddim", "--out"]),
+])
+def test_a_checkpoint_without_ema_is_refused_until_asked_for_the_raw_weights(tiny_run, tmp_path, capsys, verb, args):
+    """sample, export and eval share one check (io.checkpoint.pick_weights): one line that names
+    --no-ema, nothing written; with --no-ema the raw weights are used."""
+    ck = torch.load(resolve_checkpoint(tiny_run), map_location="cpu", weights_only=False)
+    ck["ema"] = None
+    torch.save(ck, tmp_path / "raw.pt")
+    out = tmp_path / ("s" if verb == "sample" else "s.ckpt")
+    cmd = [args[0], "--ckpt", str(tmp_path / "raw.pt")] + args[1:] + [str(out)]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'raw.pt'} holds no EMA weights; {verb} the raw ones with --no-ema"], err
+    assert not out.exists()
+    assert main(cmd + ["--no-ema"]) == 0 and out.exists()
+
+
 def test_parse_seeds():
     assert parse_seeds("0-3,7", None) == [0, 1, 2, 3, 7]
     assert parse_seeds(None, 3) == [0, 1, 2]

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from ..errors import InteropError
-from ..io.checkpoint import read_checkpoint, resolve_checkpoint
+from ..io.checkpoint import pick_weights, read_checkpoint, resolve_checkpoint
 from ..io.config import Config, config_from_saved
 from ..util.fileio import atomic_torch_save, atomic_write, atomic_write_text, sha256_file, writing
 from .layouts import DDPM_SETTINGS, diffusers_unet_kwargs, s2dm_to_diffusers_state_dict
@@ -81,14 +81,6 @@ def scheduler_config(cfg: Config) -> dict:
     }
 
 
-def pick_weights(state: dict, use_ema: bool, path) -> tuple:
-    """(state dict, 'ema' or 'model'): the EMA weights by default, the raw ones on request."""
-    if use_ema and state.get("ema") is None:
-        raise InteropError(f"{path} has no EMA weights; export the raw ones with use_ema=False", key="use_ema")
-    which = "ema" if use_ema else "model"
-    return state[which], which
-
-
 def write_diffusers(out: Path, cfg: Config, weights: dict, provenance: dict) -> None:
     try:
         from safetensors.torch import save as safetensors_bytes  # optional dependency
@@ -119,7 +111,8 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
     path = resolve_checkpoint(ckpt)
     state = read_checkpoint(path)
     cfg = config_from_saved(state["config"])
-    weights, which = pick_weights(state, use_ema, path)
+    which = pick_weights(state, use_ema, path, "export")
+    weights = state[which]
     provenance = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state["step"]),
                   "weights": which, "config": cfg.to_dict(), "source": state.get("source")}
     if to == "diffusers":

@@ -146,6 +146,14 @@ def read_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
     return state
 
 
+def pick_weights(state: dict, use_ema: bool, path, verb: str) -> str:
+    """``"ema"`` or ``"model"``: which weights of a checkpoint's ``state`` to ``verb`` with (the
+    EMA ones by default). A checkpoint without EMA weights refuses ``use_ema``, before any work."""
+    if use_ema and state.get("ema") is None:
+        raise CheckpointError(f"{path} holds no EMA weights; {verb} the raw ones with use_ema=False", key="use_ema")
+    return "ema" if use_ema else "model"
+
+
 @dataclass
 class LoadedCheckpoint:
     """What ``load_checkpoint`` returns: ready-to-call modules and the run's config."""

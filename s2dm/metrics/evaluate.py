@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..core.ema import describe_ema
 from ..core.schedule import NoiseSchedule
 from ..errors import CheckpointError, MetricError, SamplerError
-from ..io.checkpoint import checkpoint_stamp, read_checkpoint, resolve_checkpoint
+from ..io.checkpoint import checkpoint_stamp, pick_weights, read_checkpoint, resolve_checkpoint
 from ..io.config import config_from_saved
 from ..samplers import SAMPLERS, eps_scale_label, parse_eps_scale_list
 from ..samplers.options import SampleOptions
@@ -214,8 +214,7 @@ def _check_checkpoints(files, ref_stats, ref, options: SampleOptions, samplers, 
     configs = {}
     for f in files:  # one state dict at a time: a CIFAR10 checkpoint is half a GiB
         state = read_checkpoint(f)
-        if use_ema and state.get("ema") is None:  # before any progress bar or folder
-            raise CheckpointError(f"{f} holds no EMA weights; score the raw ones with use_ema=False", key="use_ema")
+        pick_weights(state, use_ema, f, "score")  # before any progress bar or folder
         configs[f] = config_from_saved(state["config"])
     for f, c in configs.items():
         shape = (c.data.channels, c.data.image_size, c.data.image_size)

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..core.schedule import NoiseSchedule
-from ..errors import CheckpointError, DataError, RunError, SamplerError
-from ..io.checkpoint import checkpoint_stamp, load_checkpoint
+from ..errors import DataError, RunError, SamplerError
+from ..io.checkpoint import checkpoint_stamp, load_checkpoint, pick_weights
 from ..samplers.generate import generate_batches
 from ..samplers.options import SampleOptions
 from ..util import dist
@@ -92,9 +92,7 @@ def sample_to_folder(
     options = SampleOptions() if options is None else SampleOptions.of(options)
     dev = pick_device(device)
     ck = load_checkpoint(ckpt, device=dev)
-    model = ck.ema if use_ema and ck.ema is not None else ck.model
-    if use_ema and ck.ema is None:
-        raise CheckpointError(f"{ck.path} holds no EMA weights; sample the raw ones with use_ema=False", key="use_ema")
+    model = getattr(ck, pick_weights(ck.state, use_ema, ck.path, "sample"))
     cfg = ck.config
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     info = options.validate(schedule)  # fail on a bad option before any work
