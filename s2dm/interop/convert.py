@@ -160,14 +160,22 @@ def diffusion_from_scheduler(conf: dict, where: str) -> dict:
             "beta_start": float(conf.get("beta_start", 1e-4)), "beta_end": float(conf.get("beta_end", 0.02))}
 
 
-def ddim_image_size(image_size: Optional[int], config: Optional[str], overrides: Sequence[str]) -> Optional[int]:
+def user_config(config: Optional[str], overrides: Sequence[str]) -> Optional[Config]:
+    """The user's config file with its overrides, or None without one."""
+    if config is None:
+        return None
+    return config_from_dict(apply_overrides(read_config_yaml(config), list(overrides)))
+
+
+def ddim_image_size(image_size: Optional[int], user: Optional[Config], config: Optional[str]) -> Optional[int]:
     """The image size of DDIM-layout weights (the file does not record it): ``image_size``, else
-    the config's ``data.image_size``, else None; the two must agree where both are given."""
+    the ``data.image_size`` of the user's config ``user`` (read from the file ``config``), else
+    None; the two must agree where both are given."""
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise InteropError(f"image_size must be a positive integer, not {image_size!r}", key="image_size")
-    if config is None:
+    if user is None:
         return image_size
-    from_config = config_from_dict(apply_overrides(read_config_yaml(config), list(overrides))).data.image_size
+    from_config = user.data.image_size
     if image_size is not None and image_size != from_config:
         raise InteropError(f"image_size {image_size} differs from data.image_size {from_config} of {config}; "
                            "drop one or make them agree", key="image_size")
@@ -194,19 +202,18 @@ def read_ddim(path: Path, image_size: int) -> Tuple[StateDict, Optional[StateDic
 # ---------------------------------------------------------------------------------------
 # The s2dm checkpoint
 # ---------------------------------------------------------------------------------------
-def assemble_config(config: Optional[str], overrides: Sequence[str], model: ModelConfig, image_size: int,
+def assemble_config(user: Optional[Config], overrides: Sequence[str], model: ModelConfig, image_size: int,
                     channels: int, diffusion: Optional[dict]) -> Config:
-    """The checkpoint's config: the user's ``--config`` (+ ``--set``), or, without one, the
-    architecture read from the weights on s2dm's defaults (DDPM's training settings). The
+    """The checkpoint's config: the user's (``user_config``), or, without one, the architecture
+    read from the weights on s2dm's defaults (DDPM's training settings) with the overrides. The
     data set is not recorded in the weights: ``folder`` stands in until a --config names it."""
-    if config is not None:
-        data = read_config_yaml(config)
-    else:
+    cfg = user
+    if cfg is None:
         data = {"data": {"dataset": "folder", "image_size": image_size, "channels": channels},
                 "model": dataclasses.asdict(model)}
         if diffusion is not None:
             data["diffusion"] = diffusion
-    cfg = config_from_dict(apply_overrides(data, list(overrides)))
+        cfg = config_from_dict(apply_overrides(data, list(overrides)))
     if diffusion is not None:
         for key, value in diffusion.items():
             if value != getattr(cfg.diffusion, key):
@@ -244,7 +251,7 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
     source, out = Path(source), Path(out)
     if out.exists() and not force:
         raise InteropError(f"{out} exists; overwrite it with force=True", key="force")
-    ema = None
+    ema, user = None, None
     if layout == "diffusers":
         if image_size is not None:
             raise InteropError("image_size is for layout='ddim'; diffusers' config.json has the sample_size",
@@ -252,7 +259,8 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
         sd, model, size, channels, diffusion, info = read_diffusers(source)
     elif layout == "ddim":
         check_ddim_source(source)  # before the image size: a wrong path is the first thing to mend
-        size = ddim_image_size(image_size, config, overrides)
+        user = user_config(config, overrides)
+        size = ddim_image_size(image_size, user, config)
         if size is None:
             raise InteropError("a DDIM-layout file does not record the image size: give image_size=32 (CIFAR10) "
                                "or image_size=64 (CelebA), or a config that has data.image_size",
@@ -261,7 +269,9 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
         diffusion = None
     else:
         raise InteropError(f"layout {layout!r}: expected diffusers or ddim", key="layout")
-    cfg = assemble_config(config, overrides, model, size, channels, diffusion)
+    if user is None:  # diffusers: its source is read first, as a wrong path is the first thing to mend
+        user = user_config(config, overrides)
+    cfg = assemble_config(user, overrides, model, size, channels, diffusion)
     have = architecture(model, size, channels)
     name = str(config) if config else "the config read off the weights and the overrides"
     check_fits(cfg, sd, have, str(info["weights"]), "model", name)
