@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s2dm.errors import UserError
+from s2dm.errors import ConfigError, UserError
 from s2dm.io import data
 from s2dm.io.archives import read_idx
 from s2dm.io.data import dataset_tensor, load_dataset
@@ -468,6 +468,15 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
     assert calls == []
     assert len(load_dataset(cfg("cifar10", tmp_path, 32, 3, download=True))) == 10
     assert calls == ["CIFAR10"]
+
+
+@pytest.mark.parametrize("name, says", [("celeba", "img_align_celeba.zip"), ("folder", "the folder itself")])
+def test_download_is_refused_where_it_would_fetch_nothing(tmp_path, name, says):
+    """CelebA and image folders cannot be downloaded: data.download: true says so up front
+    instead of being ignored (it used to be, silently, when the files were there)."""
+    with pytest.raises(ConfigError, match=f"fetches fashion_mnist and cifar10 only.*{says}") as e:
+        load_dataset(cfg(name, tmp_path, 8, 3, download=True))
+    assert e.value.key == "data.download"
 
 
 def test_download_failure_is_one_line(tmp_path, monkeypatch):

@@ -33,6 +33,9 @@ DATASETS = ("digits", "fashion_mnist", "cifar10", "celeba", "folder")
 # the sets whose images come with class labels (``load_labelled``: FD-cnn's classifier)
 LABELLED = ("digits", "fashion_mnist")
 
+# the sets ``data.download: true`` fetches (with torchvision); digits come with scikit-learn
+DOWNLOADABLE = ("fashion_mnist", "cifar10")
+
 # channels each named set has; "folder" takes what the config asks for (1 or 3)
 NATIVE_CHANNELS = {"digits": 1, "fashion_mnist": 1, "cifar10": 3, "celeba": 3}
 
@@ -186,6 +189,11 @@ def _checked(cfg) -> tuple:
     root = getattr(cfg, "root", None)
     root = Path(root).expanduser() if root not in (None, "") else None
     download = bool(getattr(cfg, "download", False))
+    if download and name in ("celeba", "folder"):  # it would not download: say so before the not-found error
+        what = (f"CelebA: download img_align_celeba.zip from {CELEBA_URL} and unzip it into data.root"
+                if name == "celeba" else "an image folder: data.root is the folder itself")
+        raise ConfigError(f"data.download: true fetches {' and '.join(DOWNLOADABLE)} only, not {what}; "
+                          "set data.download: false", key="data.download")
     return name, size, channels, root, download
 
 
