@@ -72,6 +72,9 @@ def test_diffusers_round_trip_gives_the_same_function(layout, tmp_path):
     theirs.save_pretrained(tmp_path / "hub")
     assert convert(tmp_path / "hub", tmp_path / "model.ckpt") == 0
     ck = load_checkpoint(tmp_path / "model.ckpt")
+    assert convert(tmp_path / "hub" / "config.json", tmp_path / "via_json.ckpt") == 0  # the folder it is in
+    via_json = torch.load(tmp_path / "via_json.ckpt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(v, via_json[k]) for k, v in ck.state["model"].items())
     m = ck.config.model
     assert (m.ch, m.ch_mult, m.num_res_blocks, m.attn_resolutions) == (
         layout["ch"], list(layout["ch_mult"]), layout["num_res_blocks"], list(layout["attn_resolutions"]))

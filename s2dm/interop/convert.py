@@ -44,9 +44,12 @@ _WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 
 def locate_diffusers(path: Path) -> Tuple[Path, Path, Optional[Path]]:
     """(weights file, config.json, scheduler_config.json or None) for a UNet folder, a
-    pipeline folder (with unet/ inside) or a weights file with config.json beside it."""
+    pipeline folder (with unet/ inside), a weights file with config.json beside it, or that
+    config.json (or a pipeline's model_index.json): the folder it is in."""
     if not path.exists():
         raise InteropError(f"{path}: no such file or folder", key="source")
+    if path.is_file() and path.suffix == ".json":
+        path = path.parent
     folder = path.parent if path.is_file() else path
     if path.is_dir() and (path / "unet").is_dir():
         folder = path / "unet"
