@@ -56,6 +56,17 @@ def test_window_all_reduce_and_state_dict():
         {k: v for k, v in s.items() if "_per_s" not in k}
 
 
+def test_a_step_copies_nothing_to_the_host():
+    """The terms stay on their device until a log line: on the meta device any copy to the
+    host (.cpu(), float(), .item()) raises, so add() makes none; the counts come from t."""
+    w = Window(T)
+    on_meta = {k: torch.ones(5, device="meta") for k in Window.TERMS}
+    w.add(torch.tensor([0, 300, 600, 900, 999]), on_meta, 1.0)
+    assert (w.counts["loss"], w.counts["loss_t_q1"], w.counts["loss_t_q4"], w.steps) == (5, 1, 2, 1)
+    with pytest.raises(NotImplementedError):  # the log line is where they come back
+        w.summary(batch_size=5)
+
+
 def test_warmup_lr_is_linear_then_constant(tmp_path):
     from s2dm.cli import main
 

@@ -173,8 +173,9 @@ def train_step(cfg: Config, state: RunState, x0: torch.Tensor, schedule: NoiseSc
         loss.backward()
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
     # After DDP's all-reduce the gradients, hence this norm, are the same on every rank.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip))
-    loss_value = loss.item()
+    norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), clip)
+    # the step's one copy to the host (a GPU sync): the skip logic needs both
+    loss_value, grad_norm = torch.stack([loss.detach().float(), norm.float()]).tolist()
     loss_bad, stop = not math.isfinite(loss_value), bool(stop_requested)
     if dist.world_size() > 1:  # every rank must take (or skip) the step, and stop, together
         bad_count, loss_sum, stops = dist.all_reduce_sum([float(loss_bad), 0.0 if loss_bad else loss_value,

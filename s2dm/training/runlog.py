@@ -7,19 +7,27 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..util.fileio import atomic_write_text, remove_stale_temps
 
 
 class Window:
-    """Accumulates per-sample loss terms between two log lines, split by t quartile."""
+    """Accumulates per-sample loss terms between two log lines, split by t quartile.
+
+    A step's sums stay where its terms are (the GPU) until a log line, a checkpoint or an
+    all-reduce needs them: a step copies nothing back to the host, whose one sync a step is
+    the loss and gradient norm the skip logic reads. ``t`` is on the CPU, so are the counts."""
+
+    TERMS = ("loss", "l0", "lskip")
+    QUARTILES = ("loss_t_q1", "loss_t_q2", "loss_t_q3", "loss_t_q4")
 
     def __init__(self, T: int):
         self.T = T
         self.reset()
 
     def reset(self):
-        self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self.clear()
         self.steps, self.t0 = 0, time.perf_counter()
 
     def exclude(self, seconds: float) -> None:
@@ -27,26 +35,35 @@ class Window:
         self.t0 += seconds
 
     def add(self, t: torch.Tensor, terms: dict, grad_norm: float):
-        t = t.cpu()
-        q = (t * 4 // self.T).clamp(max=3)
-        for name in ("loss", "l0", "lskip"):
-            v = terms[name].float().cpu()
-            self.sums[name] += float(v.sum())
-            self.counts[name] += len(v)
-        for i in range(4):
-            mask = q == i
-            self.sums[f"loss_t_q{i + 1}"] += float(terms["loss"].float().cpu()[mask].sum())
-            self.counts[f"loss_t_q{i + 1}"] += int(mask.sum())
+        loss = terms["loss"].detach().float()
+        q = (t.cpu() * 4 // self.T).clamp(max=3)  # t is drawn on the CPU: no copy
+        one_hot = F.one_hot(q.to(loss.device, non_blocking=True), 4).to(loss.dtype)
+        # one float32 (7,) tensor a step: the three terms' sums, then the loss's per quartile
+        self._pending.append(torch.cat([torch.stack([loss.sum()] + [terms[k].detach().float().sum()
+                                                                   for k in self.TERMS[1:]]), loss @ one_hot]))
+        for name in self.TERMS:
+            self.counts[name] += loss.numel()
+        for name, n in zip(self.QUARTILES, torch.bincount(q, minlength=4).tolist()):
+            self.counts[name] += n
         self.sums["grad_norm"] += grad_norm
         self.counts["grad_norm"] += 1
         self.steps += 1
 
-    KEYS = ("loss", "l0", "lskip", "loss_t_q1", "loss_t_q2", "loss_t_q3", "loss_t_q4", "grad_norm")
+    def _flush(self) -> None:
+        """Add the pending steps' sums to ``sums``: one copy to the host, step by step in float64."""
+        if self._pending:
+            for row in torch.stack(self._pending).cpu().tolist():
+                for name, v in zip(self.TERMS + self.QUARTILES, row):
+                    self.sums[name] += v
+            self._pending = []
+
+    KEYS = TERMS + QUARTILES + ("grad_norm",)
 
     def all_reduce(self, reduce_sum) -> None:
         """Sum the window over ranks (``reduce_sum``: a float64 array → its sum over ranks), so
         that the summary is over the global batch. Every rank calls it at the same step. The
         grad norm, equal on all ranks, is added W times and counted W times: its mean is kept."""
+        self._flush()
         keys = self.KEYS
         total = reduce_sum([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0) for k in keys])
         for i, k in enumerate(keys):
@@ -56,8 +73,10 @@ class Window:
     def clear(self) -> None:
         """Drop the sums and counts (keep the timing)."""
         self.sums, self.counts = defaultdict(float), defaultdict(int)
+        self._pending: list = []  # the steps' sums not yet in ``sums``, on the terms' device
 
     def state_dict(self) -> dict:
+        self._flush()
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
     def load_state_dict(self, d: dict) -> None:
@@ -65,6 +84,7 @@ class Window:
         self.counts.update(d["counts"])
 
     def summary(self, batch_size: int) -> dict:
+        self._flush()
         dt = time.perf_counter() - self.t0
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
         out["steps_per_s"] = self.steps / dt if dt > 0 else float("nan")
