@@ -51,6 +51,7 @@ from ..samplers.options import SampleOptions
 from ..util import dist
 from ..util.dist import pick_device
 from ..util.images import save_mosaic
+from ..util.workers import stop_requested
 from .curves import write_run_curves
 from .draws import PlannedBatches, StepDraws, draw_step
 from .evaluation import Evaluator, check_eval_setup, describe, set_up_evaluation
@@ -101,6 +102,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        """A signal came, or (in ``s2dm study``'s worker processes) the parent's Ctrl-C, which
+        a job still setting up missed (util.workers)."""
+        if self.signal is None and stop_requested():
+            self.signal = signal.SIGINT
+        return self.signal is not None
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -315,7 +324,7 @@ def _loop(run: _Run) -> Path:
         if ev is not None and ev.due(state.step) and state.step not in run.evaluated:
             _evaluate(run, bar)  # a run stopped between its checkpoint and its evaluation
         for x0 in loader_batches(loader):
-            res = train_step(cfg, state, x0, run.schedule, run.device, stop_requested=stop.signal is not None)
+            res = train_step(cfg, state, x0, run.schedule, run.device, stop_requested=stop.requested)
             _count_step(run, res)
             bar.update(1)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
@@ -399,7 +408,7 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> Non
     # also honours a signal that arrived during this step's bookkeeping.
     evaluate = run.evaluator is not None and run.evaluator.due(done)
     due = done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or evaluate
-    stopping = res.stop or (world == 1 and stop.signal is not None)
+    stopping = res.stop or (world == 1 and stop.requested)
     if due or stopping:  # every rank agrees on both
         if world > 1:  # rank 0 keeps the global partial sums, the others start afresh
             window.all_reduce(dist.all_reduce_sum)
@@ -420,7 +429,7 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> Non
         with dist.same_outcome():
             if main_rank:
                 write_run_curves(run.out)
-    if world == 1 and due and stop.signal is not None:
+    if world == 1 and due and stop.requested:
         stopping = True  # it arrived while this step's checkpoint or mosaic was written: stop here
     if stopping:
         signum = int(stop.signal or signal.SIGTERM)

@@ -48,13 +48,25 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _start_worker() -> None:
+_STOP = None  # in a worker process: the parent's stop event, set when the parent gets Ctrl-C
+
+
+def _start_worker(stop) -> None:
+    global _STOP
+    _STOP = stop
     torch.set_num_threads(1)
     keep_freed_memory()
     # Ctrl-C reaches every process of the group. A worker between jobs must not die of it (the
     # pool would break); a training job installs its own handler (save, then stop), a scoring
-    # job finishes its cell, and the parent cancels the jobs not yet started.
+    # job finishes its cell. A job still setting up when it came missed it: the parent passes
+    # it on through ``stop_requested``.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_requested() -> bool:
+    """Whether the process that runs this worker's jobs was asked to stop (Ctrl-C); False
+    outside a worker. A job polls it where it can stop cleanly (training: after a step)."""
+    return _STOP is not None and _STOP.is_set()
 
 
 @contextlib.contextmanager
@@ -81,9 +93,10 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
     data) when ``workers`` > 1: new processes are spawned, not forked, so that no worker
     inherits this process's threads or open files.
 
-    The first job to fail stops the rest (jobs not yet started are cancelled, running ones
+    The first job to fail stops the rest (jobs not yet started never start, running ones
     finish) and its exception is raised here. Ctrl-C reaches the workers too (same process
-    group): a training job saves its checkpoint and stops, a scoring job finishes its cell;
+    group), and ``stop_requested`` passes it on to a job that was still setting up: a training
+    job saves its checkpoint and stops, a scoring job finishes its cell, no other job starts;
     this call waits for them, then raises the training job's ``Interrupted`` (or
     KeyboardInterrupt).
     """
@@ -95,13 +108,28 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
                 if on_done is not None:
                     on_done(i, results[i])
         return results
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_start_worker)
-    futures = {}
-    try:
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker,
+                               initargs=(stop,))
+    futures: dict = {}
+    todo = iter(enumerate(jobs))
+
+    def submit_next() -> set:
+        """Hand the pool one more job, if any: never more than it runs at once, so a job that
+        has not started is still here when Ctrl-C comes (the pool's queue cannot be emptied)."""
+        nxt = next(todo, None)
+        if nxt is None:
+            return set()
         with _children_ignore_sigint():
-            futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
-        pending = set(futures)
+            future = pool.submit(fn, *nxt[1])
+        futures[future] = nxt[0]
+        return {future}
+
+    try:
+        pending: set = set()
+        for _ in range(workers):
+            pending |= submit_next()
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -109,8 +137,10 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[Tuple], workers: int,
                 results[i] = future.result()  # a job's exception is raised here
                 if on_done is not None:
                     on_done(i, results[i])
+                pending |= submit_next()
     except KeyboardInterrupt:
-        pool.shutdown(wait=True, cancel_futures=True)  # running jobs save or finish, then stop
+        stop.set()  # running jobs save or finish, then stop
+        pool.shutdown(wait=True)
         stopped = [f.exception() for f in futures if f.done() and not f.cancelled()
                    and isinstance(f.exception(), Interrupted)]
         if stopped:
