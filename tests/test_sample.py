@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +119,24 @@ def test_a_checkpoint_without_ema_is_refused_until_asked_for_the_raw_weights(tin
     assert err == [f"error: {tmp_path / 'raw.pt'} holds no EMA weights; {verb} the raw ones with --no-ema"], err
     assert not out.exists()
     assert main(cmd + ["--no-ema"]) == 0 and out.exists()
+
+
+def test_each_spelling_of_an_eps_scale_resumes_the_same_folder(tiny_run, capsys):
+    """1.005 and const:1.005 (skip:9 and skip:9,tau:0.99) are one ε-scale, one folder name and
+    one recorded setting: a second spelling resumes the folder instead of being refused, also
+    a folder whose metadata.json recorded the text as typed (as earlier versions did)."""
+    base = ["sample", "--ckpt", str(tiny_run), "--steps", "2", "--batch-size", "2"]
+    folder = Path(tiny_run) / "samples" / "ddim-2-epsconst_1.005"
+    assert main(base + ["--n", "2", "--eps-scale", "1.005"]) == 0
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["settings"]["eps_scale"] == "const:1.005"
+    meta["settings"]["eps_scale"] = "1.005"  # as earlier versions wrote it
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    assert main(base + ["--n", "3", "--eps-scale", "const:1.005"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in folder.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    assert main(base + ["--n", "1", "--eps-scale", "skip:9"]) == 0
+    assert main(base + ["--n", "2", "--eps-scale", "skip:9,tau:0.99,variant:independent"]) == 0, capsys.readouterr().err
+    assert len(list((Path(tiny_run) / "samples" / "ddim-2-epsskip_9_tau_0.99").glob("*.png"))) == 2
 
 
 def test_parse_seeds():

@@ -10,6 +10,7 @@ image depends only on its seed, W ranks write the same files as one process.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -21,8 +22,9 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..core.schedule import NoiseSchedule
-from ..errors import DataError, RunError, SamplerError
+from ..errors import DataError, RunError, S2dmError, SamplerError
 from ..io.checkpoint import checkpoint_stamp, load_checkpoint, pick_weights
+from ..samplers import eps_scale_label
 from ..samplers.generate import generate_batches
 from ..samplers.options import SampleOptions
 from ..util import dist
@@ -69,7 +71,8 @@ def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
 def _settings(options: SampleOptions, use_ema: bool, ck) -> dict:
     """What defines the images; resuming into a folder made with other settings is refused."""
     return {"checkpoint": str(Path(ck.path).resolve()), "checkpoint_step": ck.step,
-            "checkpoint_stamp": checkpoint_stamp(ck.path), **options.as_dict(), "ema": bool(use_ema)}
+            "checkpoint_stamp": checkpoint_stamp(ck.path), **options.as_dict(),
+            "eps_scale": eps_scale_label(options.eps_scale), "ema": bool(use_ema)}  # 1.005 is const:1.005
 
 
 def sample_to_folder(
@@ -156,7 +159,11 @@ def _read_settings(meta_path: Path) -> dict:
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RunError(f"{meta_path} is truncated or corrupt ({exc}); delete it and rerun the same command "
                        "to rebuild it from the images already there, or choose another output folder") from None
-    return meta["settings"]
+    settings = meta["settings"]
+    if isinstance(settings.get("eps_scale"), str):  # earlier folders recorded it as typed: compare labels
+        with contextlib.suppress(S2dmError):
+            settings["eps_scale"] = eps_scale_label(settings["eps_scale"])
+    return settings
 
 
 def _read_sample(path: Path, mode: str) -> np.ndarray:
