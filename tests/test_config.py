@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -96,6 +97,10 @@ def test_bare_names_find_the_shipped_configs(tmp_path, monkeypatch, capsys):
     assert load_config("cifar10.yaml").model.ch_mult == [1, 2, 2, 2]
     local = write(tmp_path, {"train": {"steps": 7}})  # a path that exists wins
     assert load_config(local).train.steps == 7
+    # a file of the current folder shadows the shipped config of its name, with or without .yaml
+    (tmp_path / "digits.yaml").write_text("train:\n  steps: 3\n")
+    assert find_config("digits") == find_config("digits.yaml") == Path("digits.yaml")
+    assert load_config("digits").train.steps == 3
     with pytest.raises(UserError, match=r"config file not found: cifar11.yaml \(shipped configs.*cifar10.yaml"):
         load_config("cifar11.yaml")
     assert main(["configs"]) == 0

@@ -409,15 +409,17 @@ def config_summary(path: Union[str, Path]) -> str:
 
 
 def find_config(name: Union[str, Path]) -> Path:
-    """A YAML path as given, or a bare name (``cifar10.yaml``, ``cifar10``) among the shipped
-    configs; otherwise one error naming what exists."""
+    """A YAML path as given, or a bare name (``cifar10.yaml``, ``cifar10``: the .yaml may be
+    left out) in the current folder, then among the shipped configs; otherwise one error
+    naming what exists."""
     path = Path(name)
     if path.is_file():
         return path
     if path.parent == Path("."):
-        shipped = CONFIG_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
-        if shipped.is_file():
-            return shipped
+        file = path if path.suffix in (".yaml", ".yml") else path.with_name(f"{path.name}.yaml")
+        for found in (file, CONFIG_DIR / file.name):  # a local file shadows the shipped one, as documented
+            if found.is_file():
+                return found
     names = ", ".join(p.name for p in shipped_configs())
     raise ConfigError(f"config file not found: {name} (shipped configs, usable by bare name: {names})", key="config")
 
