@@ -104,10 +104,10 @@ def cmd_sample(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .training.curves import plot_runs  # CLI start-up time: matplotlib
+    from .training.curves import CURVES_FILE, plot_runs  # CLI start-up time: matplotlib
 
-    out = Path(args.out) if args.out else (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1
-                                           else Path("curves.png"))
+    out = Path(args.out) if args.out else (Path(args.runs[0]) / CURVES_FILE if len(args.runs) == 1
+                                           else Path(CURVES_FILE))
     if out.suffix.lower() != ".png":
         raise RunError(f"--out {out}: the figure is a PNG; name the file .png")
     with writing(out, RunError, key="out"):  # the run logs are checked before: an OSError here is the write

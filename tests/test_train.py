@@ -81,6 +81,23 @@ def test_resume_refuses_a_changed_loss(tmp_path, capsys):
     assert main(tiny_args(out, 10) + ["--resume", "never"]) == 2
 
 
+def test_a_forced_fresh_start_leaves_nothing_of_the_old_run_but_sample_folders(tmp_path):
+    """--resume never --force: the old run's checkpoints, preview mosaics, curves and
+    TensorBoard events go (a mosaic of step 40 beside a 5-step run read as its own); a folder
+    of `s2dm sample` stays, its metadata naming the checkpoint it was made from."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 8, "train.sample_every=4", "train.log_every=4")) == 0
+    (out / "tb").mkdir()
+    (out / "tb" / "events.out.tfevents.old").write_text("old")
+    (out / "samples" / "ddim-20").mkdir()
+    (out / "samples" / "ddim-20" / "000000.png").write_bytes(b"kept")
+    assert main(tiny_args(out, 2, "train.log_every=2", "train.checkpoint_every=2") + ["--resume", "never", "--force"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.pt")) == ["ckpt_00000002.pt"]
+    assert sorted(p.name for p in (out / "samples").glob("mosaic_*.png")) == ["mosaic_00000002.png"]
+    assert not (out / "tb").exists() and (out / "samples" / "ddim-20" / "000000.png").read_bytes() == b"kept"
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [2]
+
+
 def test_baseline_and_s2_see_identical_inputs(tmp_path, monkeypatch):
     """Same seed ⇒ same initial weights, data order, t and ε whatever loss.type is."""
     import s2dm.training.loop as train_mod

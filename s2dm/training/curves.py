@@ -23,6 +23,7 @@ from ..util.plots import COLOURS, MARKERS
 # The smoothing window is 4 % of the curve's points, so it spans the same width of the x axis,
 # and reads the same, for 200 or 2,000 log windows; a log of fewer than 50 windows is drawn as it is.
 SMOOTH_FRACTION = 0.04
+CURVES_FILE = "curves.png"  # in the run folder
 RAW_ALPHA = 0.25  # raw window values: visible behind the smoothed curve, never mistaken for it
 QUARTILE_STYLES = ["-", "--", "-.", ":"]  # q1 (smallest t) … q4 (largest t)
 NO_EVAL_TEXT = "no evaluation in these runs (train.eval_every: 0)"
@@ -167,7 +168,7 @@ def plot_runs(runs: Sequence[RunLike], out: Optional[Union[str, os.PathLike]] = 
 def write_run_curves(run: Union[str, os.PathLike]) -> Path:
     """Draw ``RUN/curves.png`` for one run (the training loop, at each checkpoint) and return
     its path. Raises RunError while the log has nothing to plot yet."""
-    path = Path(run) / "curves.png"
+    path = Path(run) / CURVES_FILE
     fig = plot_runs([run], path)
     fig.clear()  # drop the artists now: the loop calls this all run long
     return path

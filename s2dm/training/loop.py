@@ -57,7 +57,7 @@ from .draws import PlannedBatches, StepDraws, draw_step
 from .evaluation import Evaluator, check_eval_setup, describe, set_up_evaluation
 from .precision import autocast
 from .runlog import Window, truncate_log
-from .state import RunState, check_folder, new_state, prepare_folder, restore, save
+from .state import RunState, check_folder, new_state, prepare_folder, preview_path, restore, save
 from .tblog import TensorBoard, check_tensorboard, open_tensorboard
 
 
@@ -419,7 +419,7 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> Non
         if main_rank and (due or stopping):
             run.last_ckpt = save(state, cfg, run.ckpt_dir)
         if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
-            mosaic = write_mosaic(state.ema, cfg, run.schedule, run.out / "samples" / f"mosaic_{done:08d}.png",
+            mosaic = write_mosaic(state.ema, cfg, run.schedule, preview_path(run.out, done),
                                   run.device)
             if run.tb is not None:
                 run.tb.image("samples/ema_mosaic", mosaic, done)

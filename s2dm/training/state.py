@@ -23,7 +23,9 @@ from ..io.checkpoint import load_state_strict, read_checkpoint, save_run_checkpo
 from ..io.config import Config, EvalConfig, saved_as_current
 from ..util import dist
 from ..util.records import first_difference
+from .curves import CURVES_FILE
 from .precision import check_supported, ieee_float32, make_scaler, to_channels_last
+from .tblog import TB_DIR
 
 
 # Keys that may differ when a run is resumed (they change cadence, length, speed or what is
@@ -164,11 +166,22 @@ def check_folder(out: Path, resume: str, force: bool) -> bool:
     return has_ckpt and resume == "auto"
 
 
+def preview_path(out: Path, step: int) -> Path:
+    """The EMA model's preview mosaic of ``step`` in the run folder ``out``."""
+    return out / "samples" / f"mosaic_{step:08d}.png"
+
+
 def prepare_folder(out: Path, resume: str) -> None:
-    """Create the run folder (once everything that can fail before step 1 has been checked);
-    a fresh run (``--resume never --force``) drops the old run's checkpoints."""
-    if resume == "never" and (out / "checkpoints").is_dir():
-        shutil.rmtree(out / "checkpoints")
+    """Create the run folder (once everything that can fail before step 1 has been checked).
+    A fresh run (``--resume never --force``) drops what the old run's training wrote: its
+    checkpoints, preview mosaics, curves and TensorBoard events (the log goes when the new one
+    starts). Folders of ``s2dm sample`` stay: they record the checkpoint they were made from."""
+    if resume == "never":
+        for folder in (out / "checkpoints", out / TB_DIR):
+            if folder.is_dir():
+                shutil.rmtree(folder)
+        for old in [out / CURVES_FILE, *preview_path(out, 0).parent.glob("mosaic_*.png")]:
+            old.unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"

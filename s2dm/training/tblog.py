@@ -34,6 +34,9 @@ def check_tensorboard() -> None:
                           key="train.tensorboard")
 
 
+TB_DIR = "tb"  # in the run folder
+
+
 class TensorBoard:
     """A SummaryWriter on ``run_dir/tb``; ``start_step``: the step a resumed run continues from
     (the earlier process's events after it are purged, as log.jsonl's lines are)."""
@@ -43,7 +46,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         # TensorBoard drops the events at purge_step and later: the checkpoint step's own stay.
-        self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(Path(run_dir) / TB_DIR), purge_step=start_step + 1 if start_step else None)
 
     def scalars(self, record: dict) -> None:
         """A window record of log.jsonl: each known key as its tag."""
