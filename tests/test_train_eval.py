@@ -122,6 +122,13 @@ def test_fid_without_inception_weights_fails_before_the_run_folder(tmp_path, cap
     assert main(tiny_args(out, STEPS, *EXTRA, *EVAL, "train.eval.metric=fid", "train.eval.n=2049")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: train.eval.metric: fid needs the FID Inception weights") and err.count("\n") == 1
+    # it names the config key that gives the file, and no option train lacks (allow_download)
+    assert "train.eval.inception_weights: PATH;" in err and "allow_download" not in err, err
+    assert not out.exists()
+    assert main(tiny_args(out, STEPS, *EXTRA, *EVAL, "train.eval.metric=fid", "train.eval.n=2049",
+                          f"train.eval.inception_weights={tmp_path / 'nowhere.pth'}")) == 2
+    err = capsys.readouterr().err
+    assert f"train.eval.inception_weights: file not found: {tmp_path / 'nowhere.pth'}" in err, err
     assert not out.exists()
 
 

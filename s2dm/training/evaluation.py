@@ -57,7 +57,8 @@ def check_eval_setup(cfg: Config) -> None:
                               f"singular; use n > {dim}", key="train.eval.n")
     if cfg.train.eval_every and EVAL_METRICS[ev.metric] == "inception":
         try:
-            dist.run0(lambda: resolve_inception_weights(ev.inception_weights))
+            dist.run0(lambda: resolve_inception_weights(ev.inception_weights, allow_download=None,
+                                                        key="train.eval.inception_weights"))
         except MetricError as exc:
             raise MetricError(f"train.eval.metric: fid needs the FID Inception weights: {exc} (or evaluate "
                               "with train.eval.metric: fd-pixels)", key="train.eval.metric") from None
