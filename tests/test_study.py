@@ -314,6 +314,18 @@ def test_a_bad_worker_count_is_one_error_line(tmp_path, capsys):
     assert not (tmp_path / "o" / "runs").exists()
 
 
+def test_a_missing_data_set_is_one_line_before_the_study_folder(tmp_path, capsys):
+    """Checked with the configs, not by a worker after the folder was made (it was left empty)."""
+    data = {**TOY, "runs": {**TOY["runs"], "s2dm": {"set": {"loss.type": "s2", "data.dataset": "cifar10",
+                                                            "data.channels": 3, "data.root": str(tmp_path)},
+                                                    "seeds": [0]}}}
+    out = tmp_path / "o"
+    assert main(["study", "--config", str(write_study(tmp_path, data)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: CIFAR10 not found"), err
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_the_workers_after_a_checkpoint_and_the_study_resumes(tmp_path):
     """SIGINT to the process group (Ctrl-C) while two workers train: each training job saves and

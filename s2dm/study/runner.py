@@ -32,6 +32,7 @@ from ..core.schedule import NoiseSchedule
 from ..errors import S2dmError, StudyError
 from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
+from ..io.data import load_dataset
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import (Stats, extractor_for, frechet_distance, metric_label, reference_stats,
                            training_images_label)
@@ -78,6 +79,18 @@ def check_configs(study: Study) -> None:
     for run in study.runs.values():
         if run.trained:
             run_config(study, run, run.seeds[0])
+
+
+def check_data(study: Study) -> None:
+    """Every data set the trained runs use loads (each once): checked before the study folder is
+    made, so a missing data set is one line, not a worker's error after an empty folder."""
+    seen = []
+    for run in study.runs.values():
+        if run.trained:
+            data = run_config(study, run, run.seeds[0]).data
+            if data not in seen:
+                seen.append(data)
+                load_dataset(data)
 
 
 def train_all(study: Study, out: Path, train_missing: bool = True, workers: Union[int, str] = 1,
@@ -421,6 +434,8 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     CPU. The results do not depend on it."""
     study = load_study(config, quick=quick)
     check_configs(study)
+    if not report_only:
+        check_data(study)
     out = Path(out) if out else Path("runs") / (Path(config).stem + ("-quick" if quick else ""))
     if report_only and not out.is_dir():
         raise StudyError(f"{out} does not exist, so there is nothing to report; run the study into it first",
