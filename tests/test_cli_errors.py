@@ -227,7 +227,7 @@ def test_second_review_messages(tiny_run, tmp_path, capsys):
     line = error_line(capsys, ["sample", "--ckpt", tiny_run, "--out", tmp_path / "s", "--steps", "0"])
     assert line == "error: --steps must be a positive integer, got 0"
     line = error_line(capsys, ["sample", "--ckpt", tiny_run, "--out", tmp_path / "s", "--steps", "2000"])
-    assert line == "error: --steps=2000 exceeds the number of training timesteps T=1000"
+    assert line == "error: --steps: 2000 exceeds the number of training timesteps T=1000"
     parser = build_parser()
     exc = CheckpointError("x.pt holds no EMA weights; sample the raw ones with use_ema=False", key="use_ema")
     spell = lambda name, value: spell_option(parser, "sample", name, value)  # noqa: E731

@@ -74,5 +74,6 @@ def test_an_override_fills_an_empty_yaml_section(tmp_path):
 def test_a_number_for_a_text_key_says_to_quote_it():
     with pytest.raises(UserError) as info:
         load_config(None, ["data.root=2024"])
-    assert str(info.value) == "data.root: expected str, got int 2024 (quote it: data.root='...')"
+    assert str(info.value) == ("data.root: expected str, got int 2024 (quote it as YAML text, '...'; an override "
+                               "needs the quotes to reach s2dm, e.g. \"data.root='...'\" in a shell)")
     assert load_config(None, ["data.root='2024'"]).data.root == "2024"

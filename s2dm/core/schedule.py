@@ -140,7 +140,7 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise SamplerError(f"steps must be a positive integer, got {steps!r}", key="steps")
         if steps > T:
-            raise SamplerError(f"steps={steps} exceeds the number of training timesteps T={T}", key="steps")
+            raise SamplerError(f"steps: {steps} exceeds the number of training timesteps T={T}", key="steps")
         if grid == "uniform":
             points = [i * (T // steps) for i in range(steps)]
         elif grid == "quad":

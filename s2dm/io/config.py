@@ -188,7 +188,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     else:  # pragma: no cover - a programming error, not a user error
         raise TypeError(f"unsupported config type {tp} at {key}")
     # YAML reads 2024, 1.10 or yes unquoted as a number or a bool; its text may not survive.
-    hint = f" (quote it: {key}='...')" if tp is str and isinstance(value, (int, float)) else ""
+    hint = (f" (quote it as YAML text, '...'; an override needs the quotes to reach s2dm, e.g. \"{key}='...'\" "
+            "in a shell)") if tp is str and isinstance(value, (int, float)) else ""
     raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}{hint}", key=key)
 
 
@@ -354,7 +355,7 @@ def _validate_eval(cfg: Config) -> None:
     if ev.n <= dim:
         what = f"{d.channels}x{d.image_size}x{d.image_size} pixels" if ev.metric == "fd-pixels" else "Inception pool3"
         raise ConfigError(f"train.eval.n: {ev.n} images give a covariance of rank at most {max(ev.n - 1, 0)} in "
-                          f"{dim}-d features ({what}), so the Fréchet distance would be singular; use n > {dim}",
+                          f"{dim}-d features ({what}), so the Fréchet distance would be singular; use train.eval.n > {dim}",
                           key="train.eval.n")
 
 

@@ -54,7 +54,7 @@ def check_eval_setup(cfg: Config) -> None:
         if ev.n <= dim:
             raise MetricError(f"train.eval.n: {ev.n} images give a covariance of rank at most {ev.n - 1} in the "
                               f"{dim}-d features of the FD-cnn classifier, so the Fréchet distance would be "
-                              f"singular; use n > {dim}", key="train.eval.n")
+                              f"singular; use train.eval.n > {dim}", key="train.eval.n")
     if cfg.train.eval_every and EVAL_METRICS[ev.metric] == "inception":
         try:
             dist.run0(lambda: resolve_inception_weights(ev.inception_weights, allow_download=None,
