@@ -235,3 +235,24 @@ def test_second_review_messages(tiny_run, tmp_path, capsys):
         "x.pt holds no EMA weights; sample the raw ones with --no-ema"
     line = error_line(capsys, ["train", "--config", "digits.yaml", "--out", tmp_path / "r", "--set", "train.device=foo"])
     assert line == "error: train.device 'foo' is not a device (try cpu, cuda, cuda:1)"
+
+
+def test_a_file_where_a_folder_goes_is_not_sent_to_force(tiny_run, tmp_path, capsys):
+    """export/convert/fid ref said "exists; overwrite it with --force" of an --out of the wrong
+    kind, and with --force that it was the wrong kind: it is now said first."""
+    folder, file = tmp_path / "taken.ckpt", tmp_path / "taken"
+    folder.mkdir()
+    (folder / "x").write_text("x")
+    file.write_text("x")
+    cases = [
+        (["export", "--to", "ddim", "--ckpt", tiny_run, "--out", folder], "is a folder; the ddim layout is one file"),
+        (["export", "--to", "diffusers", "--ckpt", tiny_run, "--out", file], "is a file; the diffusers layout is a folder"),
+        (["convert", "--from", "ddim", file, "--image-size", "8", "--out", folder], "is a folder; the s2dm checkpoint is one file"),
+        (["fid", "ref", "--config", "digits.yaml", "--features", "pixels", "--out", tmp_path / "stats.npz"],
+         "is a folder; the statistics are one .npz file"),
+    ]
+    (tmp_path / "stats.npz").mkdir()
+    for args, says in cases:
+        for force in ([], ["--force"]):
+            line = error_line(capsys, args + force)
+            assert says in line and "--force" not in line, line

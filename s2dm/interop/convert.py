@@ -252,6 +252,8 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
     """Write an s2dm checkpoint (step 0, model = EMA unless the file holds both) for the
     weights at ``source`` in ``layout`` ('diffusers' or 'ddim'). Returns a summary."""
     source, out = Path(source), Path(out)
+    if out.is_dir():  # force=True would not mend it
+        raise InteropError(f"{out} is a folder; the s2dm checkpoint is one file", key="out")
     if out.exists() and not force:
         raise InteropError(f"{out} exists; overwrite it with force=True", key="force")
     ema, user = None, None

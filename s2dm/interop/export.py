@@ -105,6 +105,11 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
     """Write the checkpoint ``ckpt`` (file or run folder) as ``to`` ('diffusers': a pipeline
     folder; 'ddim': a state-dict file) at ``out``. Returns a summary."""
     out = Path(out)
+    # a file where a folder goes (or the reverse) first: force=True would not mend it
+    if to == "diffusers" and out.is_file():
+        raise InteropError(f"{out} is a file; the diffusers layout is a folder", key="out")
+    if to == "ddim" and out.is_dir():
+        raise InteropError(f"{out} is a folder; the ddim layout is one file", key="out")
     if out.exists() and not force and (out.is_file() or any(out.iterdir())):
         raise InteropError(f"{out} exists{'' if out.is_file() else ' and is not empty'}; overwrite it with force=True",
                            key="force")
@@ -116,13 +121,9 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
     provenance = {"checkpoint": str(path.resolve()), "sha256": sha256_file(path), "step": int(state["step"]),
                   "weights": which, "config": cfg.to_dict(), "source": state.get("source")}
     if to == "diffusers":
-        if out.is_file():
-            raise InteropError(f"{out} is a file; the diffusers layout is a folder", key="out")
         with writing(out, InteropError, key="out"):
             write_diffusers(out, cfg, weights, provenance)
     elif to == "ddim":
-        if out.is_dir():
-            raise InteropError(f"{out} is a folder; the ddim layout is one file", key="out")
         check_32_groups(cfg, "the DDIM repository's Model")
         with writing(out, InteropError, key="out"):
             atomic_torch_save({k: v.detach().float() for k, v in weights.items()}, out)

@@ -310,6 +310,8 @@ def reference_stats(source: PathLike, out: PathLike, *, features: str = "incepti
     src, out = Path(source), Path(out)
     if out.suffix != ".npz":
         raise MetricError(f"out must end in .npz: {out}", key="out")
+    if out.is_dir():  # force=True would not mend it
+        raise MetricError(f"{out} is a folder; the statistics are one .npz file", key="out")
     if out.exists() and not force:
         raise MetricError(f"{out} exists; overwrite it with force=True", key="force")
     if n is not None and n < 2:
