@@ -137,6 +137,12 @@ def test_each_spelling_of_an_eps_scale_resumes_the_same_folder(tiny_run, capsys)
     assert main(base + ["--n", "1", "--eps-scale", "skip:9"]) == 0
     assert main(base + ["--n", "2", "--eps-scale", "skip:9,tau:0.99,variant:independent"]) == 0, capsys.readouterr().err
     assert len(list((Path(tiny_run) / "samples" / "ddim-2-epsskip_9_tau_0.99").glob("*.png"))) == 2
+    # another setting is refused in words, not Python's (None, True, quotes)
+    out = str(Path(tiny_run) / "samples" / "ddim-2-epsskip_9_tau_0.99")
+    capsys.readouterr()
+    for extra, says in (([], "eps_scale skip:9,tau:0.99, not none"), (["--eps-scale", "skip:9", "--no-ema"], "ema on, not off")):
+        assert main(base + ["--n", "1", "--out", out] + extra) == 2
+        assert f"holds images made with {says}; choose another output folder" in capsys.readouterr().err
 
 
 def test_parse_seeds():

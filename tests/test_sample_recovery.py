@@ -125,7 +125,7 @@ def test_a_killed_run_is_resumed_only_with_its_own_settings(tiny_run, tmp_path, 
     capsys.readouterr()
     assert main(sample_args(tiny_run, out) + ["--sampler", "ddpm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: --out: {out} holds images made with sampler 'ddim', not 'ddpm'; choose another output folder"
+    assert err[-1] == f"error: --out: {out} holds images made with sampler ddim, not ddpm; choose another output folder"
     assert len(pngs(out)) == 3
     assert main(sample_args(tiny_run, out)) == 0
     check_complete(out, pngs(out))

@@ -125,7 +125,7 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: boo
         elif differ:
             key, was, now = differ
             made = (f"an earlier file at {settings['checkpoint']} (it was saved again since)" if key == "checkpoint_stamp"
-                    else f"{key} {was!r}, not {now!r}")
+                    else f"{key} {_setting_text(was)}, not {_setting_text(now)}")
             raise RunError(f"{out} holds images made with {made}; choose another output folder", key="out")
     if not meta_path.is_file():  # on record before the first image: a killed run resumes only with the same settings
         atomic_write_text(meta_path, json.dumps({"settings": settings, "complete": False}, indent=2))
@@ -148,6 +148,13 @@ def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, o
                 save_png(img, out / f"{seed:06d}.png")
             bar.update(min(len(batch) * world, bar.total - bar.n))
     return info
+
+
+def _setting_text(value) -> str:
+    """A recorded setting as an error shows it: on/off, none, text unquoted (not Python's repr)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else str(value)
 
 
 def _read_settings(meta_path: Path) -> dict:
