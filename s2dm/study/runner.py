@@ -34,9 +34,9 @@ from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
 from ..io.data import load_dataset
 from ..metrics.features import FeatureExtractor
-from ..metrics.inception import resolve_inception_weights
 from ..metrics.fid import (Stats, extractor_for, frechet_distance, metric_label, reference_stats,
                            training_images_label)
+from ..metrics.inception import resolve_inception_weights
 from ..samplers import expected_nfe
 from ..metrics.sampled import sample_stats
 from ..samplers.generate import generate

@@ -66,7 +66,7 @@ def init(timeout_minutes: float = 30.0) -> bool:
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RunError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start several ranks with "
-                       "torchrun --nproc_per_node N -m s2dm ...")
+                       "torchrun, which sets them (docs/distributed.md)")
     if not dist.is_available():
         raise RunError("this PyTorch build has no torch.distributed; run one process (no torchrun)")
     if torch.cuda.is_available():
