@@ -256,12 +256,13 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
         raise InteropError(f"{out} is a folder; the s2dm checkpoint is one file", key="out")
     if out.exists() and not force:
         raise InteropError(f"{out} exists; overwrite it with force=True", key="force")
-    ema, user = None, None
+    ema = None
     if layout == "diffusers":
         if image_size is not None:
             raise InteropError("image_size is for layout='ddim'; diffusers' config.json has the sample_size",
                                key="image_size")
         sd, model, size, channels, diffusion, info = read_diffusers(source)
+        user = user_config(config, overrides)  # after the source: a wrong path is the first thing to mend
     elif layout == "ddim":
         check_ddim_source(source)  # before the image size: a wrong path is the first thing to mend
         user = user_config(config, overrides)
@@ -274,8 +275,6 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
         diffusion = None
     else:
         raise InteropError(f"layout {layout!r}: expected diffusers or ddim", key="layout")
-    if user is None:  # diffusers: its source is read first, as a wrong path is the first thing to mend
-        user = user_config(config, overrides)
     cfg = assemble_config(user, overrides, model, size, channels, diffusion)
     have = architecture(model, size, channels)
     name = str(config) if config else "the config read off the weights and the overrides"

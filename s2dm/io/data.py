@@ -189,7 +189,7 @@ def _checked(cfg) -> tuple:
     root = getattr(cfg, "root", None)
     root = Path(root).expanduser() if root not in (None, "") else None
     download = bool(getattr(cfg, "download", False))
-    if download and name in ("celeba", "folder"):  # it would not download: say so before the not-found error
+    if download and name not in DOWNLOADABLE + ("digits",):  # nothing to fetch: say so before a not-found error
         what = (f"CelebA: download img_align_celeba.zip from {CELEBA_URL} and unzip it into data.root"
                 if name == "celeba" else "an image folder: data.root is the folder itself")
         raise ConfigError(f"data.download: true fetches {' and '.join(DOWNLOADABLE)} only, not {what}; "

@@ -99,17 +99,18 @@ def check_cells(study: Study) -> None:
     """Every cell's sampler options against its model's schedule (``eval.steps: 5000`` with
     T = 1000), and the Inception weights of FID cells, found offline: before any training, in
     the study YAML's keys."""
-    checked = set()
-    for cell in plan_cells(study):
+    cells, schedules, checked = plan_cells(study), {}, set()
+    for cell in cells:
         run = study.runs[cell.run]
-        source = study.runs[run.weights_of or run.name]
-        options = cell_options(study, cell, run)
-        diffusion = run_config(study, source, source.seeds[0]).diffusion
-        if (str(options), str(diffusion)) not in checked:  # one check per distinct pair (dataclasses: unhashable)
-            checked.add((str(options), str(diffusion)))
-            section = "eval.fid." if cell.metric == "inception" else "eval."
-            options.validate(NoiseSchedule.from_config(diffusion), prefix=f"{study.path}: {section}", quiet=True)
-    if any(cell.metric == "inception" for cell in plan_cells(study)):
+        source = run.weights_of or run.name  # the trained run whose weights, and schedule, the cell samples
+        if source not in schedules:  # one config read per trained run, not per cell
+            trained = study.runs[source]
+            schedules[source] = NoiseSchedule.from_config(run_config(study, trained, trained.seeds[0]).diffusion)
+        options, section = cell_options(study, cell, run), "eval.fid." if cell.metric == "inception" else "eval."
+        if (str(options), source, section) not in checked:  # SampleOptions is unhashable
+            checked.add((str(options), source, section))
+            options.validate(schedules[source], prefix=f"{study.path}: {section}", quiet=True)
+    if any(cell.metric == "inception" for cell in cells):
         try:
             resolve_inception_weights(None, allow_download=None, key=None)
         except S2dmError as exc:
