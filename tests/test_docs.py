@@ -14,7 +14,7 @@ from s2dm.core.unet import build_model, count_parameters
 from s2dm.core.schedule import GRIDS
 from s2dm.io.config import Config, load_config, shipped_configs
 from s2dm.samplers import SAMPLERS
-from s2dm.study.runner import run_config
+from s2dm.study.plan import run_config
 from s2dm.study.spec import load_study
 
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))

@@ -13,7 +13,7 @@ import yaml
 from s2dm.cli import main
 from s2dm.errors import UserError
 from s2dm.study import report as studyreport, stats as studystats, text as studytext
-from s2dm.study.runner import plan_cells
+from s2dm.study.plan import plan_cells
 from s2dm.study.spec import load_study
 from s2dm.util import textfmt
 

@@ -11,7 +11,7 @@ import yaml
 
 from s2dm.cli import main
 from s2dm.errors import UserError
-from s2dm.study import questions as Q, records, runner, text as T
+from s2dm.study import plan, questions as Q, records, runner, text as T
 from s2dm.study.spec import load_study
 from s2dm.study.stats import Summary
 
@@ -157,7 +157,7 @@ def test_fid_cells_keep_a_runs_samplers(tmp_path):
     data = copy.deepcopy(TOY)
     data["runs"]["s2dm"]["samplers"] = ["ddim"]
     data["eval"]["fid"] = {"n": 10, "steps": [4], "samplers": ["ddim", "deis"]}
-    cells = runner.plan_cells(load_study(write(tmp_path, data)))
+    cells = plan.plan_cells(load_study(write(tmp_path, data)))
     fid = {(c.run, c.sampler) for c in cells if c.metric == "inception"}
     assert fid == {("baseline", "ddim"), ("baseline", "deis"), ("s2dm", "ddim")}
 

@@ -11,7 +11,7 @@ import yaml
 from s2dm.errors import UserError
 from s2dm.metrics import classifier as C
 from s2dm.study import questions as Q, report as R, stats as ST, steps as H4
-from s2dm.study import records, runner
+from s2dm.study import plan, records, runner
 from s2dm.study.spec import load_study, path_name
 
 from conftest import ROOT
@@ -60,7 +60,7 @@ def test_a_sweep_is_one_control_per_scale_named_by_its_canonical_label(tmp_path)
     assert study.v2 and study.cnn_n == 5000
     # on disk: no brackets (shell globs), no colons or commas
     assert path_name("b[const:0.995]") == "b_const=0.995" and path_name("x[linear:1e-5,1.0025]") == "x_linear=1e-5+1.0025"
-    assert runner.model_name("b[const:0.995]", 2) == "b_const=0.995-s2" and runner.model_name("baseline", 0) == "baseline-s0"
+    assert plan.model_name("b[const:0.995]", 2) == "b_const=0.995-s2" and plan.model_name("baseline", 0) == "baseline-s0"
 
 
 def test_v1_configs_keep_their_labels_settings_and_report(tmp_path):
@@ -69,9 +69,9 @@ def test_v1_configs_keep_their_labels_settings_and_report(tmp_path):
     for name in ("study_digits.yaml", "study_fashion_mnist.yaml"):
         study = load_study(name)
         assert study.runs["control"].eps_scale == "skip:9,tau:0.99" and not study.v2 and study.cnn_n == 0
-        assert {c.metric for c in runner.plan_cells(study)} <= {"pixels", "inception"}
+        assert {c.metric for c in plan.plan_cells(study)} <= {"pixels", "inception"}
     study = load_study("study_digits.yaml")
-    cell = runner.plan_cells(study)[0]
+    cell = plan.plan_cells(study)[0]
 
     model = {"checkpoint": "runs/baseline-s0/checkpoints/c.pt", "checkpoint_stamp": "1:2", "checkpoint_step": 1200}
     ref = {"ref": "ref_pixels.npz", "ref_n": 1797, "ref_sha256": "ab"}
@@ -113,7 +113,7 @@ def test_quick_preset_and_plan_of_the_shipped_v2_study(tmp_path):
     assert full.sweeps["const-sweep"] == [f"const-sweep[const:{b}]" for b in ("0.995", "0.9975", "1.0025", "1.005")]
     assert full.samplers == ["ddim", "spndm"] and full.steps == [10, 20, 50] and full.n == full.cnn_n == 5000
     assert all(r.seeds == [0, 1, 2] for r in full.runs.values()) and full.overrides["model.ch"] == 16
-    cells = runner.plan_cells(full)
+    cells = plan.plan_cells(full)
     # 10 runs x 3 seeds + the noise re-draw = 31 passes per (sampler, steps), each scored in both metrics
     assert len({c.images for c in cells}) == 31 * 6 and len(cells) == 2 * 31 * 6
     assert [c.key for c in cells[:4]] == ["ddim-10", "ddim-10-cnn", "ddim-10-noise", "ddim-10-cnn-noise"]
@@ -124,7 +124,7 @@ def test_quick_preset_and_plan_of_the_shipped_v2_study(tmp_path):
     assert quick.twins == full.twins and quick.sum_baseline is None and quick.sweeps == {}
     assert quick.n == quick.cnn_n == 2000 and quick.samplers == ["ddim"] and quick.steps == [10, 20]
     assert quick.overrides["train.steps"] == 2000 and all(r.seeds == [0] for r in quick.runs.values())
-    assert len(runner.plan_cells(quick)) == 2 * 6 * 2
+    assert len(plan.plan_cells(quick)) == 2 * 6 * 2
     # a sweep's key in quick.runs keeps all its runs; a twin pair loses a dropped run's pair
     mine = load_study(write(tmp_path, V2), quick=True)
     assert list(mine.runs) == ["baseline", "b[const:0.995]", "b[const:1.005]", "b[const:0.9975]"]
