@@ -18,7 +18,9 @@ spec="."
 # Install (editable) once per set of extras, and again when pyproject.toml changes.
 stamp=".venv/.s2dm-installed${extras:+-$extras}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ ! -x .venv/bin/s2dm ]; then
-  .venv/bin/python -m pip install -q -e "$spec"
+  # PYTHONWARNINGS: setuptools warns at every editable install of a package folder that a
+  # same-named folder in the working directory would shadow it; not news to anyone here.
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e "$spec"
   touch "$stamp"
 fi
 echo "s2dm is installed in .venv: 'source .venv/bin/activate' puts the s2dm command on your PATH (or run .venv/bin/s2dm)."
