@@ -17,17 +17,26 @@ class S2dmError(Exception):
     ``key``: the option or config key the error is about (``"n"``, ``"sample.sampler"``), or None.
     ``all_ranks``: every torchrun rank raises this same error after agreeing on it (the CLI then
     prints it once, without a rank prefix).
+    ``remedy``: what to do about it, printed after the problem (``"{message}; {remedy}"``); a
+    caller that offers other means replaces it (``remedied``).
     """
 
-    def __init__(self, message: str = "", *, key: Optional[str] = None, all_ranks: bool = False):
-        super().__init__(message)
+    def __init__(self, message: str = "", *, key: Optional[str] = None, all_ranks: bool = False,
+                 remedy: Optional[str] = None):
+        super().__init__(f"{message}; {remedy}" if remedy else message)
         self.key = key
         self.all_ranks = all_ranks
+        self.problem = message
+        self.remedy = remedy
 
     def retold(self, message: str, key: Optional[str] = None) -> "S2dmError":
         """The same kind of error with a new message (and key, else this one's): for code that
         adds context, e.g. the option's name, without changing the error's class."""
         return type(self)(message, key=self.key if key is None else key, all_ranks=self.all_ranks)
+
+    def remedied(self, remedy: str) -> "S2dmError":
+        """The same error with another remedy: for a caller whose users mend it otherwise."""
+        return type(self)(self.problem, key=self.key, all_ranks=self.all_ranks, remedy=remedy)
 
 
 class ConfigError(S2dmError):

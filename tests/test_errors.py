@@ -52,6 +52,16 @@ def test_key_and_all_ranks_are_real_fields():
     assert type(told) is SamplerError and told.key == "steps" and told.all_ranks is True
 
 
+def test_a_remedy_follows_the_problem_and_a_caller_can_replace_it():
+    err = RunError("model.ch: the run folder was trained with 16", key="model.ch", remedy="start over")
+    assert str(err) == "model.ch: the run folder was trained with 16; start over"
+    other = err.remedied("delete that run folder")
+    assert type(other) is RunError and other.key == "model.ch" and other.remedy == "delete that run folder"
+    assert str(other) == "model.ch: the run folder was trained with 16; delete that run folder"
+    back = pickle.loads(pickle.dumps(other))  # a study worker's error reaches its parent pickled
+    assert (str(back), back.problem, back.remedy, back.key) == (str(other), other.problem, other.remedy, "model.ch")
+
+
 # ---------------------------------------------------------------- one CLI case per class
 
 def _missing_data(tmp):

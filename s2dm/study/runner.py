@@ -108,10 +108,9 @@ def _train_job(study: Study, out: Path, run_name: str, seed: int, progress: bool
     try:
         train(cfg, folder, resume="auto", progress=progress)  # resumes a half-done run; refuses a changed config
     except S2dmError as exc:  # the study has no resume='never' nor force=True: its own remedy
-        if not str(exc).endswith(START_OVER):
+        if exc.remedy != START_OVER:
             raise
-        raise exc.retold(str(exc)[:-len(START_OVER)] + "choose another study folder, or delete that run "
-                         "folder to retrain it") from None
+        raise exc.remedied("choose another study folder, or delete that run folder to retrain it") from None
     step = checkpoint_step(folder)  # what the cells will sample
     if step != cfg.train.steps:  # train() leaves a run trained past train.steps as it is
         raise StudyError(f"{folder} is trained to step {step} but the study asks train.steps={cfg.train.steps} "

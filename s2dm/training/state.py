@@ -28,8 +28,8 @@ from .precision import check_supported, ieee_float32, make_scaler, to_channels_l
 from .tblog import TB_DIR
 
 
-# How a refused resume is mended with ``train``: the tail of those errors, which a caller with
-# other means (``s2dm study``) replaces with its own.
+# How a refused resume is mended with ``train``: those errors' remedy, which a caller with other
+# means (``s2dm study``) replaces with its own.
 START_OVER = "start a new run folder, or start over with resume='never', force=True"
 
 
@@ -58,8 +58,8 @@ def check_resumable(cfg: Config, saved: dict) -> None:
     differ = first_difference(_flatten(saved_as_current(saved)), _flatten(cfg.to_dict()), ignore=RESUMABLE_CHANGES)
     if differ:
         key, was, now = differ
-        raise RunError(f"{key}: the run folder was trained with {was!r}, the config asks for {now!r}; "
-                       f"{START_OVER}", key=key)
+        raise RunError(f"{key}: the run folder was trained with {was!r}, the config asks for {now!r}",
+                       key=key, remedy=START_OVER)
 
 
 @dataclass
@@ -147,7 +147,7 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
         if path != candidates[0] and dist.is_main():
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
-    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}; {START_OVER}")
+    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}", remedy=START_OVER)
 
 
 # Flags that choose how Adam computes, not what: the config's (optim.fused may change on resume).
