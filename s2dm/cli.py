@@ -22,7 +22,7 @@ from ._version import __version__
 from .cli_errors import one_line_warning, error_message, flag_of, spell_option
 from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run_folder_of
-from .io.config import CONFIG_DIR, config_summary, load_config, shipped_configs
+from .io.config import CONFIG_DIR, config_summary, find_config, load_config, shipped_configs
 from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
 from .sampling.folder import DEFAULT_N, parse_seeds, sample_to_folder
@@ -139,7 +139,7 @@ def cmd_fid(args) -> int:
     common = dict(n=args.n, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
                   weights=weights, allow_download=args.allow_download, progress=not args.json)
     if paths and paths[0] == "ref":
-        sources = paths[1:] + ([args.config] if args.config else [])
+        sources = paths[1:] + ([find_config(args.config)] if args.config else [])
         if len(sources) != 1:
             raise MetricError("fid ref: name one data set: --config X.yaml (its training images) or a FOLDER")
         if not args.out:

@@ -289,6 +289,18 @@ def test_pixels_reference_of_config(tmp_path, capsys):
     assert "N=100" in text
 
 
+@pytest.mark.parametrize("how", [("--config", "digits"), ("digits",)])
+def test_a_reference_config_goes_by_its_bare_name(tmp_path, capsys, monkeypatch, how):
+    """As everywhere else: ``digits`` is the shipped digits.yaml (the .yaml may be left out)."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(capsys, "fid", "ref", *how, "--features", "pixels", "--out", "d.npz", "--n", "50")
+    assert rc == 0, err
+    with np.load(tmp_path / "d.npz") as f:
+        assert int(f["n"]) == 50 and tuple(f["shape"]) == (1, 8, 8)
+    rc, _, err = cli(capsys, "fid", "ref", "--config", "digitz", "--features", "pixels", "--out", "e.npz")
+    assert rc == 2 and "config file not found: digitz (shipped configs" in err and not (tmp_path / "e.npz").exists()
+
+
 def test_running_moments_match_numpy():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(103, 7)) * 0.01 + 1e3  # a large offset must not cost digits

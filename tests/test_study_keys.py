@@ -166,6 +166,12 @@ def test_a_copied_study_finds_its_training_config_by_bare_name(tmp_path):
     data = copy.deepcopy(TOY)
     data["train_config"] = "digits.yaml"
     assert load_study(write(tmp_path, data)).train_config == (ROOT / "configs" / "digits.yaml").resolve()
+    data["train_config"] = "digits"  # the .yaml may be left out, as with --config
+    assert load_study(write(tmp_path, data)).train_config == (ROOT / "configs" / "digits.yaml").resolve()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text((ROOT / "configs" / "digits.yaml").read_text())
+    data["train_config"] = "sub/mine.yaml"  # a path is taken relative to the study file, not the cwd
+    assert load_study(write(tmp_path, data)).train_config == (tmp_path / "sub" / "mine.yaml").resolve()
     data["train_config"] = "nope.yaml"
     with pytest.raises(UserError, match=r"train_config nope.yaml not found at .*nope.yaml nor among the shipped configs"):
         load_study(write(tmp_path, data))

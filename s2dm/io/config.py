@@ -409,16 +409,16 @@ def config_summary(path: Union[str, Path]) -> str:
     return first_sentence(" ".join(lines))
 
 
-def find_config(name: Union[str, Path]) -> Path:
-    """A YAML path as given, or a bare name (``cifar10.yaml``, ``cifar10``: the .yaml may be
-    left out) in the current folder, then among the shipped configs; otherwise one error
-    naming what exists."""
-    path = Path(name)
-    if path.is_file():
-        return path
+def find_config(name: Union[str, Path], folder: Union[str, Path, None] = None) -> Path:
+    """A YAML path as given (relative to ``folder``, default the current one), or a bare name
+    (``cifar10.yaml``, ``cifar10``: the .yaml may be left out) in ``folder``, then among the
+    shipped configs; otherwise one error naming what exists."""
+    path, folder = Path(name), Path(folder or ".")
+    if (folder / path).is_file():
+        return folder / path
     if path.parent == Path("."):
         file = path if path.suffix in (".yaml", ".yml") else path.with_name(f"{path.name}.yaml")
-        for found in (file, CONFIG_DIR / file.name):  # a local file shadows the shipped one, as documented
+        for found in (folder / file, CONFIG_DIR / file.name):  # a local file shadows the shipped one, as documented
             if found.is_file():
                 return found
     names = ", ".join(p.name for p in shipped_configs())

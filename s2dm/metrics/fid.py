@@ -45,8 +45,8 @@ import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 from scipy.linalg import LinAlgWarning
 
-from ..errors import MetricError
-from ..io.config import load_config
+from ..errors import ConfigError, MetricError
+from ..io.config import find_config, load_config
 from ..io.data import dataset_tensor, load_dataset, loader_batches
 from ..util import dist
 from ..util.dist import note
@@ -325,7 +325,7 @@ def reference_stats(source: PathLike, out: PathLike, *, features: str = "incepti
     extractor()  # checks the feature kind and options before any file is read
     if src.is_dir():
         stats = extractor().stats_of_images(scan_images(folder_files(src, n), str(src)))
-    elif src.suffix in (".yaml", ".yml") or src.is_file():
+    elif src.suffix in (".yaml", ".yml") or src.is_file() or _config_file(src):
         cfg = load_config(src, list(overrides))
         ext = extractor(cfg.data)
         ds = load_dataset(cfg.data)
@@ -342,4 +342,12 @@ def reference_stats(source: PathLike, out: PathLike, *, features: str = "incepti
     dist.run0(lambda: stats.save(out))
     stats.path = str(out)
     return stats
+
+
+def _config_file(src: Path) -> bool:
+    """Whether ``src`` names a config by a bare name (``digits``: local, else shipped)."""
+    try:
+        return find_config(src).is_file()
+    except ConfigError:
+        return False
 

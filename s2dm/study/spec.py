@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ..errors import S2dmError, StudyError
+from ..errors import ConfigError, S2dmError, StudyError
 from ..io.config import Config, build_dataclass, find_config, read_yaml, shipped_configs
 from ..samplers import SAMPLERS, eps_scale_label, parse_eps_scale
 
@@ -212,14 +212,12 @@ def load_study(path, quick: bool = False) -> Study:
 def _train_config(name: str, path: Path) -> Path:
     """``train_config`` next to the study file, else a shipped config of that bare name (a study
     YAML copied elsewhere still finds ``digits.yaml``)."""
-    beside = (path.parent / name).resolve()
-    bare = Path(name).parent == Path(".")
-    if beside.is_file():
-        return beside
-    shipped = next((p for p in shipped_configs() if bare and name in (p.name, p.stem)), None)
-    if shipped is not None:
-        return shipped.resolve()
-    raise StudyError(f"{path}: train_config {name} not found at {beside}" + (" nor among the shipped configs" if bare else ""))
+    try:
+        return find_config(name, folder=path.parent).resolve()
+    except ConfigError:
+        bare = Path(name).parent == Path(".")
+        raise StudyError(f"{path}: train_config {name} not found at {(path.parent / name).resolve()}"
+                         + (" nor among the shipped configs" if bare else "")) from None
 
 
 def _label(text, where: str) -> Optional[str]:
