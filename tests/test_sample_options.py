@@ -1,6 +1,7 @@
 """``SampleOptions``: the sampler options declared once (samplers/options.py), and the flags,
 config keys and records made from them."""
 import dataclasses
+import inspect
 import json
 
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from s2dm.cli import EVAL_LISTS, build_parser, main, options_from_args
 from s2dm.core.schedule import NoiseSchedule
 from s2dm.errors import UserError
-from s2dm.samplers import GRIDS, ORDERS, SAMPLERS, check_options
+from s2dm.samplers import DEFAULTS, GRIDS, ORDERS, SAMPLERS, check_options, sample
+from s2dm.samplers.generate import generate
 from s2dm.samplers.options import SampleOptions
 
 SCHED = NoiseSchedule.linear(1000)
@@ -121,3 +123,14 @@ def test_eval_checks_every_cell_before_sampling(tiny_run, tmp_path, capsys):
     assert main(args) == 2
     assert capsys.readouterr().err.startswith("error: --steps: pndm needs at least 4 steps")  # the flag, by its key
     assert not (tmp_path / "o").exists()  # not even the ddim cell was sampled
+
+
+def test_the_options_defaults_are_one_declaration():
+    """sample(), check_options() and SampleOptions (the CLI's flags, a config's sample: section)
+    default alike: a Python caller and `s2dm sample` get the same images (they once took 20
+    and 50 steps)."""
+    options = SampleOptions()
+    for fn in (sample, check_options):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in DEFAULTS} == DEFAULTS == {k: getattr(options, k) for k in DEFAULTS}
+    assert "steps" not in inspect.signature(generate).parameters  # generate passes its options on to sample()

@@ -30,7 +30,7 @@ from ..core.schedule import NoiseSchedule
 from ..errors import CheckpointError, MetricError, SamplerError
 from ..io.checkpoint import checkpoint_stamp, pick_weights, read_checkpoint, resolve_checkpoint
 from ..io.config import config_from_saved
-from ..samplers import SAMPLERS, eps_scale_label, parse_eps_scale_list
+from ..samplers import check_sampler, eps_scale_label, parse_eps_scale_list, takes_order
 from ..samplers.options import SampleOptions
 from ..sampling.folder import sample_to_folder
 from ..util import dist
@@ -183,8 +183,7 @@ def _check_grid(ckpts, samplers, steps, n: int, seeds_offset: int) -> None:
     if not ckpts:
         raise CheckpointError("ckpt: give at least one checkpoint", key="ckpt")
     for s in samplers:
-        if s not in SAMPLERS:
-            raise SamplerError(f"samplers: unknown sampler {s!r}; choose from {', '.join(SAMPLERS)}", key="samplers")
+        check_sampler(s, key="samplers")
     for s in steps:
         if s < 1:
             raise SamplerError(f"steps must be positive integers, got {s}", key="steps")
@@ -277,7 +276,7 @@ class _Eval:
         n = len(self.seeds)
         row = {"checkpoint": str(f), "label": label, "checkpoint_step": meta["settings"]["checkpoint_step"],
                "sampler": o.sampler, "grid": o.grid, "steps": o.steps, "nfe": meta["nfe"], "eta": o.eta,
-               "order": o.order if o.sampler.startswith("deis") else "", "eps_scale": o.eps_scale or "",
+               "order": o.order if takes_order(o.sampler) else "", "eps_scale": o.eps_scale or "",
                "n": n, "seeds": self.seeds_text, "metric": metric_label(self.ref_stats.metric, n), "value": value,
                "features": self.ref_stats.features, "ref": str(self.ref_path), "ref_n": self.ref_stats.n,
                "weights_sha256": stats.weights_sha256 or "", "weights": weights}

@@ -26,7 +26,6 @@ from .ddpm import ddpm
 from .deis import ORDERS, check_order, deis, deis_coefficients, deis_rho
 from .pndm import LegacyIndexView, pndm, spndm
 
-SAMPLERS = ("ddim", "ddpm", "pndm", "spndm", "deis", "deis-rho")
 REGISTRY: Dict[str, Callable[..., torch.Tensor]] = {
     "ddim": ddim,
     "ddpm": ddpm,
@@ -35,14 +34,19 @@ REGISTRY: Dict[str, Callable[..., torch.Tensor]] = {
     "deis": deis,
     "deis-rho": deis_rho,
 }
+SAMPLERS = tuple(REGISTRY)
 _DEIS = ("deis", "deis-rho")
+# The options' defaults, declared once: sample() and check_options() take them, and so does
+# SampleOptions (samplers/options.py), whence the CLI's flags and the config's sample: section.
+DEFAULTS: Dict[str, Any] = {"sampler": "ddim", "steps": 50, "grid": "uniform", "eta": 0.0, "order": 3}
 # Deterministic solvers of the same probability-flow ODE (DDIM with η = 0): with more steps their
 # samples from one x_T converge to the same images. DDPM draws fresh noise at every step.
 ODE_SAMPLERS = ("ddim", "pndm", "spndm", "deis", "deis-rho")
 
 __all__ = [
-    "SAMPLERS", "ODE_SAMPLERS", "REGISTRY", "GRIDS", "ORDERS", "sample", "check_options", "expected_nfe", "parse_eps_scale",
-    "normalize_eps_scale", "describe_eps_scale", "eps_scale_label", "parse_eps_scale_list", "timestep_grid",
+    "SAMPLERS", "ODE_SAMPLERS", "REGISTRY", "GRIDS", "ORDERS", "DEFAULTS", "sample", "check_options", "check_sampler",
+    "takes_order", "expected_nfe", "parse_eps_scale",
+    "normalize_eps_scale", "eps_scale_label", "parse_eps_scale_list", "timestep_grid",
     "validate_grid", "LegacyIndexView", "ddim", "ddpm", "pndm", "spndm", "deis", "deis_rho",
     "deis_coefficients",
 ]
@@ -239,12 +243,6 @@ def eps_scale_label(spec: EpsScale) -> Optional[str]:
     return label + ",variant:shared" if norm[3:] == ("shared",) else label
 
 
-def describe_eps_scale(norm) -> Optional[str]:
-    """The canonical label (``eps_scale_label``) of a normalised spec; what ``sample`` and
-    ``check_options`` report as info["eps_scale"]."""
-    return eps_scale_label(norm)
-
-
 def _eps_scaler(norm, schedule) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """eps ↦ scaled eps for a normalised spec.
 
@@ -302,14 +300,26 @@ def _option(name: str):
         raise exc.retold(f"{name}: {text}", key=name) from None
 
 
+def check_sampler(name: str, key: str = "sampler") -> str:
+    """``name`` if it is a sampler's; otherwise SamplerError ``{key}: unknown sampler ...``."""
+    if name not in REGISTRY:
+        raise SamplerError(f"{key}: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}", key=key)
+    return name
+
+
+def takes_order(sampler: str) -> bool:
+    """Whether ``sampler`` has an ``order`` (the DEIS samplers); the others ignore it."""
+    return sampler in _DEIS
+
+
 def check_options(
     schedule,
     *,
-    sampler: str = "ddim",
-    steps: int = 20,
-    grid: Union[str, list, tuple, torch.Tensor] = "uniform",
-    eta: float = 0.0,
-    order: int = 3,
+    sampler: str = DEFAULTS["sampler"],
+    steps: int = DEFAULTS["steps"],
+    grid: Union[str, list, tuple, torch.Tensor] = DEFAULTS["grid"],
+    eta: float = DEFAULTS["eta"],
+    order: int = DEFAULTS["order"],
     eps_scale: EpsScale = None,
     legacy_pndm_index: bool = False,
 ) -> Dict[str, Any]:
@@ -321,8 +331,7 @@ def check_options(
     check of every option: ``SampleOptions.validate`` (samplers/options.py) calls it.
     """
     with _option("sampler"):
-        if sampler not in REGISTRY:
-            raise SamplerError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler)
     info: Dict[str, Any] = {"sampler": sampler, "grid": grid if isinstance(grid, str) else "explicit"}
     with _option("eta"):
         if sampler == "ddim":
@@ -335,7 +344,7 @@ def check_options(
             info["eta"] = 1.0  # the posterior step is DDIM with η = 1
     with _option("order"):
         checked_order = check_order(order)  # every sampler: a typo fails even where it is unused
-        if sampler in _DEIS:
+        if takes_order(sampler):
             info["order"] = checked_order
     view = LegacyIndexView(schedule) if legacy_pndm_index else schedule
     named = isinstance(grid, str)
@@ -357,7 +366,7 @@ def check_options(
         if info.get("eta"):
             ddim_coefficients(*step_alphas(view, walked), info["eta"])  # σ² ≤ 1 − ᾱ_s on this grid
     with _option("eps_scale"):
-        scale = describe_eps_scale(normalize_eps_scale(eps_scale, schedule.T))
+        scale = eps_scale_label(normalize_eps_scale(eps_scale, schedule.T))
     info.update(steps=n_steps, timesteps=walked.tolist(), nfe=expected_nfe(sampler, n_steps),
                 eps_scale=scale, legacy_pndm_index=bool(legacy_pndm_index))
     return info
@@ -369,11 +378,11 @@ def sample(
     x_T: torch.Tensor,
     schedule,
     *,
-    sampler: str = "ddim",
-    steps: int = 20,
-    grid: Union[str, list, tuple, torch.Tensor] = "uniform",
-    eta: float = 0.0,
-    order: int = 3,
+    sampler: str = DEFAULTS["sampler"],
+    steps: int = DEFAULTS["steps"],
+    grid: Union[str, list, tuple, torch.Tensor] = DEFAULTS["grid"],
+    eta: float = DEFAULTS["eta"],
+    order: int = DEFAULTS["order"],
     eps_scale: EpsScale = None,
     generator=None,
     progress: bool = False,

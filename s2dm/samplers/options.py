@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..errors import S2dmError
-from . import GRIDS, ORDERS, SAMPLERS, check_options, eps_scale_label, parse_eps_scale
+from . import DEFAULTS, GRIDS, ORDERS, SAMPLERS, check_options, eps_scale_label, parse_eps_scale, takes_order
 
 
 @dataclass
@@ -25,14 +25,14 @@ class SampleOptions:
     """What defines a sampling run's images besides the weights and the seeds. ``help`` and
     ``choices`` in each field's metadata are what ``s2dm sample --help`` shows."""
 
-    sampler: str = field(default="ddim", metadata={
+    sampler: str = field(default=DEFAULTS["sampler"], metadata={
         "help": "the sampler (pndm = F-PNDM, NFE S+9; spndm = S-PNDM, NFE S+1; deis = tAB-DEIS, deis-rho = "
                 "ρAB-DEIS; ddpm = ancestral DDPM steps)",
         "choices": SAMPLERS})
-    steps: int = field(default=50, metadata={"help": "sampling steps S"})
-    grid: str = field(default="uniform", metadata={"help": "timestep grid", "choices": GRIDS})
-    eta: float = field(default=0.0, metadata={"help": "DDIM η (0: deterministic; ddim only)"})
-    order: int = field(default=3, metadata={"help": "DEIS order (deis, deis-rho)", "choices": ORDERS})
+    steps: int = field(default=DEFAULTS["steps"], metadata={"help": "sampling steps S"})
+    grid: str = field(default=DEFAULTS["grid"], metadata={"help": "timestep grid", "choices": GRIDS})
+    eta: float = field(default=DEFAULTS["eta"], metadata={"help": "DDIM η (0: deterministic; ddim only)"})
+    order: int = field(default=DEFAULTS["order"], metadata={"help": "DEIS order (deis, deis-rho)", "choices": ORDERS})
     eps_scale: Optional[str] = field(default=None, metadata={
         "help": "ε-scaling control: const:B or B (ε/B); linear:K,B (ε/(K·t+B)); skip:9,tau:0.99 (ε × the "
                 "independent skip-step loss's shrink factor); skip:9,tau:0.99,variant:shared (ε × the "
@@ -83,7 +83,7 @@ class SampleOptions:
             parts.append(self.grid)
         if self.eta != default.eta:
             parts.append(f"eta{self.eta:g}")
-        if self.sampler.startswith("deis") and self.order != default.order:
+        if takes_order(self.sampler) and self.order != default.order:
             parts.append(f"order{self.order}")
         if self.eps_scale:
             try:  # the canonical label: 1.005 and const:1.005 share a folder

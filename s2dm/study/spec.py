@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ..errors import ConfigError, S2dmError, StudyError
+from ..errors import ConfigError, S2dmError, SamplerError, StudyError
 from ..io.config import Config, build_dataclass, find_config, read_yaml, shipped_configs
-from ..samplers import SAMPLERS, eps_scale_label, parse_eps_scale
+from ..samplers import check_sampler, eps_scale_label, parse_eps_scale
 
 # -- the study YAML, as typed sections (built and checked like a run config) ---------------
 @dataclass
@@ -195,7 +195,7 @@ def load_study(path, quick: bool = False) -> Study:
     ev = spec.eval
     study = Study(
         path=path, train_config=train_config, overrides=dict(spec.set), runs=runs,
-        baseline=spec.baseline, effect=spec.effect, samplers=list(ev.samplers),
+        baseline=spec.baseline, effect=spec.effect, samplers=_check_samplers(ev.samplers, "eval.samplers", str(path)),
         steps=_int_list(ev.steps, "eval.steps"), n=ev.n, features=ev.features, order=ev.order,
         batch_size=ev.batch_size, noise_draw=ev.noise_draw, noise_seed_offset=ev.noise_seed_offset,
         fid_n=ev.fid.n, fid_steps=_int_list(ev.fid.steps, "eval.fid.steps"), fid_samplers=ev.fid.samplers,
@@ -205,7 +205,7 @@ def load_study(path, quick: bool = False) -> Study:
     _check_v2_keys(study, path)
     if quick:
         _apply_quick(study, spec.quick, path)
-    _validate(study, SAMPLERS)
+    _validate(study)
     return study
 
 
@@ -305,7 +305,7 @@ def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
         for run in study.runs.values():
             run.seeds = [s for s in run.seeds if s in seeds] or seeds[:1]
     if q.samplers is not None:
-        study.samplers = list(q.samplers)
+        study.samplers = _check_samplers(q.samplers, "quick.samplers", str(path))
     if q.steps is not None:
         study.steps = _int_list(q.steps, "quick.steps")
     if q.n is not None:  # FD-cnn follows when it shares FD-pixels' images
@@ -316,7 +316,15 @@ def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
     study.quick = True
 
 
-def _validate(study: Study, samplers) -> None:
+def _check_samplers(names, key: str, where: str) -> List[str]:
+    """``names`` as a list if each is a sampler's (SamplerError ``{where}: {key}: ...`` otherwise)."""
+    try:
+        return [check_sampler(name, key=key) for name in names]
+    except SamplerError as exc:
+        raise exc.retold(f"{where}: {exc}") from None
+
+
+def _validate(study: Study) -> None:
     where = str(study.path)
     if study.baseline not in study.runs or not study.runs[study.baseline].trained:
         raise StudyError(f"{where}: baseline {study.baseline!r} is not a trained run of the study")
@@ -326,14 +334,10 @@ def _validate(study: Study, samplers) -> None:
         raise StudyError(f"{where}: eval.noise_draw names unknown run {study.noise_draw!r}")
     for run in study.runs.values():
         if run.samplers is not None:
-            bad = [s for s in run.samplers if s not in samplers]
-            if bad:
-                raise StudyError(f"{where}: runs.{run.name}.samplers: unknown sampler {bad[0]!r}")
+            _check_samplers(run.samplers, f"runs.{run.name}.samplers", where)
             used = set(study.samplers) | set(study.fid_samplers or ())
             run.samplers = [s for s in run.samplers if s in used]  # a quick preset may drop some
-    for s in list(study.samplers) + list(study.fid_samplers or []):
-        if s not in samplers:
-            raise StudyError(f"{where}: unknown sampler {s!r}; choose from {', '.join(samplers)}")
+    _check_samplers(study.fid_samplers or [], "eval.fid.samplers", where)
     if study.n < 2:
         raise StudyError(f"{where}: eval.n must be at least 2, not {study.n}")
     if study.features != "pixels":

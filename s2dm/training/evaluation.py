@@ -36,7 +36,7 @@ from ..metrics.classifier import architecture
 from ..metrics.inception import resolve_inception_weights
 from ..metrics.sampled import sample_stats
 from ..metrics.statistics import metric_label, metric_name
-from ..samplers import expected_nfe
+from ..samplers import expected_nfe, takes_order
 from ..samplers.options import SampleOptions
 from ..util import dist
 
@@ -92,7 +92,7 @@ class Evaluator:
         ev = self.cfg.train.eval
         return {"metric": metric_label(self.ref.metric, ev.n), "n": ev.n, "seeds": _seeds_text(ev),
                 "sampler": ev.sampler, "steps": ev.steps, "grid": ev.grid, "eta": ev.eta,
-                "order": ev.order if ev.sampler.startswith("deis") else None, "eps_scale": ev.eps_scale,
+                "order": ev.order if takes_order(ev.sampler) else None, "eps_scale": ev.eps_scale,
                 "legacy_pndm_index": ev.legacy_pndm_index}
 
     def matches(self, record: dict) -> bool:
