@@ -325,9 +325,9 @@ def test_init_from_starts_at_the_converted_weights_and_the_loss_falls(tmp_path, 
     start = read_log(still)[0]
     assert start["event"] == "start" and start["init_from"]["sha256"] == sha256_file(ckpt)
     assert start["init_from"]["source"]["format"] == "diffusers"
-    # A resumed run keeps its own weights (and says --init-from is ignored).
+    # A resumed run keeps its own weights (and says init_from is ignored).
     assert main(tiny_args(still, 2, "optim.lr=1e-30") + ["--init-from", ckpt]) == 0
-    assert "--init-from" in capsys.readouterr().err
+    assert f"init_from {ckpt} is ignored" in capsys.readouterr().err
 
     tuned = tmp_path / "tuned"  # the plain loss, as a fine-tune of DDPM weights might use
     assert main(tiny_args(tuned, 30, "loss.type=l0") + ["--init-from", ckpt]) == 0

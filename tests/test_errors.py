@@ -182,10 +182,18 @@ def test_library_messages_name_no_flags():
         if path == ROOT / "s2dm" / "cli.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            told = None
             if isinstance(node, ast.Raise) and node.exc is not None:
+                told = node.exc
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in SPOKEN:
+                told = node
+            if told is not None:
                 found += [f"{path.relative_to(ROOT)}:{node.lineno}: {text!r}"
-                          for text in _raise_strings(node.exc) if flag.search(text)]
-    assert not found, "library errors name command-line flags:\n" + "\n".join(found)
+                          for text in _raise_strings(told) if flag.search(text)]
+    assert not found, "library errors, notes or warnings name command-line flags:\n" + "\n".join(found)
+
+
+SPOKEN = ("note", "warn")  # what the library says besides its errors: dist.note, warnings.warn
 
 
 # ---------------------------------------------------------------- one check, one class

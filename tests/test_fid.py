@@ -396,7 +396,7 @@ def test_weights_resolution_order(tmp_path, monkeypatch, standin_home, capsys):
     hub = standin_home / "hub" / "checkpoints" / inception.FID_WEIGHTS_FILE
     given = tmp_path / "w.pth"
     given.write_bytes(b"x")
-    assert inception.resolve_inception_weights(given) == (given, "--inception-weights")
+    assert inception.resolve_inception_weights(given) == (given, "given path")
     assert inception.resolve_inception_weights() == (hub, "torch hub cache")
     # nothing anywhere: one error naming the three ways
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))

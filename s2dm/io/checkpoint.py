@@ -218,7 +218,7 @@ def init_weights_from(path, model: nn.Module, ema: nn.Module, cfg, resumed: bool
     if path is None:
         return None
     if resumed:
-        note(f"resuming the run folder; --init-from {path} is ignored (its checkpoints hold the weights)")
+        note(f"resuming the run folder; init_from {path} is ignored (its checkpoints hold the weights)")
         return None
     try:
         path = resolve_checkpoint(path)

@@ -120,7 +120,7 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
         p = Path(path).expanduser()
         if not p.is_file():
             raise MetricError(f"{key}: file not found: {p}", key=key)
-        return p, "--inception-weights"
+        return p, "given path"
     hub = hub_weights_path()
     if hub.is_file():
         return hub, "torch hub cache"
