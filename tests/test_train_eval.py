@@ -271,7 +271,7 @@ def test_fd_cnn_during_training(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(tiny_args(out, 4, *EXTRA, *EVAL, "train.eval.metric=fd-cnn", "train.eval.n=64")) == 2
     assert capsys.readouterr().err.startswith("error: train.eval.n: 64 images give a covariance of rank at most 63 "
-                                              "in the 64-d features of the FD-cnn classifier")
+                                              "in 64-d features (the FD-cnn classifier's), so the Fréchet distance would be singular")
     assert not out.exists()
     assert main(tiny_args(out, 4, *EXTRA, *EVAL, "train.eval.metric=fd-cnn")) == 0
     (rec,) = evals(out)
@@ -280,4 +280,4 @@ def test_fd_cnn_during_training(tmp_path, capsys):
     assert ref.classifier_accuracy > 0.95 and ref.n == 1797
     assert main(tiny_args(tmp_path / "fashion", 4, *EXTRA, *EVAL, "train.eval.metric=fd-cnn",
                           "data.dataset=folder", "data.root=.")) == 2
-    assert "fd-cnn needs a labelled data set" in capsys.readouterr().err
+    assert "train.eval.metric: fd-cnn needs a labelled data set (digits, fashion_mnist); folder has" in capsys.readouterr().err

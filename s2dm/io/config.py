@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..samplers.options import SampleOptions
 from ..util.fileio import atomic_write_text
 from ..util.textfmt import first_sentence
-from .data import DATASETS, LABELLED
+from .data import DATASETS, check_labelled
 
 
 @dataclass
@@ -340,9 +340,8 @@ def _validate_eval(cfg: Config) -> None:
     SampleOptions.of(ev).validate(NoiseSchedule.from_config(cfg.diffusion), prefix="train.eval.", quiet=True)
     if every == 0:
         return
-    if ev.metric == "fd-cnn" and cfg.data.dataset not in LABELLED:
-        raise ConfigError(f"train.eval.metric: fd-cnn needs a labelled data set to train its classifier on "
-                          f"({', '.join(LABELLED)}), not {cfg.data.dataset}", key="train.eval.metric")
+    if ev.metric == "fd-cnn":
+        check_labelled(cfg.data.dataset, key="train.eval.metric", use="fd-cnn")
     if every % cfg.train.log_every:
         raise ConfigError(f"train.eval_every: {every} is not a multiple of train.log_every ({cfg.train.log_every}); "
                           "each evaluation follows the log line of its step, so that the curves line up",
@@ -351,12 +350,19 @@ def _validate_eval(cfg: Config) -> None:
     features = EVAL_METRICS[ev.metric]
     if features == "cnn":
         return  # its dimension is the classifier's: checked when the run starts (training/evaluation.py)
-    dim = d.channels * d.image_size ** 2 if features == "pixels" else INCEPTION_DIM
-    if ev.n <= dim:
-        what = f"{d.channels}x{d.image_size}x{d.image_size} pixels" if ev.metric == "fd-pixels" else "Inception pool3"
-        raise ConfigError(f"train.eval.n: {ev.n} images give a covariance of rank at most {max(ev.n - 1, 0)} in "
-                          f"{dim}-d features ({what}), so the Fréchet distance would be singular; use train.eval.n > {dim}",
-                          key="train.eval.n")
+    if features == "pixels":
+        check_eval_n(ev.n, d.channels * d.image_size ** 2, f"{d.channels}x{d.image_size}x{d.image_size} pixels")
+    else:
+        check_eval_n(ev.n, INCEPTION_DIM, "Inception pool3")
+
+
+def check_eval_n(n: int, dim: int, features: str) -> None:
+    """``train.eval.n`` must exceed the features' dimension ``dim``: fewer images make a singular
+    covariance (training-time evaluation refuses it; ``s2dm eval``/``fid`` only note it)."""
+    if n <= dim:
+        raise ConfigError(f"train.eval.n: {n} images give a covariance of rank at most {max(n - 1, 0)} in "
+                          f"{dim}-d features ({features}), so the Fréchet distance would be singular; use "
+                          f"train.eval.n > {dim}", key="train.eval.n")
 
 
 # -- files and overrides ------------------------------------------------------------------

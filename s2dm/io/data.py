@@ -214,6 +214,13 @@ def labelled_splits(cfg) -> Tuple[str, ...]:
     return ("train", "test") if test else ("train",)
 
 
+def check_labelled(dataset: str, key: str = "data.dataset", use: str = "FD-cnn") -> None:
+    """DataError unless ``dataset`` comes with class labels s2dm reads; ``use``: what needs them."""
+    if dataset not in LABELLED:
+        raise DataError(f"{key}: {use} needs a labelled data set ({', '.join(LABELLED)}); {dataset} has no "
+                        "class labels s2dm can read", key=key)
+
+
 def load_labelled(cfg, split: str = "train") -> Tuple[torch.Tensor, torch.Tensor]:
     """Labelled images of ``cfg.dataset`` (digits, fashion_mnist): uint8 (N, C, H, W) at
     ``cfg.image_size``, mapped as ``dataset_tensor`` maps ``load_dataset``'s items (the
@@ -225,9 +232,7 @@ def load_labelled(cfg, split: str = "train") -> Tuple[torch.Tensor, torch.Tensor
     name, size, _, root, download = _checked(cfg)
     if split not in ("train", "test"):
         raise DataError(f"split must be train or test, not {split!r}", key="split")
-    if name not in LABELLED:
-        raise DataError(f"data.dataset {name} has no class labels s2dm can read; labelled sets: "
-                        f"{', '.join(LABELLED)}", key="data.dataset")
+    check_labelled(name)
     if name == "digits":
         if split == "test":
             raise DataError("data.dataset digits has no test split (scikit-learn's 1,797 images are "

@@ -29,7 +29,7 @@ import torch
 from ..core.schedule import NoiseSchedule
 from ..errors import MetricError, RunError
 from ..io.checkpoint import BEST, checkpoint_name, point
-from ..io.config import EVAL_METRICS, INCEPTION_DIM, Config
+from ..io.config import EVAL_METRICS, INCEPTION_DIM, Config, check_eval_n
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import Stats, dataset_stats, frechet_distance, training_images_label
 from ..metrics.classifier import architecture
@@ -50,11 +50,7 @@ def check_eval_setup(cfg: Config) -> None:
     classifier has features."""
     ev = cfg.train.eval
     if cfg.train.eval_every and EVAL_METRICS[ev.metric] == "cnn":
-        dim = architecture(cfg.data.channels, cfg.data.image_size)["dim"]
-        if ev.n <= dim:
-            raise MetricError(f"train.eval.n: {ev.n} images give a covariance of rank at most {ev.n - 1} in the "
-                              f"{dim}-d features of the FD-cnn classifier, so the Fréchet distance would be "
-                              f"singular; use train.eval.n > {dim}", key="train.eval.n")
+        check_eval_n(ev.n, architecture(cfg.data.channels, cfg.data.image_size)["dim"], "the FD-cnn classifier's")
     if cfg.train.eval_every and EVAL_METRICS[ev.metric] == "inception":
         try:
             dist.run0(lambda: resolve_inception_weights(ev.inception_weights, allow_download=None,
