@@ -22,7 +22,7 @@ from ._version import __version__
 from .cli_errors import one_line_warning, error_message, flag_of, spell_option
 from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run_folder_of
-from .io.config import CONFIG_DIR, config_summary, find_config, load_config, shipped_configs
+from .io.config import CONFIG_DIR, INCEPTION_DIM, INCEPTION_DIMS, config_summary, find_config, load_config, shipped_configs
 from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
 from .sampling.folder import DEFAULT_N, parse_seeds, sample_to_folder
@@ -145,7 +145,7 @@ def cmd_fid(args) -> int:
         if not args.out:
             raise MetricError("fid ref: --out stats.npz is required")
         stats = reference_stats(sources[0], args.out, features=args.features or "inception",
-                                dims=args.dims or 2048, overrides=args.set, force=args.force, **common)
+                                dims=args.dims or INCEPTION_DIM, overrides=args.set, force=args.force, **common)
         info = {"path": stats.path, "metric": stats.metric, "features": stats.features, "n": stats.n,
                 "source": stats.source, "shape": stats.shape, "weights_sha256": stats.weights_sha256,
                 "weights": stats.weights_path}
@@ -379,8 +379,8 @@ def _fid_parser(sub) -> None:
                    help="inception (FID, default), pixels (FD-pixels, raw pixels in [0, 1]) or cnn (FD-cnn: a "
                         "classifier s2dm trains on the labelled data set, digits or Fashion-MNIST); default: what "
                         "an .npz argument holds")
-    f.add_argument("--dims", type=int, choices=(64, 192, 768, 2048), default=None,
-                   help="Inception block as pytorch-fid's --dims (default 2048 = FID; others are "
+    f.add_argument("--dims", type=int, choices=INCEPTION_DIMS, default=None,
+                   help=f"Inception block as pytorch-fid's --dims (default {INCEPTION_DIM} = FID; others are "
                         "labelled FD-inception<d>)")
     f.add_argument("--batch-size", type=_positive_int, default=50, help="Inception batch size (default 50)")
     _inception_args(f)

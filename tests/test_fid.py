@@ -21,6 +21,7 @@ from PIL import Image
 
 from s2dm.cli import main
 from s2dm.errors import UserError
+from s2dm.io.config import INCEPTION_DIM, INCEPTION_DIMS
 from s2dm.metrics import features, fid, inception
 from s2dm.metrics.inputs import folder_files, scan_images
 from s2dm.metrics.statistics import RunningMoments, Stats, metric_label, metric_name
@@ -317,6 +318,17 @@ def test_labels():
     assert metric_label("FID", 10_000) == "FID-10k"
     assert metric_label("FD-pixels", 32) == "FD-pixels-32"
     assert metric_name("inception-2048") == "FID" and metric_name("pixels") == "FD-pixels"
+    assert metric_name("inception-768") == "FD-inception768"
+
+
+def test_inception_dims_are_pytorch_fids_blocks():
+    """Declared where the CLI can read them without importing pytorch-fid; the same blocks."""
+    from pytorch_fid.inception import InceptionV3
+
+    assert INCEPTION_DIMS == tuple(sorted(InceptionV3.BLOCK_INDEX_BY_DIM)) and INCEPTION_DIM == 2048
+    for bad in (0, 100, 4096):
+        with pytest.raises(UserError, match=f"^dims must be one of 64, 192, 768, 2048, not {bad}$"):
+            inception.check_dims(bad)
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2

@@ -76,7 +76,10 @@ class OptimConfig:
 # Evaluation metrics during training → the features they compare (training/evaluation.py
 # scores them with metrics/, whose FID and FD-pixels labels they get).
 EVAL_METRICS = {"fd-pixels": "pixels", "fid": "inception", "fd-cnn": "cnn"}
-INCEPTION_DIM = 2048  # FID's pool3 features: the dimension a FID's covariance has
+# pytorch-fid's Inception blocks by their features' dimension (its --dims); the last, pool3, is
+# FID's: the dimension a FID's covariance has.
+INCEPTION_DIMS = (64, 192, 768, 2048)
+INCEPTION_DIM = INCEPTION_DIMS[-1]
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, MetricError
+from ..io.config import INCEPTION_DIM
 from ..util import dist
 from ..util.dist import pick_device
 from ..util.fileio import sha256_file
@@ -31,7 +32,7 @@ class FeatureExtractor:
     or found in the cache, or ``weights`` a classifier file). One instance serves many image
     sets (eval builds it once)."""
 
-    def __init__(self, features: str = "inception", *, dims: int = 2048, device: str = "auto",
+    def __init__(self, features: str = "inception", *, dims: int = INCEPTION_DIM, device: str = "auto",
                  batch_size: int = 50, num_workers: int = 0, weights: Optional[PathLike] = None,
                  allow_download: bool = False, progress: bool = True, data=None):
         self.kind = feature_kind(features, dims)

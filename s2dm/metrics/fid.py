@@ -46,7 +46,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from scipy.linalg import LinAlgWarning
 
 from ..errors import ConfigError, MetricError
-from ..io.config import find_config, load_config
+from ..io.config import INCEPTION_DIM, find_config, load_config
 from ..io.data import dataset_tensor, load_dataset, loader_batches
 from ..util import dist
 from ..util.dist import note
@@ -185,7 +185,7 @@ def extractor_for(stats: Stats, **kwargs) -> FeatureExtractor:
     if feat == "cnn" and kwargs.get("weights") is None:
         check_same_classifier([stats])
         kwargs["weights"] = find_classifier(stats.weights_sha256, stats.weights_path, stats.path or stats.source)
-    return FeatureExtractor(feat, dims=d or 2048, **kwargs)
+    return FeatureExtractor(feat, dims=d or INCEPTION_DIM, **kwargs)
 
 
 def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: Optional[int] = None,
@@ -201,11 +201,11 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
         raise MetricError(f"n {n} takes the first N images of a folder; {a} and {b} are both statistics", key="n")
     npz_kinds = [s.stats.features for s in sides if s.stats is not None]
     if features is None and dims is None:
-        kind = npz_kinds[0] if npz_kinds else feature_kind("inception", 2048)
+        kind = npz_kinds[0] if npz_kinds else feature_kind("inception")
     else:  # explicit choices win; a conflicting .npz is refused just below
         npz_dims = [parse_kind(k)[1] for k in npz_kinds if k.startswith("inception")]
         features = features or (parse_kind(npz_kinds[0])[0] if npz_kinds else "inception")
-        kind = feature_kind(features, dims or (npz_dims[0] if npz_dims else 2048))
+        kind = feature_kind(features, dims or (npz_dims[0] if npz_dims else INCEPTION_DIM))
     feat, d = parse_kind(kind)
     if dims is not None and feat != "inception":  # e.g. the features an FD-pixels .npz holds
         raise MetricError(f"dims {dims} chooses an Inception block; {metric_name(kind)} features have none", key="dims")
@@ -217,7 +217,7 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
     if feat == "cnn":
         given, weights = weights, _classifier_of(sides, weights)
         found = None if given is not None or weights is None else f"the classifier of {_npz_side(sides).path}"
-    ext = FeatureExtractor(feat, dims=d or 2048, device=device, batch_size=batch_size,
+    ext = FeatureExtractor(feat, dims=d or INCEPTION_DIM, device=device, batch_size=batch_size,
                            num_workers=num_workers, weights=weights, allow_download=allow_download,
                            progress=progress)
     dims_seen = [_expected_dim(s, ext) for s in sides]
@@ -299,7 +299,7 @@ def dataset_stats(ds, ext: FeatureExtractor, label: str, n: Optional[int] = None
     return ext.stats_of_uint8(_dataset_batches(ds, total, batch_size, num_workers), b - a, label)
 
 
-def reference_stats(source: PathLike, out: PathLike, *, features: str = "inception", dims: int = 2048,
+def reference_stats(source: PathLike, out: PathLike, *, features: str = "inception", dims: int = INCEPTION_DIM,
                     n: Optional[int] = None, overrides: Sequence[str] = (), device: str = "auto",
                     batch_size: int = 50, num_workers: int = 0, weights: Optional[PathLike] = None,
                     allow_download: bool = False, force: bool = False, progress: bool = True) -> Stats:

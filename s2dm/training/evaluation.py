@@ -29,7 +29,7 @@ import torch
 from ..core.schedule import NoiseSchedule
 from ..errors import MetricError, RunError
 from ..io.checkpoint import BEST, checkpoint_name, point
-from ..io.config import EVAL_METRICS, INCEPTION_DIM, Config, check_eval_n
+from ..io.config import EVAL_METRICS, Config, check_eval_n
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import Stats, dataset_stats, frechet_distance, training_images_label
 from ..metrics.classifier import architecture
@@ -152,8 +152,7 @@ def set_up_evaluation(cfg: Config, run_dir: Path, dataset, schedule: NoiseSchedu
         return None
     ev = cfg.train.eval
     features = EVAL_METRICS[ev.metric]
-    dims = INCEPTION_DIM if features == "inception" else 0
-    extractor = FeatureExtractor(features, dims=dims or INCEPTION_DIM, device=str(device), batch_size=ev.batch_size,
+    extractor = FeatureExtractor(features, device=str(device), batch_size=ev.batch_size,
                                  weights=ev.inception_weights if features == "inception" else None,
                                  data=cfg.data if features == "cnn" else None, progress=False)
     extractor.load()
