@@ -25,7 +25,7 @@ from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run
 from .io.config import CONFIG_DIR, INCEPTION_DIM, INCEPTION_DIMS, config_summary, find_config, load_config, shipped_configs
 from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
-from .sampling.folder import DEFAULT_N, parse_seeds, sample_to_folder
+from .sampling.folder import DEFAULT_N, MOSAIC, parse_seeds, sample_to_folder
 from .study.spec import shipped_study_configs
 from .util import dist
 from .util.fileio import writing
@@ -98,8 +98,9 @@ def cmd_sample(args) -> int:
         out = run / "samples" / (options.folder_name(args.ema) + ("" if args.which == LATEST else f"-{args.which}"))
     meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
                             device=args.device)
-    print(f"{plural(meta['n_images'], 'image')} in {out} (sampler {options.sampler}, {options.steps} steps, "
-          f"NFE {meta['nfe']}); mosaic: {Path(out) / 'preview' / 'mosaic.png'}")
+    held = "" if meta["n_images"] == len(seeds) else f"; the folder holds {meta['n_images']}"
+    print(f"{plural(len(seeds), 'image')} in {out}{held} (sampler {options.sampler}, {options.steps} steps, "
+          f"NFE {meta['nfe']}); mosaic: {Path(out) / MOSAIC}")
     return 0
 
 

@@ -178,7 +178,12 @@ def test_no_ckpt_and_no_out_sample_the_newest_run_into_its_folder(tmp_path, monk
     out = capsys.readouterr().out
     assert "sampling runs/newer (the newest run under runs/" in out
     folder = newer / "samples" / "ddim-2"
-    assert len(files(folder)) == 64 and "64 images in runs/newer/samples/ddim-2" in out  # the default n
+    assert len(files(folder)) == 64 and "64 images in runs/newer/samples/ddim-2 (" in out  # the default n
+    # fewer seeds into that folder: what was asked is counted, and what the folder holds beside it
+    assert main(["sample", "--sampler", "ddim", "--steps", "2", "--n", "3", "--device", "cpu"]) == 0
+    assert "3 images in runs/newer/samples/ddim-2; the folder holds 64 (" in capsys.readouterr().out
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert (meta["seeds"], meta["n_images"]) == ("0-2", 64)
     # other settings go to their own folder, named by what differs from the defaults
     assert main(["sample", "--sampler", "ddim", "--steps", "2", "--eta", "0.5", "--grid", "quad", "--no-ema",
                  "--n", "2", "--device", "cpu"]) == 0

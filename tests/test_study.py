@@ -263,7 +263,7 @@ def test_the_v1_report_prints_small_metrics_to_three_significant_digits(tmp_path
     study = load_study(write_study(tmp_path, {**TOY, "runs": {**TOY["runs"], "control": {
         "weights_of": "baseline", "eps_scale": "skip:9,tau:0.99", "seeds": [0]}}}))
     text = studyreport.report_markdown(rows, study, {"this_invocation_seconds": 1, "train_seconds": 0,
-                                                     "eval_seconds": 0}, tmp_path)
+                                                     "eval_seconds": 0})
     # 2 - floor(log10(0.098)) = 4 decimals: the baseline to 3 significant digits
     assert ("| ddim | 10 | 10 | 0.0980 | 0.0000 (1 seed: no interval) (0.0 %) | -0.0009 (1 seed: no interval) "
             "(-0.9 %) | 0.0042 |") in text

@@ -80,7 +80,7 @@ def test_v1_configs_keep_their_labels_settings_and_report(tmp_path):
     assert sorted(settings) == sorted(["checkpoint", "checkpoint_step", "sampler", "steps", "order", "eps_scale", "n",
                                        "image_seeds", "metric", "ref", "ref_n"] + list(records.LATER_KEYS))
     assert settings["eps_scale"] == "skip:9,tau:0.99"
-    text = Q.study_report(V1_ROWS, study, COST, ROOT)
+    text = Q.study_report(V1_ROWS, study, COST)
     assert "## Reading, cell by cell" in text and "## H1" not in text and "Answers" not in text
 
 
@@ -275,7 +275,7 @@ def test_h1_the_twin_reproduces_half_of_the_variant(tmp_path):
     # beyond 10 steps s2dm − baseline = −0.5, −0.3, −0.7: the twin (+0.5) goes the other way, −100 %
     assert r20.variant.mean == pytest.approx(-0.5) and r20.reproduced == pytest.approx(-100.0)
     study = load_study(write(tmp_path, V2))
-    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(synthetic(), study, COST, clip=CLIP)
     assert "| ddim | 10 | +1.000 [+0.503, +1.497] (+9.1 %) | +0.500 [+0.252, +0.748] (+4.5 %) | 50 % | " \
            "+0.500 [-0.245, +1.245] (+4.5 %) |" in text
     assert "the twin reproduces -100 % to 50 % of it in the 3 cells where it is measurable" in text
@@ -307,7 +307,7 @@ def test_h2_finds_the_planted_best_scale_and_compares_the_variant_with_it(tmp_pa
     (b10, *_) = Q.h2_rows(_stats(rows), study)
     assert (b10.best, b10.scale, b10.best_vs_base) == ("baseline", "none", None)
     assert b10.versus["s2dm"].values == pytest.approx([1.0, 1.2, 0.8])
-    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(synthetic(), study, COST, clip=CLIP)
     assert "| ddim | 10 | `const:1.005` | 10.300 | -0.700 [-0.948, -0.452] (-6.4 %) | +1.700 [+1.270, +2.130] (+15.5 %) |" \
         in text
     assert Q.H2_BIAS in text
@@ -321,7 +321,7 @@ def test_h3_the_sum_baseline_shift_and_the_clip_note(tmp_path):
     sd = math.sqrt(((0.3 - 0.35) ** 2 + (0.4 - 0.35) ** 2) / 2)
     assert d.mean == pytest.approx(0.35) and d.ci95 == pytest.approx((0.35 - T2 * sd / math.sqrt(3),
                                                                       0.35 + T2 * sd / math.sqrt(3)))
-    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(synthetic(), study, COST, clip=CLIP)
     assert "| ddim | 10 | +0.350 [+0.226, +0.474] (+3.2 %) |" in text
     assert "for `base-sum` in 72 of 72 logged windows (100 %), and for `baseline` in 3 of 72 logged windows (4 %)" in text
     assert text.count("**Gradient clipping.**") == 1  # once, not once per metric
@@ -355,7 +355,7 @@ def test_h4_verdicts_falls_does_not_fall_and_not_resolved(tmp_path):
     assert H4.steps_verdict([(10, 20, ST.Summary([-1.0, -1.1, -0.9])), (20, 50, ST.Summary([-0.1, 0.2, -0.15]))]) \
         == "not resolved"
     assert H4.steps_verdict([(10, 20, ST.Summary([-1.0])), (20, 50, ST.Summary([-0.5]))]) == "not resolved"  # 1 seed
-    text = Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(synthetic(), study, COST, clip=CLIP)
     assert "| `baseline` | ddim | 11.000 [8.516, 13.484] | 10.000 [7.516, 12.484] | 10.500 [7.883, 13.117] | " \
            "-1.000 [-1.000, -1.000] | +0.500 [+0.252, +0.748] | **does not fall** |" in text
     assert "- **H4** (FD-pixels) baseline: ddim at 10 → 20 → 50 steps **does not fall**." in text
@@ -381,7 +381,7 @@ def test_h4_reads_every_sampler_and_where_the_samplers_meet(tmp_path):
     assert (meet.run, meet.steps, meet.first, meet.other) == ("baseline", 50, "ddim", "spndm")
     assert meet.diff.values == pytest.approx([-0.1, -0.05, -0.05])
     assert meet.means == pytest.approx((9.0, 26.8 / 3))
-    text = Q.study_report(two_samplers(), study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(two_samplers(), study, COST, clip=CLIP)
     assert ("- **H4** (FD-pixels) baseline: ddim at 10 → 20 → 50 steps **falls**; spndm at 10 → 20 → 50 steps "
             "**does not fall**.") in text
     assert "| `baseline` | 50 | ddim | 9.000 | spndm | 8.933 | spndm − ddim: -0.067 [" in text
@@ -394,12 +394,12 @@ def test_h4_reads_every_sampler_and_where_the_samplers_meet(tmp_path):
     assert "At 50 steps spndm − ddim is -0.067 [" in scale and "spndm's few-step error moves its samples" in scale
     assert "No metric is shown" not in scale  # DDIM's verdict is *falls*
     # DDIM far below S-PNDM at 50 steps: the samplers have not met, so no reading of the rise as solver error
-    apart = Q.study_report(two_samplers(ddim_50=(5.0, 6.0, 4.0)), study, COST, tmp_path, clip=CLIP)
+    apart = Q.study_report(two_samplers(ddim_50=(5.0, 6.0, 4.0)), study, COST, clip=CLIP)
     assert "spndm − ddim: +3.933 [" in apart and "few-step error" not in apart
     # another trained run whose S-PNDM values fall: named with its own verdict; one that agrees is not
     fitted = [dict(r, run="s2dm", value=r["value"] * (10 / r["steps"] if r["sampler"] == "spndm" else 1.0))
               for r in two_samplers()]
-    text = Q.study_report(two_samplers() + fitted, study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(two_samplers() + fitted, study, COST, clip=CLIP)
     scale = text.split("## What this scale can and cannot tell")[1].split("\n## ")[0]
     assert ("For `s2dm` it answers otherwise: falls with spndm 10 → 20 → 50 steps: 6.000 → 3.750 → 1.787.") in scale
     assert "with ddim" not in scale.split("For `s2dm`")[1]  # its DDIM verdict is the baseline's: not repeated
@@ -408,7 +408,7 @@ def test_h4_reads_every_sampler_and_where_the_samplers_meet(tmp_path):
 def test_the_disagreement_note_appears_exactly_when_planted(tmp_path):
     study = load_study(write(tmp_path, V2))
     same = synthetic() + synthetic("FD-cnn-5k")
-    text = Q.study_report(same, study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(same, study, COST, clip=CLIP)
     section = text.split("## Where FD-pixels-5k and FD-cnn-5k disagree")[1].split("\n## ")[0]
     assert Q.DISAGREEMENT in section
     assert "No effect of the 15 both measure is resolved with opposite signs." in section and "\n- " not in section
@@ -416,14 +416,14 @@ def test_the_disagreement_note_appears_exactly_when_planted(tmp_path):
     assert "held-out accuracy 99.4 %" in text.split("\n## ")[0]
     # the sum baseline's shift reversed in FD-cnn: exactly those three effects (one per cell) are named
     flipped = synthetic() + synthetic("FD-cnn-5k", flip=("sum",))
-    text = Q.study_report(flipped, study, COST, tmp_path, clip=CLIP)
+    text = Q.study_report(flipped, study, COST, clip=CLIP)
     section = text.split("## Where FD-pixels-5k and FD-cnn-5k disagree")[1].split("\n## ")[0]
     bullets = [ln for ln in section.splitlines() if ln.startswith("- ")]
     assert bullets == [f"- ddim {s}, base-sum − baseline: FD-pixels-5k +0.350 [+0.226, +0.474], "
                        "FD-cnn-5k -0.350 [-0.474, -0.226]" for s in (10, 20, 50)]
     assert "about 3 effects of 15" in text.split("\n## ")[0]
     # one metric only: no disagreement section
-    assert "disagree" not in Q.study_report(synthetic(), study, COST, tmp_path, clip=CLIP)
+    assert "disagree" not in Q.study_report(synthetic(), study, COST, clip=CLIP)
 
 
 def test_metrics_are_kept_apart_and_the_csv_adds_accuracy_only_for_fd_cnn():

@@ -298,8 +298,7 @@ def results_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence
     if len(scales) > 1:
         return sweep_markdown(rows, labels, samplers, steps, scales)
     by = {(r["label"], r["sampler"], int(r["steps"])): r for r in rows}
-    lines = _header(rows, labels, samplers, steps,
-                    "Δ = relative change against the first checkpoint" if len(labels) > 1 else "")
+    lines = _header(rows, labels, "Δ = relative change against the first checkpoint" if len(labels) > 1 else "")
     head = ["sampler", "steps", "NFE"] + [f"{lab}" for lab in labels] + [f"Δ {lab} (%)" for lab in labels[1:]]
     lines += _table_head(head)
     for s in samplers:
@@ -318,8 +317,7 @@ def sweep_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence[s
     each), the cell's best scale in bold with ★, and the best's change against the first scale."""
     by = {(r["label"], r["sampler"], int(r["steps"]), r["eps_scale"]): r for r in rows}
     names = [s or "none" for s in scales]
-    lines = _header(rows, labels, samplers, steps, f"★ = the best ε-scale of the cell; Δ = the best against "
-                                                   f"{names[0]}")
+    lines = _header(rows, labels, f"★ = the best ε-scale of the cell; Δ = the best against {names[0]}")
     for lab in labels:
         lines += ["", f"## `{lab}`", ""]
         lines += _table_head(["sampler", "steps", "NFE", *names, "best", f"Δ best vs {names[0]} (%)"])
@@ -336,8 +334,7 @@ def sweep_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence[s
     return "\n".join(lines) + "\n"
 
 
-def _header(rows: List[dict], labels: Sequence[str], samplers: Sequence[str], steps: Sequence[int],
-            legend: str) -> List[str]:
+def _header(rows: List[dict], labels: Sequence[str], legend: str) -> List[str]:
     """The title, what was measured and the checkpoints (from the first row of each)."""
     first, metric = rows[0], rows[0]["metric"]
     firsts = {r["label"]: r for r in reversed(rows)}

@@ -33,7 +33,9 @@ from ..util.fileio import atomic_write_text, remove_stale_temps
 from ..util.images import PREVIEW_DIR, load_image, save_mosaic, save_png
 from ..util.records import first_difference
 
-DEFAULT_N = 64  # images when neither a number nor seeds are given: one preview mosaic's worth
+MOSAIC_IMAGES = 64  # the preview mosaic shows the first images of a folder
+MOSAIC = Path(PREVIEW_DIR) / "mosaic.png"  # in a sample folder
+DEFAULT_N = MOSAIC_IMAGES  # images when neither a number nor seeds are given: one preview mosaic's worth
 
 
 # More images than any evaluation needs (FID takes 50,000); a list of this many seeds fits in
@@ -84,7 +86,6 @@ def sample_to_folder(
     use_ema: bool = True,
     batch_size: int = 256,
     device: str = "auto",
-    mosaic_images: int = 64,
     replace_stale: bool = False,
 ) -> dict:
     """Write ``{seed:06d}.png`` for every seed (skipping existing files), ``metadata.json``
@@ -104,7 +105,7 @@ def sample_to_folder(
     todo = dist.run0(lambda: _prepare(out, seeds, settings, replace_stale))
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info)
-    return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, mosaic_images, shape))
+    return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, shape))
 
 
 def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: bool = False) -> List[int]:
@@ -114,13 +115,13 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: boo
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunError(f"cannot create output folder {out}: {exc.strerror}", key="out") from None
-    for folder, names in ((out, "[0-9]*.png"), (out, "metadata.json"), (out / PREVIEW_DIR, "mosaic.png")):
+    for folder, names in ((out, "[0-9]*.png"), (out, "metadata.json"), (out / MOSAIC.parent, MOSAIC.name)):
         remove_stale_temps(folder, names)  # temp files of a killed run; no rank writes yet
     if meta_path.is_file():
         before = _read_settings(meta_path)
         differ = first_difference(before, settings, ignore=set(before) - set(settings))
         if differ and replace_stale:
-            for old in [*out.glob("[0-9]*.png"), out / PREVIEW_DIR / "mosaic.png", meta_path]:
+            for old in [*out.glob("[0-9]*.png"), out / MOSAIC, meta_path]:
                 old.unlink(missing_ok=True)
         elif differ:
             key, was, now = differ
@@ -181,15 +182,14 @@ def _read_sample(path: Path, mode: str) -> np.ndarray:
         raise exc.retold(f"{exc}; delete it and rerun the same command to make it again") from None
 
 
-def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, mosaic_images: int,
-            shape) -> dict:
+def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, shape) -> dict:
     """metadata.json and the preview mosaic, once every image is on disk (rank 0)."""
     meta_path = out / "metadata.json"
     meta = {
         "settings": settings,
         "complete": True,  # False while the images are being made
         "config": cfg.to_dict(),
-        "n_images": len(list(out.glob("[0-9]*.png"))),
+        "n_images": len(list(out.glob("[0-9]*.png"))),  # the folder's: earlier runs' seeds too
         "seeds": f"{min(seeds)}-{max(seeds)}" if seeds == list(range(min(seeds), max(seeds) + 1)) else seeds,
         "nfe": info.get("nfe"),
         "timesteps": info.get("timesteps"),
@@ -197,10 +197,10 @@ def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, mo
         "versions": {"s2dm": __version__, "torch": torch.__version__},
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2))  # a kill leaves the old file or none
-    first = sorted(seeds)[:mosaic_images]
+    first = sorted(seeds)[:MOSAIC_IMAGES]
     mosaic_imgs = torch.stack([
         torch.from_numpy(np.array(_read_sample(out / f"{s:06d}.png", "L" if shape[0] == 1 else "RGB"))).permute(2, 0, 1)
         for s in first
     ]).float() / 127.5 - 1.0
-    save_mosaic(mosaic_imgs, out / PREVIEW_DIR / "mosaic.png")
+    save_mosaic(mosaic_imgs, out / MOSAIC)
     return meta

@@ -6,7 +6,6 @@ scale can tell. ``study_report`` picks this report or the v1 one of ``report.py`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..util.textfmt import num, plural
@@ -181,8 +180,7 @@ def _mean_pct(ds: Sequence[tuple]) -> str:
     return f"mean {pct(sum(pcts) / len(pcts))}" if pcts else "mean —"
 
 
-def v2_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Dict[str, str],
-              clip: Dict[str, dict]) -> str:
+def v2_report(rows: Sequence[dict], study, cost: dict, ema: Dict[str, str], clip: Dict[str, dict]) -> str:
     metrics = study_metrics(rows)
     by_metric = {m: metric_rows(rows, m, study) for m in metrics}
     cells = {m: by_metric[m].cells for m in metrics}
@@ -370,10 +368,10 @@ def _disagreement_section(a: MetricRows, b: MetricRows, study) -> List[str]:
     return lines + [""]
 
 
-def study_report(rows: Sequence[dict], study, cost: dict, out: Path, ema: Optional[Dict[str, str]] = None,
+def study_report(rows: Sequence[dict], study, cost: dict, ema: Optional[Dict[str, str]] = None,
                  clip: Optional[Dict[str, dict]] = None) -> str:
     """report.md: the v2 report for a v2 study (``study.v2``), else ``report.report_markdown``;
     ``clip``: ``runner.grad_clip_windows`` (H3's note)."""
     if getattr(study, "v2", False):
-        return v2_report(rows, study, cost, out, ema or {}, clip or {})
-    return report_markdown(rows, study, cost, out, ema=ema)
+        return v2_report(rows, study, cost, ema or {}, clip or {})
+    return report_markdown(rows, study, cost, ema=ema)

@@ -16,7 +16,7 @@ from .._version import __version__
 from ..util.fileio import csv_text as to_csv
 from ..util.plots import plot_vs_nfe
 from ..util.textfmt import noun, num, plural, span
-from .spec import path_name
+from .spec import MOSAIC_SEEDS, path_name
 from .stats import CellStats, Summary, best_run, cell_statistics, label_of, measurable, noise_sd, relative_diffs
 from .text import decimals, diff_text, fmt, mean_std_text, ranges, rel_text, signed, table
 
@@ -89,8 +89,7 @@ def control_of(study) -> Optional[str]:
     return next((r.name for r in study.runs.values() if r.weights_of == study.baseline and r.eps_scale), None)
 
 
-def report_markdown(rows: Sequence[dict], study, cost: dict, out: Path, ema: Optional[Dict[str, str]] = None,
-                    clip: Optional[Dict[str, dict]] = None) -> str:
+def report_markdown(rows: Sequence[dict], study, cost: dict, ema: Optional[Dict[str, str]] = None) -> str:
     """The whole report.md; its first section is the headline the CLI prints. A v2 study
     (``study.v2``) gets ``questions.v2_report`` instead (``questions.study_report`` chooses);
     ``clip`` is that report's."""
@@ -185,7 +184,8 @@ def runs_and_cost_section(study, cost: dict, ema: Dict[str, str]) -> List[str]:
     common = ", ".join(f"`{k}={v}`" for k, v in study.overrides.items())
     renamed = [r for r in study.runs if path_name(r) != r]
     lines += ["", f"Every run: `{Path(study.train_config).name}`" + (f" with {common}" if common else "")
-              + f". Mosaics: `mosaics/<run>.png` (DDIM, {study.mosaic_steps} steps, image seeds 0–99, first training seed)"
+              + f". Mosaics: `mosaics/<run>.png` (DDIM, {study.mosaic_steps} steps, image seeds "
+                f"{MOSAIC_SEEDS.start}–{MOSAIC_SEEDS.stop - 1}, first training seed)"
               + (f"; on disk a sweep's run drops its brackets, colons and commas (`{renamed[0]}` → "
                  f"`{path_name(renamed[0])}`)" if renamed else "") + ".", ""]
     if len(set(ema.values())) == 1:

@@ -52,7 +52,7 @@ from . import questions, report
 from .plan import (Cell, cell_options, check_cells, check_configs, check_data, image_seeds, model_name,
                    plan_cells, run_config)
 from .records import matching_record, model_key, reference_key
-from .spec import Run, Study, load_study, path_name
+from .spec import MOSAIC_SEEDS, Run, Study, load_study, path_name
 
 
 # ---------------------------------------------------------------- training
@@ -122,7 +122,7 @@ def _train_job(study: Study, out: Path, run_name: str, seed: int, progress: bool
 
 # ---------------------------------------------------------------- references and cells
 
-def _checkpoint_of(study: Study, out: Path, run: Run, seed: int) -> Path:
+def _checkpoint_of(out: Path, run: Run, seed: int) -> Path:
     source = run.weights_of or run.name
     return resolve_checkpoint(out / "runs" / model_name(source, seed))
 
@@ -219,7 +219,7 @@ def evaluate_all(study: Study, out: Path, progress: bool = True, score: bool = T
         if not score and trained[model] is None:
             continue  # not trained with the study's settings: the runner would train it, or refuse
         try:
-            ckpt = _checkpoint_of(study, out, run, cell.seed)
+            ckpt = _checkpoint_of(out, run, cell.seed)
         except S2dmError:
             if score:
                 raise
@@ -310,25 +310,25 @@ def _score_job(study: Study, out: Path, cells: List[Cell], ckpt: Path, settings:
 
 
 def write_mosaics(study: Study, out: Path) -> None:
-    """A 10×10 mosaic per run (its first seed's model, DDIM at ``mosaic_steps``, image seeds
-    0..99); ``mosaics/<run>.json`` records what it was made from, and a mosaic made otherwise
+    """A mosaic per run (its first seed's model, DDIM at ``mosaic_steps``, image seeds
+    ``MOSAIC_SEEDS``); ``mosaics/<run>.json`` records what it was made from, and a mosaic made otherwise
     (another checkpoint, a retrained one, other steps) is made again."""
     for run in study.runs.values():
         path = out / "mosaics" / f"{path_name(run.name)}.png"
         source = out / "runs" / model_name(run.weights_of or run.name, run.seeds[0])
         if not (source / "study_done.json").is_file():
             continue
-        ckpt = _checkpoint_of(study, out, run, run.seeds[0])
+        ckpt = _checkpoint_of(out, run, run.seeds[0])
         options = SampleOptions(sampler="ddim", steps=study.mosaic_steps, eps_scale=run.eps_scale or None)
-        made_from = {**model_key(ckpt, out), **options.as_dict(), "image_seeds": "0-99"}
+        made_from = {**model_key(ckpt, out), **options.as_dict(), "image_seeds": f"{MOSAIC_SEEDS.start}-{MOSAIC_SEEDS.stop - 1}"}
         if path.is_file() and read_record(path.with_suffix(".json")) == made_from:
             continue
         device = pick_device("auto")
         ck = load_checkpoint(ckpt, device=device)
         cfg = ck.config
-        images, _ = generate(ck.ema, NoiseSchedule.from_config(cfg.diffusion), range(100),
+        images, _ = generate(ck.ema, NoiseSchedule.from_config(cfg.diffusion), MOSAIC_SEEDS,
                              image_shape=(cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                             batch_size=100, device=device, **options.as_kwargs())
+                             batch_size=len(MOSAIC_SEEDS), device=device, **options.as_kwargs())
         save_mosaic(images, path)
         atomic_write_text(path.with_suffix(".json"), json.dumps(made_from, indent=2))
 
@@ -371,7 +371,7 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
             "workers": worker_count(workers, planned, pick_device("auto")),
             "cells_scored": len(records), "cells_stale": stale,
             "cells_earlier": sum(1 for r in records if r.get("earlier")), "report_only": report_only}
-    atomic_write_text(out / "report.md", questions.study_report(rows, study, cost, out, ema=ema_settings(study),
+    atomic_write_text(out / "report.md", questions.study_report(rows, study, cost, ema=ema_settings(study),
                                                                 clip=grad_clip_windows(study, out)))
     return out
 

@@ -48,7 +48,6 @@ class EvalSpec:
     samplers: List[str] = field(default_factory=lambda: ["ddim"])
     steps: List[int] = field(default_factory=lambda: [10])
     n: int = 5000
-    features: str = "pixels"
     order: int = 3
     batch_size: int = 500
     noise_draw: Optional[str] = None
@@ -82,6 +81,7 @@ class StudyFile:
 
 
 STUDY_KEYS = {f.name for f in dataclasses.fields(StudyFile)}
+MOSAIC_SEEDS = range(100)  # each run's mosaic: 10×10 images of these seeds
 TRAINING_SECTIONS = [f.name for f in dataclasses.fields(Config)]
 
 
@@ -111,20 +111,19 @@ class Study:
     samplers: List[str]
     steps: List[int]
     n: int
-    features: str = "pixels"
-    order: int = 3
-    batch_size: int = 500
-    noise_draw: Optional[str] = None
-    noise_seed_offset: int = 1_000_000
-    fid_n: int = 0
-    fid_steps: List[int] = field(default_factory=lambda: [10])
-    fid_samplers: Optional[List[str]] = None
-    mosaic_steps: int = 20
-    quick: bool = False
-    cnn_n: int = 0  # FD-cnn per cell (0: off)
-    twins: Dict[str, str] = field(default_factory=dict)  # trained variant → training-free twin
-    sum_baseline: Optional[str] = None
-    sweeps: Dict[str, List[str]] = field(default_factory=dict)  # sweep key → its runs' names
+    order: int
+    batch_size: int
+    noise_draw: Optional[str]
+    noise_seed_offset: int
+    fid_n: int
+    fid_steps: List[int]
+    fid_samplers: Optional[List[str]]
+    mosaic_steps: int
+    cnn_n: int  # FD-cnn per cell (0: off)
+    twins: Dict[str, str]  # trained variant → training-free twin
+    sum_baseline: Optional[str]
+    sweeps: Dict[str, List[str]]  # sweep key → its runs' names
+    quick: bool = False  # set by the quick preset (_apply_quick)
 
     @property
     def v2(self) -> bool:
@@ -160,7 +159,7 @@ def load_study(path, quick: bool = False) -> Study:
     """Read and validate a study YAML; ``quick`` applies its ``quick:`` preset."""
     given, path = path, find_config(path)
     raw = read_yaml(path)
-    _not_a_training_config(raw, path, given)
+    _not_a_training_config(raw, given)
     try:
         spec = build_dataclass(StudyFile, raw)
     except S2dmError as exc:  # a key or value of the study YAML: a StudyError naming the file and key
@@ -196,7 +195,7 @@ def load_study(path, quick: bool = False) -> Study:
     study = Study(
         path=path, train_config=train_config, overrides=dict(spec.set), runs=runs,
         baseline=spec.baseline, effect=spec.effect, samplers=_check_samplers(ev.samplers, "eval.samplers", str(path)),
-        steps=_int_list(ev.steps, "eval.steps"), n=ev.n, features=ev.features, order=ev.order,
+        steps=_int_list(ev.steps, "eval.steps"), n=ev.n, order=ev.order,
         batch_size=ev.batch_size, noise_draw=ev.noise_draw, noise_seed_offset=ev.noise_seed_offset,
         fid_n=ev.fid.n, fid_steps=_int_list(ev.fid.steps, "eval.fid.steps"), fid_samplers=ev.fid.samplers,
         mosaic_steps=ev.mosaic_steps, cnn_n=ev.cnn.n, twins=dict(spec.twins), sum_baseline=spec.sum_baseline,
@@ -275,7 +274,7 @@ def shipped_study_configs() -> List[Path]:
     return [p for p in shipped_configs() if p.name.startswith("study_")]
 
 
-def _not_a_training_config(raw, path: Path, given) -> None:
+def _not_a_training_config(raw, given) -> None:
     """A training config given to ``s2dm study`` (an easy slip): say so, and name the study configs."""
     if not isinstance(raw, dict) or set(raw) & STUDY_KEYS:
         return
@@ -340,5 +339,3 @@ def _validate(study: Study) -> None:
     _check_samplers(study.fid_samplers or [], "eval.fid.samplers", where)
     if study.n < 2:
         raise StudyError(f"{where}: eval.n must be at least 2, not {study.n}")
-    if study.features != "pixels":
-        raise StudyError(f"{where}: eval.features must be pixels (Inception FID goes under eval.fid)")
