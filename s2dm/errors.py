@@ -29,14 +29,22 @@ class S2dmError(Exception):
         self.problem = message
         self.remedy = remedy
 
+    def copy(self, **changes) -> "S2dmError":
+        """The same kind of error with ``changes`` to its fields (``message``, the problem;
+        ``key``, ``all_ranks``, ``remedy``); every rebuilt error goes through here."""
+        fields = {"message": self.problem, "key": self.key, "all_ranks": self.all_ranks, "remedy": self.remedy}
+        fields.update(changes)
+        return type(self)(fields.pop("message"), **fields)
+
     def retold(self, message: str, key: Optional[str] = None) -> "S2dmError":
-        """The same kind of error with a new message (and key, else this one's): for code that
-        adds context, e.g. the option's name, without changing the error's class."""
-        return type(self)(message, key=self.key if key is None else key, all_ranks=self.all_ranks)
+        """The same kind of error with a new, whole message (and key, else this one's): for code
+        that adds context, e.g. the option's name, without changing the error's class. The
+        message is usually built from ``str(self)``, remedy included, so none is kept apart."""
+        return self.copy(message=message, key=self.key if key is None else key, remedy=None)
 
     def remedied(self, remedy: str) -> "S2dmError":
         """The same error with another remedy: for a caller whose users mend it otherwise."""
-        return type(self)(self.problem, key=self.key, all_ranks=self.all_ranks, remedy=remedy)
+        return self.copy(remedy=remedy)
 
 
 class ConfigError(S2dmError):

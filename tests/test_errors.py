@@ -58,8 +58,11 @@ def test_a_remedy_follows_the_problem_and_a_caller_can_replace_it():
     other = err.remedied("delete that run folder")
     assert type(other) is RunError and other.key == "model.ch" and other.remedy == "delete that run folder"
     assert str(other) == "model.ch: the run folder was trained with 16; delete that run folder"
-    back = pickle.loads(pickle.dumps(other))  # a study worker's error reaches its parent pickled
+    back = pickle.loads(pickle.dumps(other))  # a study worker's (or a torchrun rank's) error arrives pickled
     assert (str(back), back.problem, back.remedy, back.key) == (str(other), other.problem, other.remedy, "model.ch")
+    agreed = back.copy(all_ranks=True)  # what dist.same_outcome raises on every rank
+    assert (type(agreed), str(agreed), agreed.remedy, agreed.key, agreed.all_ranks) == (
+        RunError, str(other), "delete that run folder", "model.ch", True)
 
 
 # ---------------------------------------------------------------- one CLI case per class
@@ -236,11 +239,12 @@ def test_same_outcome_keeps_the_class_and_key_and_marks_all_ranks(monkeypatch):
     from s2dm.util import dist
 
     monkeypatch.setattr(dist, "world_size", lambda: 2)
-    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [None, obj])
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [None, pickle.loads(pickle.dumps(obj))])
     with pytest.raises(CheckpointError) as info:
         with dist.same_outcome():
-            raise CheckpointError("init_from: checkpoint not found: x", key="init_from")
-    assert info.value.all_ranks is True and info.value.key == "init_from"
+            raise CheckpointError("init_from: checkpoint not found: x", key="init_from", remedy="train it first")
+    assert info.value.all_ranks is True and info.value.key == "init_from" and info.value.remedy == "train it first"
+    assert str(info.value) == "init_from: checkpoint not found: x; train it first"
 
 
 def test_errors_cross_a_process_boundary_whole():

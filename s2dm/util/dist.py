@@ -282,11 +282,10 @@ def same_outcome():
     try:
         yield
     except S2dmError as exc:
-        raised = (type(exc), str(exc), exc.key)
+        raised = exc  # pickled whole: class, message, key, remedy
     first = next((r for r in all_gather_object(raised) if r is not None), None)
     if first is not None:
-        cls, message, key = first
-        raise cls(message, key=key, all_ranks=True)
+        raise first.copy(all_ranks=True)
 
 
 def run0(fn: Callable[[], Any]) -> Any:
