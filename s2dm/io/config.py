@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+import torch
 import yaml
 
 from ..core.losses import LOSS_TYPES, REDUCTIONS, T_SAMPLINGS, VARIANTS
@@ -256,7 +257,8 @@ def config_from_saved(data: dict) -> Config:
 
 
 # -- validation of values ------------------------------------------------------------------
-PRECISIONS = ("fp32", "bf16", "fp16")  # training/precision.py maps them to autocast dtypes
+# train.precision: each name with its autocast dtype (training/precision.py)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Every choice is declared where it is implemented; the config checks against those lists.
 _CHOICES = {
@@ -266,7 +268,7 @@ _CHOICES = {
     "loss.variant": VARIANTS,
     "loss.reduction": REDUCTIONS,
     "loss.t_sampling": T_SAMPLINGS,
-    "train.precision": PRECISIONS,
+    "train.precision": tuple(PRECISIONS),
 }
 
 

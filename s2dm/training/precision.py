@@ -20,13 +20,11 @@ import torch
 from ..errors import ConfigError
 from ..io.config import PRECISIONS
 
-DTYPES = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16)))
-
 
 def check_supported(precision: str, device: torch.device) -> None:
     """A clear error where the device cannot run the precision."""
-    if precision not in DTYPES:
-        raise ConfigError(f"train.precision: {precision!r} is not one of {', '.join(DTYPES)}", key="train.precision")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"train.precision: {precision!r} is not one of {', '.join(PRECISIONS)}", key="train.precision")
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"train.precision: bf16 needs a GPU with bfloat16 support (Ampere or newer); "
                           f"{torch.cuda.get_device_name(device)} has none: use fp16 or fp32", key="train.precision")
@@ -49,7 +47,7 @@ def autocast(precision: str, device: torch.device):
     """The autocast context of a training forward (a no-op context for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 def make_scaler(precision: str, device: torch.device):
