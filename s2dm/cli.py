@@ -22,6 +22,7 @@ from ._version import __version__
 from .cli_errors import one_line_warning, error_message, flag_of, spell_option
 from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run_folder_of
+from .interop.layouts import LAYOUTS
 from .io.config import CONFIG_DIR, INCEPTION_DIM, INCEPTION_DIMS, config_summary, find_config, load_config, shipped_configs
 from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
@@ -316,7 +317,7 @@ def _convert_parser(sub) -> None:
                     "state dict (e.g. model-790000.ckpt) onto s2dm's UNet and write an s2dm checkpoint. "
                     "Local files only.")
     c.add_argument("source", metavar="DIR|FILE", help="the published weights")
-    c.add_argument("--from", dest="layout", required=True, choices=("diffusers", "ddim"), help="their layout")
+    c.add_argument("--from", dest="layout", required=True, choices=LAYOUTS, help="their layout")
     c.add_argument("--out", required=True, help="the s2dm checkpoint to write, e.g. model.ckpt")
     c.add_argument("--config", help="YAML whose data/diffusion/loss/... sections the checkpoint takes; its model "
                                     "section must match the weights (default: read off the weights)")
@@ -331,7 +332,7 @@ def _export_parser(sub) -> None:
     x = sub.add_parser("export", help="s2dm checkpoint -> diffusers DDPMPipeline folder or DDIM-layout file",
                        description="Write an s2dm checkpoint's weights as a diffusers DDPMPipeline folder (which "
                                    "DDPMPipeline.from_pretrained loads) or as the DDIM repository's state-dict file.")
-    x.add_argument("--to", required=True, choices=("diffusers", "ddim"), help="the layout to write")
+    x.add_argument("--to", required=True, choices=LAYOUTS, help="the layout to write")
     x.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
     x.add_argument("--out", required=True, help="diffusers: the pipeline folder; ddim: the .ckpt file")
     x.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,

@@ -357,3 +357,18 @@ def test_init_from_refuses_a_mismatched_architecture(tmp_path, capsys):
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     assert main(tiny_args(tmp_path / "r2", 1) + ["--init-from", str(tmp_path / "junk.ckpt")]) == 2
     assert "s2dm convert" in error_line(capsys)
+
+
+def test_an_unknown_layout_is_refused_before_any_file_is_read(tmp_path):
+    """One list of layouts (the CLI's choices too); a Python caller's typo is named first, not
+    after reading a checkpoint that can be half a GiB (here: none exists at all)."""
+    from s2dm.interop.convert import convert
+    from s2dm.interop.export import export
+    from s2dm.interop.layouts import LAYOUTS
+
+    assert LAYOUTS == ("diffusers", "ddim")
+    with pytest.raises(UserError, match=r"^to 'onnx': expected diffusers or ddim$"):
+        export(tmp_path / "no-such-run", tmp_path / "out", to="onnx")
+    with pytest.raises(UserError, match=r"^layout 'keras': expected diffusers or ddim$"):
+        convert("keras", tmp_path / "nothing", tmp_path / "x.ckpt")
+    assert not any(tmp_path.iterdir())

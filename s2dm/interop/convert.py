@@ -29,7 +29,7 @@ from ..io.config import Config, ModelConfig, apply_overrides, config_from_dict, 
 from ..util.fileio import atomic_torch_save, sha256_file, writing
 from ..util.textfmt import first_sentence
 from .layouts import (
-    StateDict, architecture, diffusers_to_s2dm_state_dict, first_difference, model_from_ddim_state_dict,
+    StateDict, architecture, check_layout, diffusers_to_s2dm_state_dict, first_difference, model_from_ddim_state_dict,
     model_from_diffusers_config,
 )
 
@@ -251,7 +251,7 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
             image_size: Optional[int] = None, force: bool = False) -> dict:
     """Write an s2dm checkpoint (step 0, model = EMA unless the file holds both) for the
     weights at ``source`` in ``layout`` ('diffusers' or 'ddim'). Returns a summary."""
-    source, out = Path(source), Path(out)
+    source, out, layout = Path(source), Path(out), check_layout(layout, "layout")
     if out.is_dir():  # force=True would not mend it
         raise InteropError(f"{out} is a folder; the s2dm checkpoint is one file", key="out")
     if out.exists() and not force:
@@ -263,7 +263,7 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
                                key="image_size")
         sd, model, size, channels, diffusion, info = read_diffusers(source)
         user = user_config(config, overrides)  # after the source: a wrong path is the first thing to mend
-    elif layout == "ddim":
+    else:  # ddim
         check_ddim_source(source)  # before the image size: a wrong path is the first thing to mend
         user = user_config(config, overrides)
         size = ddim_image_size(image_size, user, config)
@@ -273,8 +273,6 @@ def convert(layout: str, source, out, *, config: Optional[str] = None, overrides
                                key="image_size")
         sd, ema, model, channels, info = read_ddim(source, size)
         diffusion = None
-    else:
-        raise InteropError(f"layout {layout!r}: expected diffusers or ddim", key="layout")
     cfg = assemble_config(user, overrides, model, size, channels, diffusion)
     have = architecture(model, size, channels)
     name = str(config) if config else "the config read off the weights and the overrides"

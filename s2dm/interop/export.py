@@ -22,7 +22,7 @@ from ..errors import InteropError
 from ..io.checkpoint import pick_weights, read_checkpoint, resolve_checkpoint
 from ..io.config import Config, config_from_saved
 from ..util.fileio import atomic_torch_save, atomic_write, atomic_write_text, sha256_file, writing
-from .layouts import DDPM_SETTINGS, diffusers_unet_kwargs, s2dm_to_diffusers_state_dict
+from .layouts import DDPM_SETTINGS, check_layout, diffusers_unet_kwargs, s2dm_to_diffusers_state_dict
 
 # The diffusers release whose config keys these files were written against (the test extra's
 # lower bound); diffusers only parses it, newer releases read these files unchanged.
@@ -104,7 +104,7 @@ def write_diffusers(out: Path, cfg: Config, weights: dict, provenance: dict) -> 
 def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: bool = False) -> dict:
     """Write the checkpoint ``ckpt`` (file or run folder) as ``to`` ('diffusers': a pipeline
     folder; 'ddim': a state-dict file) at ``out``. Returns a summary."""
-    out = Path(out)
+    out, to = Path(out), check_layout(to, "to")  # before the checkpoint, which can be half a GiB, is read
     # a file where a folder goes (or the reverse) first: force=True would not mend it
     if to == "diffusers" and out.is_file():
         raise InteropError(f"{out} is a file; the diffusers layout is a folder", key="out")
@@ -123,10 +123,8 @@ def export(ckpt, out, *, to: str = "diffusers", use_ema: bool = True, force: boo
     if to == "diffusers":
         with writing(out, InteropError, key="out"):
             write_diffusers(out, cfg, weights, provenance)
-    elif to == "ddim":
+    else:  # ddim
         check_32_groups(cfg, "the DDIM repository's Model")
         with writing(out, InteropError, key="out"):
             atomic_torch_save({k: v.detach().float() for k, v in weights.items()}, out)
-    else:
-        raise InteropError(f"to {to!r}: expected diffusers or ddim", key="to")
     return {"out": str(out), "weights": which, "step": int(state["step"]), "config": cfg}

@@ -18,6 +18,17 @@ from ..io.config import ModelConfig
 
 StateDict = Dict[str, torch.Tensor]
 
+# The published layouts s2dm reads (convert) and writes (export): diffusers' UNet2DModel and the
+# DDIM repository's state dict.
+LAYOUTS = ("diffusers", "ddim")
+
+
+def check_layout(layout: str, key: str) -> str:
+    """``layout`` if it is one of ``LAYOUTS``; InteropError naming ``key`` otherwise."""
+    if layout not in LAYOUTS:
+        raise InteropError(f"{key} {layout!r}: expected {' or '.join(LAYOUTS)}", key=key)
+    return layout
+
 # ---------------------------------------------------------------------------------------
 # s2dm (DDIM-repository names) <-> diffusers UNet2DModel names
 # ---------------------------------------------------------------------------------------
