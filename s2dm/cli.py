@@ -401,7 +401,7 @@ def _eval_parser(sub) -> None:
                     "fid_vs_nfe.png. Rerunning skips finished cells.")
     e.add_argument("--ckpt", nargs="+", required=True, help="checkpoint files or run folders")
     e.add_argument("--samplers", default="ddim,pndm,deis",
-                   help=f"comma-separated, from {', '.join(SAMPLERS)} (default ddim,pndm,deis)")
+                   help=f"comma-separated, from {', '.join(SAMPLERS)} (default %(default)s)")
     e.add_argument("--steps", default="10,20,50,100", help="comma-separated step counts")
     e.add_argument("--eps-scale", default=None,
                    help="an ε-scale for every cell, or a comma-separated sweep scored in every cell from the same "

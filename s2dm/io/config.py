@@ -118,8 +118,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig(SampleOptions):
-    """The sample grids written during training: the sampler options are ``SampleOptions``'
-    fields (inherited, so the two cannot drift), then the grid's own keys."""
+    """The preview mosaics written during training: the sampler options are ``SampleOptions``'
+    fields (inherited, so the two cannot drift), then the mosaic's own keys."""
 
     mosaic_images: int = 64
     seed: int = 0
@@ -230,7 +230,7 @@ def config_from_dict(data: dict) -> Config:
 # Keys added after runs had been saved: a saved config without one was made with the value
 # given here (the behaviour before the key existed), not with today's default.
 LEGACY_VALUES = {"train.ema_warmup": False, "optim.fused": False,
-                 # the sampler options the preview grids used before sample: had these keys
+                 # the sampler options the preview mosaics used before sample: had these keys
                  "sample.order": 3, "sample.eps_scale": None, "sample.legacy_pndm_index": False}
 
 
@@ -324,8 +324,8 @@ def validate(cfg: Config) -> None:
     need(cfg.sample.batch_size > 0, "sample.batch_size", "must be positive")
     need(cfg.sample.seed >= 0, "sample.seed", "must be >= 0")
     _validate_eval(cfg)
-    # The preview grids' sampler options, with the one check ``s2dm sample`` makes: a typo
-    # fails here, before step 1, not at the first grid.
+    # The preview mosaics' sampler options, with the one check ``s2dm sample`` makes: a typo
+    # fails here, before step 1, not at the first mosaic.
     SampleOptions.of(cfg.sample).validate(NoiseSchedule.from_config(cfg.diffusion), prefix="sample.", quiet=True)
 
 

@@ -53,7 +53,7 @@ def parse_list(text: str, what: str, cast=str) -> list:
     items = [s.strip() for s in str(text).split(",")]
     if not items or any(s == "" for s in items):
         raise SamplerError(f"{what} {text!r}: expected a comma-separated list, e.g. "
-                           f"{'ddim,pndm,deis' if what == 'samplers' else '10,20,50,100'}", key=what)
+                           f"{'10,20' if cast is int else 'ddim,deis'}", key=what)
     try:
         values = [cast(s) for s in items]
     except ValueError:

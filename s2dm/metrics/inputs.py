@@ -19,7 +19,7 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
 
 def folder_files(folder: PathLike, n: Optional[int] = None) -> List[Path]:
-    """The images of a folder (recursive, sorted, an ``s2dm sample`` folder's ``preview/`` grid
+    """The images of a folder (recursive, sorted, an ``s2dm sample`` folder's ``preview/`` mosaic
     left out; see ``images.list_images``)."""
     folder = Path(folder)
     files = list_images(folder)

@@ -3,7 +3,7 @@
 Image i is generated from x_T drawn by seed i's own generator (and, for stochastic samplers,
 per-seed noise at every step), so it does not depend on the batch size or on which other
 seeds are drawn in the same call. ``s2dm sample`` (sampling/folder.py), the training loop's
-preview grids and ``s2dm study`` all sample through it.
+preview mosaics and ``s2dm study`` all sample through it.
 """
 from __future__ import annotations
 

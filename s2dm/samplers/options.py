@@ -3,7 +3,7 @@
 Every user of a sampler's options builds one ``SampleOptions`` and passes it on: ``s2dm
 sample`` and ``s2dm eval`` generate their flags from its fields (cli.py), the config's
 ``sample:`` section inherits them (io/config.py ``SampleConfig``), and the training loop's
-preview grids, ``sample_to_folder``, ``evaluate`` and the study's cells sample with it.
+preview mosaics, ``sample_to_folder``, ``evaluate`` and the study's cells sample with it.
 ``validate`` is the one check of the options (``check_options``); its errors name the option
 (``sampler: unknown sampler 'dimm'; ...``), or the config key with a prefix
 (``sample.sampler: ...``).

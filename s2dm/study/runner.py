@@ -335,7 +335,7 @@ def write_mosaics(study: Study, out: Path) -> None:
 
 def run_study(config, out=None, quick: bool = False, progress: bool = True, report_only: bool = False,
               workers: Union[int, str] = "auto") -> Path:
-    """The whole study: train, evaluate, grids, results.csv, report.md, fd_vs_nfe.png.
+    """The whole study: train, evaluate, mosaics, results.csv, report.md, fd_vs_nfe.png.
     ``report_only``: no training or sampling (no mosaics either), the report of the cells scored
     so far with the study's current settings. ``workers``: jobs (models to train, cells to
     score) run at once on a CPU, each with one thread (util/workers.py); ``auto`` is one per

@@ -1,4 +1,4 @@
-"""Evaluation while training (``train.eval_every``): the EMA model's FD-pixels or FID every N
+"""Evaluation while training (``train.eval_every``): the EMA model's FD-pixels, FD-cnn or FID every N
 steps, one ``log.jsonl`` record each, and the ``checkpoints/best`` pointer.
 
 - Every evaluation samples the same image seeds (``train.eval.seed`` .. +n−1) with the

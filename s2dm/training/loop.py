@@ -1,4 +1,4 @@
-"""``s2dm train``: the training loop (Adam, grad clipping, EMA, JSONL log, checkpoints, grids).
+"""``s2dm train``: the training loop (Adam, grad clipping, EMA, JSONL log, checkpoints, mosaics).
 
 Reproducibility: every random draw of step k comes from (train.seed, stream, k) — see
 draws.py — so resuming at step k continues exactly, and runs that differ only in ``loss`` see
@@ -14,7 +14,7 @@ one per-rank random stream is dropout, seeded from (train.seed, DROPOUT, step, r
 over the global batch cannot be sliced). Weights start equal on all ranks (the same INIT
 seed; DDP also broadcasts rank 0's), gradients are all-reduced, so the EMA stays identical on
 every rank. A non-finite loss on any rank, and a stop signal on any rank, are agreed on by
-all ranks (one all-reduce per step). Only rank 0 writes the log, grids and checkpoints.
+all ranks (one all-reduce per step). Only rank 0 writes the log, mosaics and checkpoints.
 
 What a researcher watches while it runs (rank 0): the progress bar (loss, steps/s, the last
 evaluation), ``log.jsonl``, the preview mosaics, ``curves.png`` at each checkpoint

@@ -1,4 +1,4 @@
-"""TensorBoard (``train.tensorboard: true``): every scalar of the log and each preview grid,
+"""TensorBoard (``train.tensorboard: true``): every scalar of the log and each preview mosaic,
 written by rank 0 to ``RUN/tb/``. ``log.jsonl`` stays the record; this is a view of it.
 
 TensorBoard is an optional dependency (``pip install 's2dm[tensorboard]'``): asking for it
@@ -61,7 +61,7 @@ class TensorBoard:
         self.writer.flush()
 
     def image(self, tag: str, mosaic: np.ndarray, step: int) -> None:
-        """A uint8 HWC mosaic (a preview grid)."""
+        """A uint8 HWC mosaic (a preview)."""
         self.writer.add_image(tag, mosaic, step, dataformats="HWC")
         self.writer.flush()
 
