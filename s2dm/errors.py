@@ -79,6 +79,11 @@ class InteropError(S2dmError):
     """Converting published weights or exporting a checkpoint."""
 
 
+class GridWarning(UserWarning):
+    """A timestep grid that walks other points than its name suggests (a quad grid's collapsed
+    points; a uniform grid whose steps do not divide T). Said once per sampling run."""
+
+
 # The name before typed errors; kept so code that catches or raises UserError keeps working.
 UserError = S2dmError
 

@@ -60,10 +60,19 @@ def test_skip_alpha_is_product_of_alphas(sched):
 def test_uniform_grid_exact_steps():
     g = timestep_grid("uniform", 10, 1000)
     assert g.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0, -1]
-    for S in (10, 20, 30, 50, 100, 1000):
-        g = timestep_grid("uniform", S, 1000)
+    for S in (3, 7, 10, 20, 30, 50, 64, 100, 300, 600, 1000):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g = timestep_grid("uniform", S, 1000)
         assert len(g) == S + 1 and g[-1] == -1 and g[-2] == 0
         assert (g[:-1] == torch.arange(S - 1, -1, -1) * (1000 // S)).all()
+        # An S whose grid starts more than one spacing short of T − T//S warns (300: 897, 100
+        # short of 997, spacing 3); 30 starts 10 short of 967, a third of its spacing, and does not.
+        assert len(caught) == (S in (64, 300, 600)), (S, caught)
+        if S == 600:
+            assert str(caught[0].message) == (
+                "uniform grid: 600 steps do not divide T=1000, so its points are multiples of 1 and the first is "
+                "599, 400 timesteps short of 999; the trailing grid starts at 999 for any steps")
 
 
 def test_trailing_grid_matches_formula():

@@ -14,7 +14,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import ConfigError, SamplerError
+from ..errors import ConfigError, GridWarning, SamplerError
 
 TimeLike = Union[int, float, torch.Tensor]
 
@@ -129,7 +129,9 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
     """The timesteps a sampler walks, as data: strictly decreasing, in [0, T−1], then −1.
 
     ``uniform`` takes exactly ``steps`` points ``i·(T//steps)`` (the DDIM code's range(0, T,
-    T//S) gives S+1 points when S does not divide T; diffusers' "leading" also takes S).
+    T//S) gives S+1 points when S does not divide T; diffusers' "leading" also takes S). When S
+    does not divide T the first point falls T mod S short of T − T//S; by more than one step's
+    spacing (S = 600: 599, not 999), with a warning.
     ``quad`` is the DDIM code's int(linspace(0, √(0.8T), S)²); points that collapse onto the
     same integer are removed with a warning, so the walked grid may be shorter than ``steps``.
     ``trailing`` is diffusers' round(arange(T, 0, −T/S)) − 1. A list is taken as given
@@ -143,13 +145,19 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
             raise SamplerError(f"steps: {steps} exceeds the number of training timesteps T={T}", key="steps")
         if grid == "uniform":
             points = [i * (T // steps) for i in range(steps)]
+            if T % steps > T // steps:  # S = 600 of T = 1000: 0, 1, ..., 599, never near T
+                warnings.warn(
+                    f"uniform grid: {steps} steps do not divide T={T}, so its points are multiples of "
+                    f"{T // steps} and the first is {points[-1]}, {T % steps} timesteps short of "
+                    f"{T - T // steps}; the trailing grid starts at {T - 1} for any steps", GridWarning,
+                    stacklevel=2)
         elif grid == "quad":
             raw = (np.linspace(0, math.sqrt(0.8 * T), steps) ** 2).astype(np.int64)
             points = sorted(set(int(p) for p in raw))
             if len(points) < steps:
                 warnings.warn(
                     f"quad grid: {steps - len(points)} of {steps} points coincide after the integer "
-                    f"cast and were removed; the sampler walks {len(points)} steps",
+                    f"cast and were removed; the sampler walks {len(points)} steps", GridWarning,
                     stacklevel=2,
                 )
         elif grid == "trailing":

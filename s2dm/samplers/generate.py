@@ -7,13 +7,14 @@ preview mosaics and ``s2dm study`` all sample through it.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Iterator, List, Tuple
 
 import torch
 
 from ..core.schedule import NoiseSchedule
 from ..core.seeds import PerSeedNoise
-from ..errors import SamplerError
+from ..errors import GridWarning, SamplerError
 from . import sample as run_sampler
 
 
@@ -63,7 +64,10 @@ def generate_batches(
         batch_seeds = seeds[i:i + batch_size]
         noise = PerSeedNoise(batch_seeds, device=device)
         x_T = noise.randn(image_shape)
-        x0, info = run_sampler(eps_fn, x_T, schedule, generator=noise, progress=progress, **sampler_options)
+        with warnings.catch_warnings():
+            if i:  # a grid's warning was said with the first batch
+                warnings.simplefilter("ignore", GridWarning)
+            x0, info = run_sampler(eps_fn, x_T, schedule, generator=noise, progress=progress, **sampler_options)
         if not bool(torch.isfinite(x0).all()):  # clamp would pass inf as ±1; NaN has no pixel value
             raise SamplerError(f"the samples of image seeds {batch_seeds[0]}..{batch_seeds[-1]} are not finite: the "
                                "network's output is NaN or infinite (are the checkpoint's weights finite?)")
