@@ -7,19 +7,28 @@ Sampling draws image i's noise only from generators seeded by i, whatever the ba
 """
 from __future__ import annotations
 
+import random
 from typing import Sequence
 
 import numpy as np
 import torch
 
 # Stream tags: distinct integers so the streams never overlap.
-INIT, DATA_ORDER, STEP, SKIP_NOISE, DROPOUT = 0, 1, 2, 3, 4
+INIT, DATA_ORDER, STEP, SKIP_NOISE, DROPOUT, HOST = 0, 1, 2, 3, 4, 5
 
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from a tuple of non-negative integers (numpy's SeedSequence hashing)."""
     state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def seed_host_rngs(seed: int) -> None:
+    """Seed Python's ``random`` and numpy's global generator from (seed, HOST). s2dm draws
+    nothing from them; a run seeds them so that code of the user's that does (a data
+    transform) repeats, and so that a checkpoint's record of them is the same run to run."""
+    random.seed(derive_seed(seed, HOST))
+    np.random.seed(derive_seed(seed, HOST) % 2**32)  # numpy's legacy seed is 32-bit
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -115,6 +115,7 @@ def new_state(cfg: Config, device: torch.device) -> RunState:
     check_supported(cfg.train.precision, device)
     ieee_float32(cfg.train.precision, device)
     torch.manual_seed(seeds.derive_seed(cfg.train.seed, seeds.INIT))
+    seeds.seed_host_rngs(cfg.train.seed)  # restore() puts back a checkpoint's own states
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = to_channels_last(model)
@@ -144,6 +145,10 @@ def restore(state: RunState, cfg: Config, ckpt_dir: Path, device) -> Optional[Pa
         state.step = int(saved["step"])
         state.log_window = saved.get("log_window")
         state.skipped = Skipped(**(saved.get("skipped") or {}))  # none in checkpoints saved before it
+        rng = saved.get("rng") or {}
+        if "python" in rng and "numpy" in rng:  # as they were at the checkpoint (s2dm itself draws none)
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
         if path != candidates[0] and dist.is_main():
             print(f"resuming from {path.name} instead", file=sys.stderr)
         return path
