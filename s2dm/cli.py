@@ -21,12 +21,12 @@ from typing import List, Optional
 from ._version import __version__
 from .cli_errors import one_line_warning, error_message, flag_of, spell_option
 from .errors import Interrupted, MetricError, RunError, S2dmError
-from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint, run_folder_of
+from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint
 from .interop.layouts import LAYOUTS
 from .io.config import CONFIG_DIR, INCEPTION_DIM, INCEPTION_DIMS, config_summary, find_config, load_config, shipped_configs
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, takes_order
 from .samplers.options import SampleOptions
-from .sampling.folder import DEFAULT_N, MOSAIC, parse_seeds, sample_to_folder
+from .sampling.folder import DEFAULT_N, MOSAIC, default_folder, parse_seeds, sample_to_folder
 from .study.spec import shipped_study_configs
 from .util import dist
 from .util.fileio import writing
@@ -92,15 +92,15 @@ def cmd_sample(args) -> int:
         dist.print0(f"sampling {ckpt} (the run's {args.which} checkpoint)")
     out = args.out
     if out is None:
-        resolve_checkpoint(ckpt)  # a missing checkpoint is the error to report, not the missing --out
-        run = run_folder_of(ckpt)
-        if run is None:
+        out = default_folder(ckpt, options, args.ema)
+        if out is None:
             raise RunError(f"--out is needed: {ckpt} is a file outside a run folder")
-        out = run / "samples" / (options.folder_name(args.ema) + ("" if args.which == LATEST else f"-{args.which}"))
     meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
                             device=args.device)
     held = "" if meta["n_images"] == len(seeds) else f"; the folder holds {meta['n_images']}"
-    print(f"{plural(len(seeds), 'image')} in {out}{held} (sampler {options.sampler}, {options.steps} steps, "
+    steps = (f"{options.steps} steps" if meta["steps"] == options.steps  # a quad grid can collapse points
+             else f"{options.steps} steps asked, {meta['steps']} walked")
+    print(f"{plural(len(seeds), 'image')} in {out}{held} (sampler {options.sampler}, {steps}, "
           f"NFE {meta['nfe']}); mosaic: {Path(out) / MOSAIC}")
     return 0
 
@@ -174,6 +174,11 @@ def cmd_fid(args) -> int:
     for name in ("a", "b"):
         side = res[name]
         print(f"{name.upper()}: {side['path']} ({side['kind']}, N={side['n'] if side['n'] is not None else 'unknown'})")
+        if side["made_with"]:
+            print(f"   {made_with_text(side['made_with'])}")
+            if not side["made_with"]["complete"]:
+                warnings.warn(f"{side['path']}: its metadata.json says s2dm sample has not finished it "
+                              "(complete: false); rerun that command to finish the folder")
     if res["weights"] and res["weights"]["path"] not in (None, "None"):
         w = res["weights"]
         print(f"weights: {w['path']} ({w['found']}) sha256 {w['sha256']}")
@@ -183,6 +188,23 @@ def cmd_fid(args) -> int:
         print(f"weights sha256: A {res['a']['weights_sha256'] or 'unknown'}, B {res['b']['weights_sha256'] or 'unknown'}")
     print(f"{res['label']}: {num(res['value'], '.6f')}")
     return 0
+
+
+def made_with_text(m: dict) -> str:
+    """A sample folder's settings in one line: ``ddim, 20 steps (NFE 20), grid uniform, η 0,
+    EMA weights of step 500 (runs/x/checkpoints/ckpt_00000500.pt)``."""
+    parts = [f"{m['sampler']}, {plural(m['steps'], 'step')} (NFE {m['nfe']})", f"grid {m['grid']}"]
+    if m["eta"] is not None:
+        parts.append(f"η {m['eta']:g}")
+    if takes_order(m["sampler"]):
+        parts.append(f"order {m['order']}")
+    if m["eps_scale"]:
+        parts.append(f"ε-scale {m['eps_scale']}")
+    if m["legacy_pndm_index"]:
+        parts.append("legacy PNDM index")
+    weights = "EMA" if m["ema"] else "raw"
+    parts.append(f"{weights} weights of step {m['checkpoint_step']} ({m['checkpoint']})")
+    return "made with " + ", ".join(parts)
 
 
 def cmd_eval(args) -> int:

@@ -75,7 +75,9 @@ def test_results_csv(evaluated, ckpts, ref):
         (label, s, k) for label in ("tiny", "ckpt_00000001") for s in ("ddim", "deis") for k in ("2", "4")]
     for r in rows:
         assert r["metric"] == "FD-pixels-32" and r["features"] == "pixels"
-        assert r["n"] == "32" and r["seeds"] == "0-31" and r["grid"] == "uniform" and float(r["eta"]) == 0
+        assert r["n"] == "32" and r["seeds"] == "0-31" and r["grid"] == "uniform"
+        assert r["eta"] == ("0.0" if r["sampler"] == "ddim" else "")  # the steps' η: DEIS has none
+        assert r["legacy_pndm_index"] == "False"
         assert int(r["nfe"]) == expected_nfe(r["sampler"], int(r["steps"]))
         assert r["ref"] == str(ref) and r["ref_n"] == "1797"
         assert float(r["value"]) > 0
@@ -101,7 +103,7 @@ def test_results_markdown_and_plot(evaluated):
     md = (evaluated / "results.md").read_text()
     assert "| sampler | steps | NFE | tiny | ckpt_00000001 | Δ ckpt_00000001 (%) |" in md
     assert "Lower is better; Δ = relative change against the first checkpoint." in md
-    assert "FD-pixels-32" in md and "n = 32" in md
+    assert "FD-pixels-32" in md and "n = 32" in md and "grid uniform, DDIM η = 0.0, DEIS order 3." in md
     by = {(r["label"], r["sampler"], r["steps"]): float(r["value"]) for r in rows}
     for s, k, nfe in (("ddim", "2", 2), ("deis", "4", expected_nfe("deis", 4))):
         a, b = by[("tiny", s, k)], by[("ckpt_00000001", s, k)]
@@ -193,6 +195,23 @@ def expect_error(capsys, args, *words):
     assert last.startswith("error: ") and "Traceback" not in err, err
     for w in words:
         assert w in last, last
+
+
+def test_each_row_says_how_its_steps_were_taken(ckpts, ref, tmp_path):
+    """DDPM's steps are η = 1 whatever --eta says, and PNDM's legacy index is its own cell,
+    column and header note, never a silent change of the same-named cell."""
+    out = tmp_path / "e"
+    args = ["eval", "--ckpt", ckpts[0], "--samplers", "ddpm,pndm", "--steps", "4", "--n", "8", "--ref", str(ref),
+            "--out", str(out), "--features", "pixels", "--batch-size", "8"]
+    assert main(args) == 0 and main([*args, "--legacy-pndm-index"]) == 0
+    rows = {r["sampler"]: r for r in read_csv(out / "results.csv")}
+    assert rows["ddpm"]["eta"] == "1.0" and rows["pndm"]["eta"] == ""
+    assert rows["ddpm"]["legacy_pndm_index"] == rows["pndm"]["legacy_pndm_index"] == "True"
+    md = (out / "results.md").read_text()
+    assert "grid uniform, DDPM's ancestral steps (η = 1), PNDM's legacy index (t paired with ᾱ[t+1])." in md
+    assert "η = 0" not in md
+    cells = sorted(p.name for p in (out / "cells" / "tiny").glob("*.json"))
+    assert cells == ["ddpm-4-legacy.json", "ddpm-4.json", "pndm-4-legacy.json", "pndm-4.json"]
 
 
 def test_bad_eval_input(ckpts, ref, tmp_path, capsys):

@@ -191,7 +191,7 @@ def test_plain_pytorch_fid_npz_is_read(tmp_path, capsys):
     stats = Stats.load(tmp_path / "plain.npz")
     assert stats.features == "inception-64" and stats.n is None
     res = cli_json(capsys, "fid", tmp_path / "plain.npz", tmp_path / "plain.npz")
-    assert abs(res["value"]) < 1e-9 and res["label"] == "FD-inception64"
+    assert abs(res["value"]) < 1e-9 and res["label"] == "FD-inception64 (N unknown)"  # not a 50k number
 
 
 # ---------------------------------------------------------------- pixel features
@@ -315,6 +315,7 @@ def test_running_moments_match_numpy():
 
 def test_labels():
     assert metric_label("FID", 50_000) == "FID"
+    assert metric_label("FID", None) == "FID (N unknown)"  # a pytorch-fid file: not the 50k protocol
     assert metric_label("FID", 10_000) == "FID-10k"
     assert metric_label("FD-pixels", 32) == "FD-pixels-32"
     assert metric_name("inception-2048") == "FID" and metric_name("pixels") == "FD-pixels"

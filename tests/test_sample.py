@@ -9,9 +9,9 @@ from s2dm.core.schedule import NoiseSchedule
 from s2dm.io.checkpoint import load_checkpoint, resolve_checkpoint
 from s2dm.samplers.generate import generate
 from s2dm.util.images import to_uint8
-from s2dm.errors import UserError
+from s2dm.errors import GridWarning, UserError
 from s2dm.samplers.options import SampleOptions
-from s2dm.sampling.folder import parse_seeds, sample_to_folder
+from s2dm.sampling.folder import MOSAIC, default_folder, made_with, parse_seeds, sample_to_folder
 
 
 def files(folder):
@@ -183,7 +183,7 @@ def test_no_ckpt_and_no_out_sample_the_newest_run_into_its_folder(tmp_path, monk
     assert main(["sample", "--sampler", "ddim", "--steps", "2", "--n", "3", "--device", "cpu"]) == 0
     assert "3 images in runs/newer/samples/ddim-2; the folder holds 64 (" in capsys.readouterr().out
     meta = json.loads((folder / "metadata.json").read_text())
-    assert (meta["seeds"], meta["n_images"]) == ("0-2", 64)
+    assert (meta["seeds"], meta["n_images"]) == ("0-63", 64)  # the folder's, not the last call's
     # other settings go to their own folder, named by what differs from the defaults
     assert main(["sample", "--sampler", "ddim", "--steps", "2", "--eta", "0.5", "--grid", "quad", "--no-ema",
                  "--n", "2", "--device", "cpu"]) == 0
@@ -239,3 +239,58 @@ def test_an_image_is_the_same_float_for_float_in_any_batch(tiny_run, sampler):
     for batch_size in (1, 7, 17):
         parts, _ = generate(ck.ema, schedule, range(40), batch_size=batch_size, **kwargs)
         assert torch.equal(parts, whole), batch_size
+
+
+def test_metadata_describes_the_folder_and_the_steps_walked(tiny_run, tmp_path):
+    """Seeds and count of every image the folder holds (two calls' seeds), the mosaic of its
+    first images, the steps as walked (a quad grid collapses points) and DDPM's η of 1."""
+    out = tmp_path / "s"
+    sample_to_folder(tiny_run, out, SampleOptions(steps=3), seeds=[10, 11], batch_size=2)
+    meta = sample_to_folder(tiny_run, out, SampleOptions(steps=3), seeds=[0, 1, 2], batch_size=2)
+    assert (meta["seeds"], meta["n_images"]) == ("0-2,10-11", 5) and parse_seeds(meta["seeds"], None) == [0, 1, 2, 10, 11]
+    sample_to_folder(tiny_run, tmp_path / "one", SampleOptions(steps=3), seeds=[0, 1, 2, 10, 11])
+    assert (out / MOSAIC).read_bytes() == (tmp_path / "one" / MOSAIC).read_bytes()  # all five, as one call
+    with pytest.warns(GridWarning, match="coincide"):
+        meta = sample_to_folder(tiny_run, tmp_path / "q", SampleOptions(steps=50, grid="quad"), seeds=[0])
+    assert meta["settings"]["steps"] == 50 and meta["steps"] == meta["nfe"] == 49 == len(meta["timesteps"]) - 1
+    meta = sample_to_folder(tiny_run, tmp_path / "p", SampleOptions(sampler="ddpm", steps=3), seeds=[0])
+    assert meta["settings"]["eta"] == 0.0 and meta["eta"] == 1.0  # as asked; as the steps ran
+    assert made_with(tmp_path / "p") == {
+        "sampler": "ddpm", "steps": 3, "grid": "uniform", "eta": 1.0, "order": 3, "eps_scale": None,
+        "legacy_pndm_index": False, "checkpoint": meta["settings"]["checkpoint"], "checkpoint_step": 20,
+        "ema": True, "complete": True, "nfe": 3}
+    assert made_with(tmp_path) is None  # no metadata.json
+
+
+def test_a_checkpoint_other_than_the_newest_samples_into_its_own_folder(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("samples"))
+    older = sorted((run / "checkpoints").glob("ckpt_*.pt"))[0]
+    assert older.name == "ckpt_00000010.pt"
+    options = SampleOptions(steps=2)
+    assert default_folder(run, options) == default_folder(run / "checkpoints" / "ckpt_00000020.pt", options) \
+        == run / "samples" / "ddim-2"
+    assert default_folder(older, options) == run / "samples" / "ddim-2-step10"
+    assert default_folder(older, options, use_ema=False) == run / "samples" / "ddim-2-noema-step10"
+    assert main(["sample", "--ckpt", str(older), "--steps", "2", "--n", "2"]) == 0
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--n", "2"]) == 0  # no clash with the older's
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["ddim-2", "ddim-2-step10"]
+
+
+def test_fid_says_how_a_sample_folder_was_made(tiny_run, tmp_path, capsys):
+    folder = tmp_path / "s"
+    sample_to_folder(tiny_run, folder, SampleOptions(steps=3), seeds=range(8))
+    capsys.readouterr()
+    assert main(["fid", str(folder), str(folder), "--features", "pixels", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["a"]["made_with"] == made_with(folder) and res["a"]["made_with"]["sampler"] == "ddim"
+    meta = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**meta, "complete": False}))  # as a killed run leaves it
+    assert main(["fid", str(folder), str(folder), "--features", "pixels"]) == 0
+    out, err = capsys.readouterr()
+    assert (f"   made with ddim, 3 steps (NFE 3), grid uniform, η 0, EMA weights of step 20 "
+            f"({meta['settings']['checkpoint']})") in out.splitlines()
+    assert f"warning: {folder}: its metadata.json says s2dm sample has not finished it (complete: false); " \
+           "rerun that command to finish the folder" in err.splitlines()

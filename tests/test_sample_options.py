@@ -104,11 +104,11 @@ def test_eval_takes_legacy_pndm_index_and_records_it(tiny_run, tmp_path, capsys)
             "--features", "pixels", "--batch-size", "4"]
     assert main(base + ["--out", str(tmp_path / "legacy"), "--legacy-pndm-index"]) == 0
     assert main(base + ["--out", str(tmp_path / "plain")]) == 0
-    legacy = json.loads((tmp_path / "legacy" / "cells" / "tiny" / "pndm-4.json").read_text())
+    legacy = json.loads((tmp_path / "legacy" / "cells" / "tiny" / "pndm-4-legacy.json").read_text())
     plain = json.loads((tmp_path / "plain" / "cells" / "tiny" / "pndm-4.json").read_text())
     assert legacy["key"]["legacy_pndm_index"] is True
     assert "legacy_pndm_index" not in plain["key"]  # records made before the option still match
-    meta = json.loads((tmp_path / "legacy" / "samples" / "tiny" / "pndm-4" / "metadata.json").read_text())
+    meta = json.loads((tmp_path / "legacy" / "samples" / "tiny" / "pndm-4-legacy" / "metadata.json").read_text())
     assert meta["settings"]["legacy_pndm_index"] is True and meta["nfe"] == 4 + 9
     assert legacy["row"]["value"] != plain["row"]["value"]  # another pairing, other images
     capsys.readouterr()

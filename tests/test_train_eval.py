@@ -11,7 +11,7 @@ import s2dm.training.evaluation as evaluation
 from conftest import read_log, tiny_args
 from s2dm import load_checkpoint
 from s2dm.cli import main
-from s2dm.io.checkpoint import resolve_checkpoint, save_run_checkpoint, point
+from s2dm.io.checkpoint import checkpoint_step, point, prune, resolve_checkpoint, save_run_checkpoint
 from s2dm.metrics.fid import compare, reference_stats
 from s2dm.metrics.statistics import Stats
 from s2dm.samplers.options import SampleOptions
@@ -85,10 +85,22 @@ def test_sample_which_best(evaluated, tmp_path, capsys):
     assert main(["sample", "--ckpt", str(evaluated), "--which", "best", "--steps", "3", "--n", "4",
                  "--device", "cpu"]) == 0
     best = resolve_checkpoint(evaluated, "best")
-    meta = json.loads((evaluated / "samples" / "ddim-3-best" / "metadata.json").read_text())
+    # the folder of a checkpoint other than the newest carries its step; the newest's does not
+    name = "ddim-3" if best == resolve_checkpoint(evaluated) else f"ddim-3-step{checkpoint_step(best)}"
+    meta = json.loads((evaluated / "samples" / name / "metadata.json").read_text())
     assert meta["settings"]["checkpoint"] == str(best.resolve())
     assert main(["sample", "--ckpt", str(best), "--which", "best", "--n", "4"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --which best names a run folder's")
+
+
+def test_keep_last_0_leaves_the_newest_and_the_best_alone(tmp_path, monkeypatch):
+    """When best moves on, the checkpoint it held goes (it was kept only as the best)."""
+    values = iter([2.0, 1.0])  # step 8 beats step 4
+    monkeypatch.setattr(evaluation, "frechet_distance", lambda a, b: next(values))
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 8, *EXTRA, *EVAL, "train.keep_last=0")) == 0
+    assert [r["best"] for r in evals(out)] == [True, True]
+    assert sorted(p.name for p in (out / "checkpoints").glob("ckpt_*.pt")) == ["ckpt_00000008.pt"]
 
 
 def test_the_best_checkpoint_is_never_pruned(tmp_path):
@@ -99,6 +111,9 @@ def test_the_best_checkpoint_is_never_pruned(tmp_path):
         save_run_checkpoint(ckpts, {"step": step, "model": {}}, keep_last=0)
     assert sorted(p.name for p in ckpts.glob("ckpt_*.pt")) == ["ckpt_00000001.pt", "ckpt_00000004.pt"]
     assert resolve_checkpoint(tmp_path, "best") == first and resolve_checkpoint(tmp_path).name == "ckpt_00000004.pt"
+    point(ckpts, "best", ckpts / "ckpt_00000004.pt")  # best moves on: the one it held goes with keep_last 0
+    prune(ckpts, keep_last=0)
+    assert sorted(p.name for p in ckpts.glob("ckpt_*.pt")) == ["ckpt_00000004.pt"]
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -49,14 +49,23 @@ def save_run_checkpoint(ckpt_dir: Union[str, Path], state: dict, keep_last: int)
     path = ckpt_dir / checkpoint_name(state["step"])
     atomic_torch_save(state, path)
     point(ckpt_dir, LATEST, path)
-    best = pointer_target(ckpt_dir, BEST)
-    # Only the ones before it (best is kept): a later one is a file a resume found corrupt and
-    # passed over, which this run's own save of that step replaces.
-    old = [p for p in sorted(ckpt_dir.glob("ckpt_*.pt")) if p.name < path.name and p != best]
-    for stale in old[: max(0, len(old) - keep_last)]:
-        stale.unlink(missing_ok=True)
+    prune(ckpt_dir, keep_last)
     remove_stale_temps(ckpt_dir)  # half-written files of a save that a kill interrupted (one writer: rank 0)
     return path
+
+
+def prune(ckpt_dir: Union[str, Path], keep_last: int) -> None:
+    """Delete the checkpoints older than ``latest`` but its ``keep_last`` predecessors and the
+    ``best`` one; called again when ``best`` moves, so that the one it left goes too."""
+    ckpt_dir = Path(ckpt_dir)
+    newest, best = pointer_target(ckpt_dir, LATEST), pointer_target(ckpt_dir, BEST)
+    if newest is None:
+        return
+    # Only the ones before it: a later one is a file a resume found corrupt and passed over,
+    # which this run's own save of that step replaces.
+    old = [p for p in sorted(ckpt_dir.glob("ckpt_*.pt")) if p.name < newest.name and p != best]
+    for stale in old[: max(0, len(old) - keep_last)]:
+        stale.unlink(missing_ok=True)
 
 
 def checkpoint_stamp(path: Union[str, Path]) -> str:

@@ -42,7 +42,7 @@ from .features import FeatureExtractor
 from .fid import Stats, extractor_for, frechet_distance, metric_label, parse_kind
 
 CSV_COLUMNS = ["checkpoint", "label", "checkpoint_step", "sampler", "grid", "steps", "nfe", "eta",
-               "order", "eps_scale", "best_scale", "n", "seeds", "metric", "value", "features", "ref", "ref_n",
+               "order", "eps_scale", "legacy_pndm_index", "best_scale", "n", "seeds", "metric", "value", "features", "ref", "ref_n",
                "weights_sha256", "weights"]
 
 
@@ -261,7 +261,8 @@ class _Eval:
         """The cell's record (``o``: its sampler options, ``eps_scale`` a canonical label):
         reused when its key matches, else sampled, scored and written."""
         key = self.key(f, o)
-        name = f"{o.sampler}-{o.steps}" + (f"-eps{_safe(o.eps_scale)}" if o.eps_scale else "")
+        name = (f"{o.sampler}-{o.steps}" + (f"-eps{_safe(o.eps_scale)}" if o.eps_scale else "")
+                + ("-legacy" if o.legacy_pndm_index else ""))
         path = self.out / "cells" / label / f"{name}.json"
         record = dist.run0(lambda: reusable_record(path, "key", key))  # every rank: the same choice
         if record is not None:
@@ -275,8 +276,10 @@ class _Eval:
         value = dist.run0(lambda: frechet_distance(stats, self.ref_stats))
         n = len(self.seeds)
         row = {"checkpoint": str(f), "label": label, "checkpoint_step": meta["settings"]["checkpoint_step"],
-               "sampler": o.sampler, "grid": o.grid, "steps": o.steps, "nfe": meta["nfe"], "eta": o.eta,
+               "sampler": o.sampler, "grid": o.grid, "steps": o.steps, "nfe": meta["nfe"],
+               "eta": "" if meta["eta"] is None else meta["eta"],  # the steps' η: 1 for DDPM, none for PNDM, DEIS
                "order": o.order if takes_order(o.sampler) else "", "eps_scale": o.eps_scale or "",
+               "legacy_pndm_index": o.legacy_pndm_index,
                "n": n, "seeds": self.seeds_text, "metric": metric_label(self.ref_stats.metric, n), "value": value,
                "features": self.ref_stats.features, "ref": str(self.ref_path), "ref_n": self.ref_stats.n,
                "weights_sha256": stats.weights_sha256 or "", "weights": weights}
@@ -344,9 +347,13 @@ def _header(rows: List[dict], labels: Sequence[str], legend: str) -> List[str]:
         "",
         f"{metric}: {first['features']} features, n = {first['n']} samples per cell (seeds "
         f"{first['seeds']}, the same in every cell), reference `{first['ref']}` (N = {first['ref_n']}); "
-        f"grid {first['grid']}, η = {first['eta']}"
+        f"grid {first['grid']}"
+        + (f", DDIM η = {next(r['eta'] for r in rows if r['sampler'] == 'ddim')}"
+           if any(r["sampler"] == "ddim" for r in rows) else "")
+        + (", DDPM's ancestral steps (η = 1)" if any(r["sampler"] == "ddpm" for r in rows) else "")
         + (f", DEIS order {next(r['order'] for r in rows if r['order'] != '')}" if any(r["order"] != "" for r in rows) else "")
         + (f", ε-scale {first['eps_scale']}" if first["eps_scale"] and len(scales) == 1 else "")
+        + (", PNDM's legacy index (t paired with ᾱ[t+1])" if any(r.get("legacy_pndm_index") for r in rows) else "")
         + ". Lower is better" + (f"; {legend}." if legend else "."),
         "",
         "Checkpoints: " + "; ".join(

@@ -48,6 +48,7 @@ from scipy.linalg import LinAlgWarning
 from ..errors import ConfigError, MetricError
 from ..io.config import INCEPTION_DIM, find_config, load_config
 from ..io.data import dataset_tensor, load_dataset, loader_batches
+from ..sampling.folder import made_with
 from ..util import dist
 from ..util.dist import note
 from ..util.images import to_uint8
@@ -68,6 +69,7 @@ class Side:
     path: str
     stats: Optional[Stats] = None  # .npz: loaded at once
     images: Optional[ImageSet] = None  # folder: validated at once
+    made_with: Optional[dict] = None  # a folder of s2dm sample: its metadata.json's settings
 
     @property
     def kind(self) -> str:
@@ -80,7 +82,7 @@ def open_side(path: PathLike, n: Optional[int] = None) -> Side:
     if p.suffix == ".npz":
         return Side(str(p), stats=Stats.load(p))
     if p.is_dir():
-        return Side(str(p), images=scan_images(folder_files(p, n), str(p)))
+        return Side(str(p), images=scan_images(folder_files(p, n), str(p)), made_with=made_with(p))
     if not p.exists():
         raise MetricError(f"not found: {p}")
     raise MetricError(f"{p} is neither an image folder nor an .npz statistics file")
@@ -248,10 +250,8 @@ def compare(a: PathLike, b: PathLike, *, features: Optional[str] = None, dims: O
         "features": ext.kind,
         "pixel_range": "[0, 1]" if ext.features == "pixels" else None,
         "weights": _weights_record(ext, sides),
-        "a": {"path": sides[0].path, "kind": sides[0].kind, "n": sides[0].stats.n,
-              "weights_sha256": sides[0].stats.weights_sha256},
-        "b": {"path": sides[1].path, "kind": sides[1].kind, "n": sides[1].stats.n,
-              "weights_sha256": sides[1].stats.weights_sha256},
+        **{name: {"path": s.path, "kind": s.kind, "n": s.stats.n, "weights_sha256": s.stats.weights_sha256,
+                  "made_with": s.made_with} for name, s in zip("ab", sides)},
     }
 
 

@@ -62,8 +62,11 @@ def _count_text(n: int) -> str:
 
 def metric_label(metric: str, n: Optional[int]) -> str:
     """``FID`` at N >= 50,000 (the paper protocol), else ``FID-10k`` / ``FD-pixels-32`` /
-    ``FD-cnn-5k``."""
-    if n is None or n >= FULL_N:
+    ``FD-cnn-5k``; ``FID (N unknown)`` for statistics that do not record their N (a plain
+    pytorch-fid file), which must not pass for the 50k protocol."""
+    if n is None:
+        return f"{metric} (N unknown)"
+    if n >= FULL_N:
         return metric
     return f"{metric}-{_count_text(n)}"
 

@@ -11,10 +11,12 @@ image depends only on its seed, W ranks write the same files as one process.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
+import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,8 +24,9 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..core.schedule import NoiseSchedule
-from ..errors import DataError, RunError, S2dmError, SamplerError
-from ..io.checkpoint import checkpoint_stamp, load_checkpoint, pick_weights
+from ..errors import DataError, GridWarning, RunError, S2dmError, SamplerError
+from ..io.checkpoint import (checkpoint_stamp, checkpoint_step, load_checkpoint, pick_weights, resolve_checkpoint,
+                             run_folder_of)
 from ..samplers import eps_scale_label
 from ..samplers.generate import generate_batches
 from ..samplers.options import SampleOptions
@@ -68,6 +71,52 @@ def parse_seeds(spec: Optional[str], n: Optional[int]) -> List[int]:
     if len(set(out)) != len(out):
         raise SamplerError(f"seeds {spec!r} repeats seeds", key="seeds")
     return out
+
+
+def seed_ranges(seeds: Iterable[int]) -> str:
+    """The seeds as ``parse_seeds`` reads them, runs as ranges: ``0-63,100,200-299``."""
+    parts: List[str] = []
+    for _, run in itertools.groupby(enumerate(sorted(seeds)), key=lambda pair: pair[1] - pair[0]):
+        run = [seed for _, seed in run]
+        parts.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
+    return ",".join(parts)
+
+
+def folder_seeds(out: Path) -> List[int]:
+    """The seeds whose images a sample folder holds (``{seed:06d}.png``), in order."""
+    return sorted(int(p.stem) for p in Path(out).glob("[0-9]*.png") if p.stem.isdigit())
+
+
+def default_folder(ckpt: Union[str, Path], options: SampleOptions, use_ema: bool = True) -> Optional[Path]:
+    """``RUN/samples/<options.folder_name>`` for a checkpoint of a run, with ``-step<N>`` when
+    it is not the run's newest (a file named directly, the ``best`` one), so that each
+    checkpoint's images have their own folder; None for a file outside a run folder."""
+    path = resolve_checkpoint(ckpt)  # a missing checkpoint is the error to report
+    run = run_folder_of(path)
+    if run is None:
+        return None
+    name = options.folder_name(use_ema)
+    if path.resolve() != resolve_checkpoint(run).resolve():
+        name += f"-step{checkpoint_step(path)}"
+    return run / "samples" / name
+
+
+def made_with(folder: Union[str, Path]) -> Optional[dict]:
+    """What made a sample folder's images, from its ``metadata.json``: the sampler options,
+    the steps walked and their NFE and η, the checkpoint, and ``complete`` (False while, or if,
+    the run that writes it has not finished). None for a folder without a readable one."""
+    try:
+        meta = json.loads((Path(folder) / "metadata.json").read_text())
+        settings = dict(meta["settings"])
+    except (OSError, ValueError, KeyError, TypeError):  # not written by s2dm sample, or damaged
+        return None
+    made = {key: settings.get(key) for key in SampleOptions().as_dict()}
+    made.update(checkpoint=settings.get("checkpoint"), checkpoint_step=settings.get("checkpoint_step"),
+                ema=settings.get("ema"), complete=meta.get("complete") is True, nfe=meta.get("nfe"))
+    for key in ("steps", "eta"):  # as walked (recorded once complete), else as asked
+        if key in meta:
+            made[key] = meta[key]
+    return made
 
 
 def _settings(options: SampleOptions, use_ema: bool, ck) -> dict:
@@ -142,7 +191,8 @@ def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, o
     bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), unit="img", dynamic_ncols=True,
                desc="sample" if world == 1 else f"sample ({world} ranks, rank 0 shown x{world})",
                disable=not dist.is_main())
-    with dist.same_outcome(), bar:  # the bar closes before an error line is printed: that line stays the last
+    with dist.same_outcome(), bar, warnings.catch_warnings():  # the bar closes before an error line: it stays the last
+        warnings.simplefilter("ignore", GridWarning)  # validate() said it, before the bar
         for batch, images, info in generate_batches(model, schedule, mine, image_shape=shape, batch_size=batch_size,
                                                     device=device, **options.as_kwargs()):
             for seed, img in zip(batch, images):
@@ -185,19 +235,22 @@ def _read_sample(path: Path, mode: str) -> np.ndarray:
 def _finish(out: Path, seeds: Sequence[int], settings: dict, cfg, info: dict, shape) -> dict:
     """metadata.json and the preview mosaic, once every image is on disk (rank 0)."""
     meta_path = out / "metadata.json"
+    held = folder_seeds(out)  # this call's seeds and those of earlier calls into the folder
     meta = {
         "settings": settings,
         "complete": True,  # False while the images are being made
         "config": cfg.to_dict(),
-        "n_images": len(list(out.glob("[0-9]*.png"))),  # the folder's: earlier runs' seeds too
-        "seeds": f"{min(seeds)}-{max(seeds)}" if seeds == list(range(min(seeds), max(seeds) + 1)) else seeds,
+        "n_images": len(held),
+        "seeds": seed_ranges(held),
+        "steps": info.get("steps"),  # walked: fewer than settings' steps where a grid's points coincide
         "nfe": info.get("nfe"),
+        "eta": info.get("eta"),  # the steps' η: DDIM's, 1 for DDPM; none for PNDM and DEIS
         "timesteps": info.get("timesteps"),
         "eps_scale": info.get("eps_scale"),
         "versions": {"s2dm": __version__, "torch": torch.__version__},
     }
     atomic_write_text(meta_path, json.dumps(meta, indent=2))  # a kill leaves the old file or none
-    first = sorted(seeds)[:MOSAIC_IMAGES]
+    first = held[:MOSAIC_IMAGES]
     mosaic_imgs = torch.stack([
         torch.from_numpy(np.array(_read_sample(out / f"{s:06d}.png", "L" if shape[0] == 1 else "RGB"))).permute(2, 0, 1)
         for s in first

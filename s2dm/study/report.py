@@ -109,8 +109,10 @@ def heading(study, cost: dict, rows: Sequence[dict] = ()) -> List[str]:
     lines = [f"# Study: {Path(study.path).name}{' (quick preset)' if study.quick else ''}", ""]
     grids = sorted({(str(r["grid"]), f"{float(r['eta']):g}") for r in rows if r.get("grid", "") != ""})
     if grids:
+        ddpm = any(r["sampler"] == "ddpm" for r in rows)  # its posterior steps are DDIM's with η = 1, whatever η says
         lines += ["Every cell samples on the " + " or the ".join(f"`{g}` timestep grid with η = {e}" for g, e in grids)
-                  + " (η: DDIM's; the other samplers are deterministic).", ""]
+                  + " (η: DDIM's" + ("; DDPM's ancestral steps take η = 1" if ddpm else "")
+                  + "; PNDM and DEIS are deterministic).", ""]
     planned, scored = cost.get("cells_planned"), cost.get("cells_scored")
     stale, earlier = cost.get("cells_stale", 0), cost.get("cells_earlier", 0)
     if planned and scored is not None and scored < planned:

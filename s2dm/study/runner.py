@@ -36,7 +36,6 @@ from ..io.config import load_config
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import (Stats, extractor_for, frechet_distance, metric_label, reference_stats,
                            training_images_label)
-from ..samplers import expected_nfe
 from ..metrics.sampled import sample_stats
 from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
@@ -187,10 +186,11 @@ def score_cells(model, schedule, study: Study, cells: Sequence[Cell], run: Run, 
                          batch_size=study.batch_size, device=device,
                          source=f"{run.name} {cell.sampler}-{cell.steps}{'' if cell.draw == 'main' else '-' + cell.draw}")
     stats = [first] if len(extractors) == 1 else both.stats
+    nfe = options.validate(schedule, quiet=True)["nfe"]  # of the steps walked (a quad grid may collapse some)
     results = []
     for c, st, ref in zip(cells, stats, refs):
         rec = {"value": frechet_distance(st, ref), "metric": metric_label(ref.metric, c.n),
-               "nfe": expected_nfe(c.sampler, c.steps)}
+               "nfe": nfe}
         if c.metric == "cnn":
             rec["classifier_accuracy"] = st.classifier_accuracy  # held out from its training
         results.append(rec)

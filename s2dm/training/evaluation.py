@@ -21,6 +21,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +29,7 @@ import torch
 
 from ..core.schedule import NoiseSchedule
 from ..errors import MetricError, RunError
-from ..io.checkpoint import BEST, checkpoint_name, point
+from ..io.checkpoint import BEST, checkpoint_name, point, prune
 from ..io.config import EVAL_METRICS, Config, check_eval_n
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import Stats, dataset_stats, frechet_distance, training_images_label
@@ -36,7 +37,7 @@ from ..metrics.classifier import architecture
 from ..metrics.inception import resolve_inception_weights
 from ..metrics.sampled import sample_stats
 from ..metrics.statistics import metric_label, metric_name
-from ..samplers import expected_nfe, takes_order
+from ..samplers import takes_order
 from ..samplers.options import SampleOptions
 from ..util import dist
 
@@ -83,11 +84,17 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0
 
+    @cached_property
+    def sampling(self) -> dict:
+        """The sampler's info for ``train.eval`` (its walked steps, NFE and effective η: 1 for
+        DDPM's posterior steps), checked when the run started."""
+        return SampleOptions.of(self.cfg.train.eval).validate(self.schedule, quiet=True)
+
     def settings(self) -> dict:
         """What defines this run's values (the record's ``SETTINGS`` fields)."""
         ev = self.cfg.train.eval
         return {"metric": metric_label(self.ref.metric, ev.n), "n": ev.n, "seeds": _seeds_text(ev),
-                "sampler": ev.sampler, "steps": ev.steps, "grid": ev.grid, "eta": ev.eta,
+                "sampler": ev.sampler, "steps": ev.steps, "grid": ev.grid, "eta": self.sampling.get("eta", ev.eta),
                 "order": ev.order if takes_order(ev.sampler) else None, "eps_scale": ev.eps_scale,
                 "legacy_pndm_index": ev.legacy_pndm_index}
 
@@ -109,7 +116,7 @@ class Evaluator:
                            "same command to resume") from None
         value = dist.run0(lambda: frechet_distance(stats, self.ref))
         record = {"step": step, "event": "eval", **self.settings(), "value": value,
-                  "nfe": expected_nfe(ev.sampler, ev.steps), "seconds": round(time.perf_counter() - t0, 3),
+                  "nfe": self.sampling["nfe"], "seconds": round(time.perf_counter() - t0, 3),
                   "features": self.ref.features, "ref": self.ref.path}
         record["best"] = math.isfinite(value) and (self.best is None or value < self.best["value"])
         if record["best"]:
@@ -123,6 +130,7 @@ class Evaluator:
             path = self.ckpt_dir / checkpoint_name(self.best["step"])
             if path.is_file():
                 point(self.ckpt_dir, BEST, path)
+                prune(self.ckpt_dir, self.cfg.train.keep_last)  # the checkpoint best held before, unless kept
 
     def resume(self, log_path: Path) -> set:
         """The best so far among the log's records (already cut at the resumed step) with
