@@ -43,3 +43,12 @@ def test_other_options_keep_the_count(options):
     kwargs = {"steps": S, **options}
     sample(net, torch.ones(1, 1, 2, 2, dtype=torch.float64), SCHED, **kwargs)
     assert net.calls == S + HAND[options["sampler"]] == check_options(SCHED, **kwargs)["nfe"]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "spndm"])
+def test_a_progress_callable_gets_each_calls_share_of_the_images(sampler):
+    """One share per network call, B/NFE each: an image bar that reaches B at the batch's end."""
+    shares = []
+    _, info = sample(CountingNet(), torch.randn(5, 1, 4, 4), SCHED, sampler=sampler, steps=6, progress=shares.append)
+    assert len(shares) == info["nfe"] == 6 + HAND[sampler]
+    assert shares == [5 / info["nfe"]] * info["nfe"] and sum(shares) == pytest.approx(5, rel=1e-12)

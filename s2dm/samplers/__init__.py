@@ -385,7 +385,7 @@ def sample(
     order: int = DEFAULTS["order"],
     eps_scale: EpsScale = None,
     generator=None,
-    progress: bool = False,
+    progress: Union[bool, Callable[[float], None]] = False,
     legacy_pndm_index: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """Run ``sampler`` from x_T to x̂0 on a ``grid`` of ``steps``; return (x0, info).
@@ -401,7 +401,9 @@ def sample(
     (τ+(1−τ)c_t)/(τ+(1−τ)c_t²)).
     ``legacy_pndm_index`` pairs model time t with ᾱ[t+1] and ends at ᾱ[0], as the official
     PNDM/DEIS code does (grid points ≤ T−2); the ε-scale factor still uses ᾱ[t], the pairing
-    the network was trained with. Runs under ``torch.no_grad``.
+    the network was trained with. ``progress``: True prints the NFE count; a callable gets
+    each network call's share of the batch's images (B/NFE), for an image progress bar that
+    moves within a batch. Runs under ``torch.no_grad``.
     info (see ``check_options``): sampler, grid, steps, timesteps, nfe (counted here),
     eps_scale, legacy_pndm_index, and eta (ddim/ddpm) or order (deis, deis-rho).
     """
@@ -421,7 +423,9 @@ def sample(
             eps = eps.to(x.dtype)
         if scale is not None:
             eps = scale(eps, t)
-        if progress:
+        if callable(progress):
+            progress(x.shape[0] / total)
+        elif progress:
             print(f"\r{sampler}: {calls[0]}/{total} NFE", end="\n" if calls[0] >= total else "",
                   file=sys.stderr, flush=True)
         return eps

@@ -8,7 +8,7 @@ preview mosaics and ``s2dm study`` all sample through it.
 from __future__ import annotations
 
 import warnings
-from typing import Iterable, Iterator, List, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple, Union
 
 import torch
 
@@ -52,12 +52,12 @@ def generate_batches(
     image_shape: Tuple[int, int, int],
     batch_size: int = 256,
     device="cpu",
-    progress: bool = False,
+    progress: Union[bool, Callable[[float], None]] = False,
     **sampler_options,
 ) -> Iterator[Tuple[List[int], torch.Tensor, dict]]:
     """(the batch's seeds, its images in [−1, 1] (B, C, H, W) on the CPU, the sampler's info)
     for ``seeds`` in batches of ``batch_size``; a caller that saves or scores each batch
-    holds one batch at a time."""
+    holds one batch at a time. ``progress`` as ``samplers.sample``'s."""
     seeds = list(seeds)
     eps_fn = model_eps_fn(model)
     for i in range(0, len(seeds), batch_size):

@@ -38,6 +38,8 @@ from ..util.records import first_difference
 
 MOSAIC_IMAGES = 64  # the preview mosaic shows the first images of a folder
 MOSAIC = Path(PREVIEW_DIR) / "mosaic.png"  # in a sample folder
+# tqdm's own counter would print the fractions of images that ``advance`` adds within a batch.
+IMAGE_BAR = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 DEFAULT_N = MOSAIC_IMAGES  # images when neither a number nor seeds are given: one preview mosaic's worth
 
 
@@ -190,14 +192,20 @@ def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, o
     world = dist.world_size()
     bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), unit="img", dynamic_ncols=True,
                desc="sample" if world == 1 else f"sample ({world} ranks, rank 0 shown x{world})",
-               disable=not dist.is_main())
+               disable=not dist.is_main(), bar_format=IMAGE_BAR)
+
+    def advance(images: float) -> None:  # within a batch, at every network call: 1000 steps are long
+        bar.update(images * world)
+
     with dist.same_outcome(), bar, warnings.catch_warnings():  # the bar closes before an error line: it stays the last
         warnings.simplefilter("ignore", GridWarning)  # validate() said it, before the bar
+        done = bar.n
         for batch, images, info in generate_batches(model, schedule, mine, image_shape=shape, batch_size=batch_size,
-                                                    device=device, **options.as_kwargs()):
+                                                    device=device, progress=advance, **options.as_kwargs()):
             for seed, img in zip(batch, images):
                 save_png(img, out / f"{seed:06d}.png")
-            bar.update(min(len(batch) * world, bar.total - bar.n))
+            done = min(done + len(batch) * world, bar.total)
+            bar.update(done - bar.n)  # whole images again, whatever the calls' shares summed to
     return info
 
 
