@@ -140,6 +140,9 @@ def frechet_distance(a: Stats, b: Stats) -> float:
                "features with zero variance, e.g. always-black pixels or classifier units that never fire")
         note(f"the covariance product is singular ({why}); scipy's matrix square root is less "
               "accurate there", once=True)
+    if value < 0:  # kept as pytorch-fid computes it, so that numbers compare; a distance is >= 0
+        note(f"the distance came out negative ({value:.3g}): round-off of the matrix square root "
+             "around a true distance of about 0")
     return float(value)
 
 
