@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._version import __version__
-from .cli_errors import one_line_warning, error_message, flag_of, spell_option
+from .cli_errors import one_line_warnings, error_message, flag_of, spell_option
 from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint
 from .interop.layouts import LAYOUTS
@@ -168,6 +168,10 @@ def cmd_fid(args) -> int:
         if value:
             raise MetricError(f"fid: {flag} belongs to `s2dm fid ref`")
     res = compare(paths[0], paths[1], features=args.features, dims=args.dims, **common)
+    for side in (res["a"], res["b"]):  # on stderr: --json's output stays one object
+        if side["made_with"] and not side["made_with"]["complete"]:
+            warnings.warn(f"{side['path']}: its metadata.json says s2dm sample has not finished it "
+                          "(complete: false); rerun that command to finish the folder")
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -176,9 +180,6 @@ def cmd_fid(args) -> int:
         print(f"{name.upper()}: {side['path']} ({side['kind']}, N={side['n'] if side['n'] is not None else 'unknown'})")
         if side["made_with"]:
             print(f"   {made_with_text(side['made_with'])}")
-            if not side["made_with"]["complete"]:
-                warnings.warn(f"{side['path']}: its metadata.json says s2dm sample has not finished it "
-                              "(complete: false); rerun that command to finish the folder")
     if res["weights"] and res["weights"]["path"] not in (None, "None"):
         w = res["weights"]
         print(f"weights: {w['path']} ({w['found']}) sha256 {w['sha256']}")
@@ -193,7 +194,8 @@ def cmd_fid(args) -> int:
 def made_with_text(m: dict) -> str:
     """A sample folder's settings in one line: ``ddim, 20 steps (NFE 20), grid uniform, η 0,
     EMA weights of step 500 (runs/x/checkpoints/ckpt_00000500.pt)``."""
-    parts = [f"{m['sampler']}, {plural(m['steps'], 'step')} (NFE {m['nfe']})", f"grid {m['grid']}"]
+    nfe = "" if m["nfe"] is None else f" (NFE {m['nfe']})"  # recorded when the folder was finished
+    parts = [f"{m['sampler']}, {plural(m['steps'], 'step')}{nfe}", f"grid {m['grid']}"]
     if m["eta"] is not None:
         parts.append(f"η {m['eta']:g}")
     if takes_order(m["sampler"]):
@@ -370,7 +372,8 @@ def _sample_parser(sub) -> None:
     s.add_argument("--ckpt", help="checkpoint file or run folder (default: the newest run under runs/)")
     s.add_argument("--which", choices=POINTERS, default=LATEST,
                    help="a run folder's checkpoint: latest (default) or best (the best evaluated while training, "
-                        "train.eval_every; written into RUN/samples/<sampler>-<steps>-best)")
+                        "train.eval_every; written into RUN/samples/<sampler>-<steps>-step<N> unless it is the "
+                        "newest)")
     s.add_argument("--out", help="output folder (default: RUN/samples/<sampler>-<steps>[-settings])")
     add_option_flags(s)
     which_seeds = s.add_mutually_exclusive_group()  # alternatives: --seeds 0-3 is --n 4
@@ -504,7 +507,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     keep_freed_memory()  # the process is s2dm's: small models run ~1.3x faster (util/memory.py)
     try:
         with dist.session(), warnings.catch_warnings():  # catch_warnings restores showwarning after
-            warnings.showwarning = one_line_warning
+            warnings.showwarning = one_line_warnings()
             return args.func(args)
     except S2dmError as exc:
         if args.debug:

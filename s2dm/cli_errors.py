@@ -83,7 +83,17 @@ def error_message(exc: S2dmError, flag: Optional[str], spell=None) -> str:
     return text
 
 
-def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A Python warning as one ``warning:`` line (not the file, line number and source line
-    that mean nothing to a CLI user)."""
-    print(f"warning: {message}", file=sys.stderr if file is None else file)
+def one_line_warnings():
+    """A ``warnings.showwarning`` for one command: each Python warning as one ``warning:``
+    line (not the file, line number and source line that mean nothing to a CLI user), each
+    line once (a grid's warning comes up at every evaluation of a training run and in every
+    cell of ``s2dm eval``)."""
+    said = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = f"warning: {message}"
+        if text not in said:
+            said.add(text)
+            print(text, file=sys.stderr if file is None else file)
+
+    return show

@@ -214,6 +214,15 @@ def test_each_row_says_how_its_steps_were_taken(ckpts, ref, tmp_path):
     assert cells == ["ddpm-4-legacy.json", "ddpm-4.json", "pndm-4-legacy.json", "pndm-4.json"]
 
 
+def test_a_warning_is_said_once_per_command(ckpts, ref, tmp_path, capsys):
+    """Each cell validates its options: 64 steps' grid warning came once per cell."""
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", ckpts[0], "--samplers", "ddim,deis", "--steps", "64", "--n", "8", "--ref", str(ref),
+                 "--out", str(tmp_path / "e"), "--features", "pixels", "--batch-size", "8"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "uniform grid: 64 steps" in line]
+    assert len(lines) == 1 and "warning: uniform grid: 64 steps do not divide T=1000" in lines[0]
+
+
 def test_bad_eval_input(ckpts, ref, tmp_path, capsys):
     base = ["eval", "--ckpt", ckpts[0], "--n", "8", "--out", tmp_path / "o"]
     expect_error(capsys, base + ["--ref", tmp_path], "--ref must be a .npz")

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from s2dm.cli import main
+from s2dm.cli import made_with_text, main
 from s2dm.core.schedule import NoiseSchedule
 from s2dm.io.checkpoint import load_checkpoint, resolve_checkpoint
 from s2dm.samplers.generate import generate
@@ -292,5 +292,49 @@ def test_fid_says_how_a_sample_folder_was_made(tiny_run, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert (f"   made with ddim, 3 steps (NFE 3), grid uniform, η 0, EMA weights of step 20 "
             f"({meta['settings']['checkpoint']})") in out.splitlines()
-    assert f"warning: {folder}: its metadata.json says s2dm sample has not finished it (complete: false); " \
-           "rerun that command to finish the folder" in err.splitlines()
+    warning = (f"warning: {folder}: its metadata.json says s2dm sample has not finished it (complete: false); "
+               "rerun that command to finish the folder")
+    assert warning in err.splitlines()
+    assert main(["fid", str(folder), str(folder), "--features", "pixels", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert warning in err.splitlines() and json.loads(out)["a"]["made_with"]["complete"] is False  # --json too
+
+
+def test_the_image_bar_never_passes_its_total(tiny_run, tmp_path, monkeypatch):
+    """Each network call adds its share B/NFE; 7/10 added ten times is 7.000000000000001 > 7,
+    which made tqdm warn 'clamping frac' and show a negative time left."""
+    import s2dm.sampling.folder as folder
+    from tqdm.auto import tqdm
+
+    seen = []
+
+    class Watched(tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            seen.append((self.n, self.total))
+            return out
+
+    monkeypatch.setattr(folder, "tqdm", Watched)
+    sample_to_folder(tiny_run, tmp_path / "s", SampleOptions(steps=10), seeds=range(7), batch_size=7)
+    assert len(seen) > 10 and all(n <= total for n, total in seen) and seen[-1] == (7, 7)
+
+
+def test_a_folder_being_added_to_is_unfinished_until_done(tiny_run, tmp_path, monkeypatch):
+    import s2dm.sampling.folder as folder
+
+    out = tmp_path / "s"
+    sample_to_folder(tiny_run, out, SampleOptions(sampler="ddpm", steps=3), seeds=[0, 1])
+    (out / "42.png").write_bytes((out / "000001.png").read_bytes())  # a stray copy: not seed 42's image
+
+    def killed(img, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(folder, "save_png", killed)
+    with pytest.raises(OSError):
+        sample_to_folder(tiny_run, out, SampleOptions(sampler="ddpm", steps=3), seeds=range(4))
+    made = made_with(out)  # as a killed second call leaves it: unfinished, η from the sampler, no NFE yet
+    assert made["complete"] is False and made["eta"] == 1.0 and made["nfe"] is None
+    assert made_with_text(made).startswith("made with ddpm, 3 steps, grid uniform, η 1, EMA weights of step 20 (")
+    monkeypatch.undo()
+    meta = sample_to_folder(tiny_run, out, SampleOptions(sampler="ddpm", steps=3), seeds=range(4))
+    assert meta["complete"] is True and (meta["seeds"], meta["n_images"]) == ("0-3", 4)  # 42.png is no seed's

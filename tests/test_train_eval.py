@@ -89,6 +89,10 @@ def test_sample_which_best(evaluated, tmp_path, capsys):
     name = "ddim-3" if best == resolve_checkpoint(evaluated) else f"ddim-3-step{checkpoint_step(best)}"
     meta = json.loads((evaluated / "samples" / name / "metadata.json").read_text())
     assert meta["settings"]["checkpoint"] == str(best.resolve())
+    # the pointer file itself names the checkpoint it points at (it was read as a corrupt checkpoint)
+    assert main(["sample", "--ckpt", str(evaluated / "checkpoints" / "best"), "--steps", "3", "--n", "4",
+                 "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "metadata.json").read_text())["settings"]["checkpoint"] == str(best.resolve())
     assert main(["sample", "--ckpt", str(best), "--which", "best", "--n", "4"]) == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith("error: --which best names a run folder's")
 

@@ -112,6 +112,12 @@ def resolve_checkpoint(path: Union[str, Path], which: str = LATEST) -> Path:
         raise CheckpointError(f"checkpoint not found: {path}")
     if which != LATEST:
         raise CheckpointError(f"which {which} names a run folder's checkpoint, but {path} is a file", key="which")
+    if path.name in POINTERS:  # checkpoints/best or checkpoints/latest itself: the file it names
+        target = pointer_target(path.parent, path.name)
+        if target is None:
+            raise CheckpointError(f"{path} names {path.read_text().strip()!r}, which is not a checkpoint file "
+                                  f"in {path.parent}")
+        return target
     return path
 
 

@@ -86,7 +86,8 @@ def seed_ranges(seeds: Iterable[int]) -> str:
 
 def folder_seeds(out: Path) -> List[int]:
     """The seeds whose images a sample folder holds (``{seed:06d}.png``), in order."""
-    return sorted(int(p.stem) for p in Path(out).glob("[0-9]*.png") if p.stem.isdigit())
+    return sorted(int(p.stem) for p in Path(out).glob("[0-9]*.png")
+                  if p.stem.isdigit() and p.name == f"{int(p.stem):06d}.png")  # not a stray 42.png
 
 
 def default_folder(ckpt: Union[str, Path], options: SampleOptions, use_ema: bool = True) -> Optional[Path]:
@@ -115,9 +116,11 @@ def made_with(folder: Union[str, Path]) -> Optional[dict]:
     made = {key: settings.get(key) for key in SampleOptions().as_dict()}
     made.update(checkpoint=settings.get("checkpoint"), checkpoint_step=settings.get("checkpoint_step"),
                 ema=settings.get("ema"), complete=meta.get("complete") is True, nfe=meta.get("nfe"))
-    for key in ("steps", "eta"):  # as walked (recorded once complete), else as asked
-        if key in meta:
-            made[key] = meta[key]
+    # The steps' η: recorded once complete; before that, from the sampler (DDPM's steps are η = 1,
+    # PNDM's and DEIS's have none). The steps as walked, once complete; before, as asked.
+    made["eta"] = meta["eta"] if "eta" in meta else {"ddim": made["eta"], "ddpm": 1.0}.get(made["sampler"])
+    if "steps" in meta:
+        made["steps"] = meta["steps"]
     return made
 
 
@@ -179,9 +182,12 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: boo
             made = (f"an earlier file at {settings['checkpoint']} (it was saved again since)" if key == "checkpoint_stamp"
                     else f"{key} {_setting_text(was)}, not {_setting_text(now)}")
             raise RunError(f"{out} holds images made with {made}; choose another output folder", key="out")
-    if not meta_path.is_file():  # on record before the first image: a killed run resumes only with the same settings
+    todo = [s for s in seeds if not (out / f"{s:06d}.png").exists()]
+    # On record before the first image (a killed run resumes only with the same settings), and
+    # unfinished while images are added to a finished folder, until _finish says otherwise.
+    if todo or not meta_path.is_file():
         atomic_write_text(meta_path, json.dumps({"settings": settings, "complete": False}, indent=2))
-    return [s for s in seeds if not (out / f"{s:06d}.png").exists()]
+    return todo
 
 
 def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, out: Path, seeds: Sequence[int],
@@ -195,7 +201,7 @@ def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, o
                disable=not dist.is_main(), bar_format=IMAGE_BAR)
 
     def advance(images: float) -> None:  # within a batch, at every network call: 1000 steps are long
-        bar.update(images * world)
+        bar.update(min(images * world, bar.total - bar.n))  # the shares' float sum can pass B
 
     with dist.same_outcome(), bar, warnings.catch_warnings():  # the bar closes before an error line: it stays the last
         warnings.simplefilter("ignore", GridWarning)  # validate() said it, before the bar
