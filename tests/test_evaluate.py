@@ -214,6 +214,19 @@ def test_each_row_says_how_its_steps_were_taken(ckpts, ref, tmp_path):
     assert cells == ["ddpm-4-legacy.json", "ddpm-4.json", "pndm-4-legacy.json", "pndm-4.json"]
 
 
+def test_cells_of_other_sampler_settings_live_side_by_side(ckpts, ref, tmp_path):
+    """A cell is named as s2dm sample names its folder: an --eta 0.5 or --grid quad run into the
+    same DIR adds its cells beside the first run's (it replaced them before)."""
+    out = tmp_path / "e"
+    base = ["eval", "--ckpt", ckpts[0], "--samplers", "ddim", "--steps", "3", "--n", "8", "--ref", str(ref),
+            "--out", str(out), "--features", "pixels", "--batch-size", "8"]
+    for extra in ([], ["--eta", "0.5"], ["--grid", "quad"], []):
+        assert main(base + extra) == 0
+    assert sorted(p.name for p in (out / "cells" / "tiny").glob("*.json")) == [
+        "ddim-3-eta0.5.json", "ddim-3-quad.json", "ddim-3.json"]
+    assert {r["eta"] for r in read_csv(out / "results.csv")} == {"0.0"}  # the last command's cells
+
+
 def test_a_warning_is_said_once_per_command(ckpts, ref, tmp_path, capsys):
     """Each cell validates its options: 64 steps' grid warning came once per cell."""
     capsys.readouterr()

@@ -261,8 +261,7 @@ class _Eval:
         """The cell's record (``o``: its sampler options, ``eps_scale`` a canonical label):
         reused when its key matches, else sampled, scored and written."""
         key = self.key(f, o)
-        name = (f"{o.sampler}-{o.steps}" + (f"-eps{_safe(o.eps_scale)}" if o.eps_scale else "")
-                + ("-legacy" if o.legacy_pndm_index else ""))
+        name = o.folder_name(self.use_ema)  # as s2dm sample names it: another η, grid or order is another cell
         path = self.out / "cells" / label / f"{name}.json"
         record = dist.run0(lambda: reusable_record(path, "key", key))  # every rank: the same choice
         if record is not None:
