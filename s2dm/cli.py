@@ -24,9 +24,9 @@ from .errors import Interrupted, MetricError, RunError, S2dmError
 from .io.checkpoint import LATEST, POINTERS, newest_run, resolve_checkpoint
 from .interop.layouts import LAYOUTS
 from .io.config import CONFIG_DIR, INCEPTION_DIM, INCEPTION_DIMS, config_summary, find_config, load_config, shipped_configs
-from .samplers import SAMPLERS, takes_order
+from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
-from .sampling.folder import DEFAULT_N, MOSAIC, default_folder, parse_seeds, sample_to_folder
+from .sampling.folder import DEFAULT_N, MOSAIC, default_folder, made_with_text, parse_seeds, sample_to_folder
 from .study.spec import shipped_study_configs
 from .util import dist
 from .util.fileio import writing
@@ -189,24 +189,6 @@ def cmd_fid(args) -> int:
         print(f"weights sha256: A {res['a']['weights_sha256'] or 'unknown'}, B {res['b']['weights_sha256'] or 'unknown'}")
     print(f"{res['label']}: {num(res['value'], '.6f')}")
     return 0
-
-
-def made_with_text(m: dict) -> str:
-    """A sample folder's settings in one line: ``ddim, 20 steps (NFE 20), grid uniform, η 0,
-    EMA weights of step 500 (runs/x/checkpoints/ckpt_00000500.pt)``."""
-    nfe = "" if m["nfe"] is None else f" (NFE {m['nfe']})"  # recorded when the folder was finished
-    parts = [f"{m['sampler']}, {plural(m['steps'], 'step')}{nfe}", f"grid {m['grid']}"]
-    if m["eta"] is not None:
-        parts.append(f"η {m['eta']:g}")
-    if takes_order(m["sampler"]):
-        parts.append(f"order {m['order']}")
-    if m["eps_scale"]:
-        parts.append(f"ε-scale {m['eps_scale']}")
-    if m["legacy_pndm_index"]:
-        parts.append("legacy PNDM index")
-    weights = "EMA" if m["ema"] else "raw"
-    parts.append(f"{weights} weights of step {m['checkpoint_step']} ({m['checkpoint']})")
-    return "made with " + ", ".join(parts)
 
 
 def cmd_eval(args) -> int:

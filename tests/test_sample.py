@@ -4,14 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from s2dm.cli import made_with_text, main
+from s2dm.cli import main
 from s2dm.core.schedule import NoiseSchedule
 from s2dm.io.checkpoint import load_checkpoint, resolve_checkpoint
 from s2dm.samplers.generate import generate
 from s2dm.util.images import to_uint8
 from s2dm.errors import GridWarning, UserError
 from s2dm.samplers.options import SampleOptions
-from s2dm.sampling.folder import MOSAIC, default_folder, made_with, parse_seeds, sample_to_folder
+from s2dm.sampling.folder import MOSAIC, default_folder, made_with, made_with_text, parse_seeds, sample_to_folder
 
 
 def files(folder):

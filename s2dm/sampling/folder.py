@@ -27,11 +27,12 @@ from ..core.schedule import NoiseSchedule
 from ..errors import DataError, GridWarning, RunError, S2dmError, SamplerError
 from ..io.checkpoint import (checkpoint_stamp, checkpoint_step, load_checkpoint, pick_weights, resolve_checkpoint,
                              run_folder_of)
-from ..samplers import eps_scale_label
+from ..samplers import eps_scale_label, takes_order
 from ..samplers.generate import generate_batches
 from ..samplers.options import SampleOptions
 from ..util import dist
 from ..util.dist import pick_device
+from ..util.textfmt import plural
 from ..util.fileio import atomic_write_text, remove_stale_temps
 from ..util.images import PREVIEW_DIR, load_image, save_mosaic, save_png
 from ..util.records import first_difference
@@ -122,6 +123,24 @@ def made_with(folder: Union[str, Path]) -> Optional[dict]:
     if "steps" in meta:
         made["steps"] = meta["steps"]
     return made
+
+
+def made_with_text(m: dict) -> str:
+    """A sample folder's settings in one line: ``ddim, 20 steps (NFE 20), grid uniform, η 0,
+    EMA weights of step 500 (runs/x/checkpoints/ckpt_00000500.pt)``."""
+    nfe = "" if m["nfe"] is None else f" (NFE {m['nfe']})"  # recorded when the folder was finished
+    parts = [f"{m['sampler']}, {plural(m['steps'], 'step')}{nfe}", f"grid {m['grid']}"]
+    if m["eta"] is not None:
+        parts.append(f"η {m['eta']:g}")
+    if takes_order(m["sampler"]):
+        parts.append(f"order {m['order']}")
+    if m["eps_scale"]:
+        parts.append(f"ε-scale {m['eps_scale']}")
+    if m["legacy_pndm_index"]:
+        parts.append("legacy PNDM index")
+    weights = "EMA" if m["ema"] else "raw"
+    parts.append(f"{weights} weights of step {m['checkpoint_step']} ({m['checkpoint']})")
+    return "made with " + ", ".join(parts)
 
 
 def _settings(options: SampleOptions, use_ema: bool, ck) -> dict:
