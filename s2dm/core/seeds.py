@@ -27,8 +27,9 @@ def seed_host_rngs(seed: int) -> None:
     """Seed Python's ``random`` and numpy's global generator from (seed, HOST). s2dm draws
     nothing from them; a run seeds them so that code of the user's that does (a data
     transform) repeats, and so that a checkpoint's record of them is the same run to run."""
-    random.seed(derive_seed(seed, HOST))
-    np.random.seed(derive_seed(seed, HOST) % 2**32)  # numpy's legacy seed is 32-bit
+    host = derive_seed(seed, HOST)
+    random.seed(host)
+    np.random.seed(host % 2**32)  # numpy's legacy seed is 32-bit
 
 
 def generator(*parts: int) -> torch.Generator:
