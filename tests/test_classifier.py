@@ -241,7 +241,7 @@ def test_feature_kind_and_labels():
     assert metric_name("cnn") == "FD-cnn"
     assert metric_label(metric_name("cnn"), 1000) == "FD-cnn-1k"
     assert metric_label(metric_name("cnn"), 5000) == "FD-cnn-5k"
-    assert metric_label(metric_name("cnn"), 60000) == "FD-cnn"  # never FID, whatever N
+    assert metric_label(metric_name("cnn"), 60000) == "FD-cnn-60k"  # never FID, and its N at any N
     assert "FID" not in metric_label(metric_name("cnn"), 60000)
 
 
@@ -382,7 +382,7 @@ def test_fashion_mnist_classifier_and_fd(tmp_path):
     test = ext.stats_of_uint8([tx], 10000, "test")
     noise = ext.stats_of_uint8([torch.randint(0, 256, (2000, 1, 28, 28), dtype=torch.uint8,
                                               generator=torch.Generator().manual_seed(0))], 2000, "noise")
-    assert metric_label(train.metric, train.n) == "FD-cnn" and metric_label(test.metric, test.n) == "FD-cnn-10k"
+    assert metric_label(train.metric, train.n) == "FD-cnn-60k" and metric_label(test.metric, test.n) == "FD-cnn-10k"
     held, far = frechet_distance(test, train), frechet_distance(noise, train)
     assert frechet_distance(train, train) < 1e-6 and 0 < held < 0.05 * far, (held, far)
 

@@ -318,6 +318,8 @@ def test_labels():
     assert metric_label("FID", None) == "FID (N unknown)"  # a pytorch-fid file: not the 50k protocol
     assert metric_label("FID", 10_000) == "FID-10k"
     assert metric_label("FD-pixels", 32) == "FD-pixels-32"
+    assert metric_label("FD-pixels", 60_000) == "FD-pixels-60k"  # only FID has a 50k protocol
+    assert metric_label("FD-inception768", 50_000) == "FD-inception768-50k"
     assert metric_name("inception-2048") == "FID" and metric_name("pixels") == "FD-pixels"
     assert metric_name("inception-768") == "FD-inception768"
 

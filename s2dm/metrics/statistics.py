@@ -61,12 +61,13 @@ def _count_text(n: int) -> str:
 
 
 def metric_label(metric: str, n: Optional[int]) -> str:
-    """``FID`` at N >= 50,000 (the paper protocol), else ``FID-10k`` / ``FD-pixels-32`` /
-    ``FD-cnn-5k``; ``FID (N unknown)`` for statistics that do not record their N (a plain
-    pytorch-fid file), which must not pass for the 50k protocol."""
+    """``FID`` at N >= 50,000 (the paper protocol), else ``FID-10k``; every other metric with its
+    N at any N (``FD-pixels-32``, ``FD-cnn-60k``): no protocol makes its bare name mean an N.
+    ``FID (N unknown)`` for statistics that do not record their N (a plain pytorch-fid file),
+    which must not pass for the 50k protocol."""
     if n is None:
         return f"{metric} (N unknown)"
-    if n >= FULL_N:
+    if n >= FULL_N and metric == "FID":
         return metric
     return f"{metric}-{_count_text(n)}"
 
