@@ -309,6 +309,16 @@ def test_plot_and_table_without_hand_work(tmp_path):
     assert "Lower is better." in md and "Δ" not in md
 
 
+def test_a_reference_without_its_n_says_so():
+    """A plain pytorch-fid ``.npz`` records no N: the header says "N unknown" (not "N = None"),
+    as ``s2dm fid`` does; a recorded N is printed as it is."""
+    unknown = dict(_eval_row("a", "ddim", 2, 0.1), ref_n=None)
+    md = ev.results_markdown([unknown], ["a"], ["ddim"], [2])
+    assert "reference `ref.npz` (N unknown)" in md and "None" not in md
+    md = ev.results_markdown([_eval_row("a", "ddim", 2, 0.1)], ["a"], ["ddim"], [2])
+    assert "reference `ref.npz` (N = 1797)" in md
+
+
 def test_eps_scale_sweep_scores_every_scale_from_the_same_x_T(ckpts, ref, tmp_path, capsys):
     out = tmp_path / "sweep"
     sweep = "none,const:0.98,linear:0,1.02,skip:9,tau:0.99,variant:shared"

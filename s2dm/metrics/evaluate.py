@@ -336,6 +336,11 @@ def sweep_markdown(rows: List[dict], labels: Sequence[str], samplers: Sequence[s
     return "\n".join(lines) + "\n"
 
 
+def _ref_n_text(n) -> str:
+    """The reference's N, or that its statistics do not record one (a plain pytorch-fid file)."""
+    return "N unknown" if n in (None, "") else f"N = {n}"
+
+
 def _header(rows: List[dict], labels: Sequence[str], legend: str) -> List[str]:
     """The title, what was measured and the checkpoints (from the first row of each)."""
     first, metric = rows[0], rows[0]["metric"]
@@ -345,7 +350,7 @@ def _header(rows: List[dict], labels: Sequence[str], legend: str) -> List[str]:
         f"# {metric} by sampler and steps" + (" and ε-scale" if len(scales) > 1 else ""),
         "",
         f"{metric}: {first['features']} features, n = {first['n']} samples per cell (seeds "
-        f"{first['seeds']}, the same in every cell), reference `{first['ref']}` (N = {first['ref_n']}); "
+        f"{first['seeds']}, the same in every cell), reference `{first['ref']}` ({_ref_n_text(first['ref_n'])}); "
         f"grid {first['grid']}"
         + (f", DDIM η = {next(r['eta'] for r in rows if r['sampler'] == 'ddim')}"
            if any(r["sampler"] == "ddim" for r in rows) else "")
