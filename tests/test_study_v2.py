@@ -2,6 +2,7 @@
 report, its numbers checked against hand computations on synthetic records."""
 import copy
 import csv
+import io
 import json
 import math
 
@@ -441,6 +442,20 @@ def test_metrics_are_kept_apart_and_the_csv_adds_accuracy_only_for_fd_cnn():
     # the earlier columns keep their positions; grid, η, checkpoint and reference come after them
     assert header == ",".join(R.CSV_COLUMNS + ["classifier_accuracy"] + R.LATER_COLUMNS)
     assert R.csv_text(R.rows_from_records(recs[:1])).splitlines()[0] == ",".join(R.CSV_COLUMNS + R.LATER_COLUMNS)
+
+
+def test_each_row_and_the_heading_name_the_deis_order(tmp_path):
+    """A DEIS cell's order (``eval.order``) is in its CSV row and in the report's heading, so
+    that order-1 and order-3 cells are not both plain "deis"; the other samplers leave it empty."""
+    settings = {"n": 5000, "image_seeds": "0-4999", "eps_scale": None, "checkpoint_step": 1200,
+                "grid": "uniform", "eta": 0.0, "order": 2}
+    recs = [{**row("baseline", 0, 1.0, sampler=s), "seconds": 1.0, "settings": settings} for s in ("ddim", "deis")]
+    rows = R.rows_from_records(recs)
+    assert [r["order"] for r in rows] == ["", 2]
+    assert list(csv.DictReader(io.StringIO(R.csv_text(rows))))[1]["order"] == "2"
+    study = load_study(write(tmp_path, V2))
+    assert "; DEIS takes order 2." in "\n".join(R.heading(study, {}, rows))
+    assert "order" not in "\n".join(R.heading(study, {}, rows[:1]))
 
 
 def test_the_plot_stars_the_best_training_free_scale_of_each_cell(tmp_path):

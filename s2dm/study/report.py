@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .._version import __version__
+from ..samplers import takes_order
 from ..util.fileio import csv_text as to_csv
 from ..util.plots import plot_vs_nfe
 from ..util.textfmt import noun, num, plural, span
@@ -24,7 +25,7 @@ from .text import decimals, diff_text, fmt, mean_std_text, ranges, rel_text, sig
 CSV_COLUMNS = ["run", "seed", "sampler", "steps", "nfe", "draw", "metric", "value", "n", "image_seeds",
                "eps_scale", "checkpoint_step", "seconds"]
 # Columns added later, after every earlier one (classifier_accuracy too): readers by position keep working.
-LATER_COLUMNS = ["grid", "eta", "checkpoint", "ref"]
+LATER_COLUMNS = ["grid", "eta", "checkpoint", "ref", "order"]  # order: DEIS's, empty for the others
 
 
 def rows_from_records(records: Sequence[dict]) -> List[dict]:
@@ -38,7 +39,7 @@ def rows_from_records(records: Sequence[dict]) -> List[dict]:
                      "n": s["n"], "image_seeds": s["image_seeds"], "eps_scale": s["eps_scale"] or "",
                      "checkpoint_step": s["checkpoint_step"], "seconds": round(r["seconds"], 2),
                      "grid": s.get("grid", ""), "eta": s.get("eta", ""), "checkpoint": s.get("checkpoint", ""),
-                     "ref": s.get("ref", "")})
+                     "ref": s.get("ref", ""), "order": s.get("order", "") if takes_order(r["sampler"]) else ""})
         if r.get("classifier_accuracy") is not None:
             rows[-1]["classifier_accuracy"] = r["classifier_accuracy"]
     return rows
@@ -46,7 +47,7 @@ def rows_from_records(records: Sequence[dict]) -> List[dict]:
 
 def csv_text(rows: Sequence[dict]) -> str:
     """``CSV_COLUMNS``, ``classifier_accuracy`` when a row has FD-cnn (empty in the others), then
-    ``LATER_COLUMNS``: the grid, η, checkpoint and reference of each number."""
+    ``LATER_COLUMNS``: the grid, η, checkpoint, reference and DEIS order of each number."""
     extra = ["classifier_accuracy"] if any(r.get("classifier_accuracy") is not None for r in rows) else []
     return to_csv([{**r, "value": num(r["value"], ".6f")} for r in rows], CSV_COLUMNS + extra + LATER_COLUMNS)
 
@@ -103,6 +104,12 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, ema: Optional[Dict[
     return "\n".join(lines + readings + runs_and_cost_section(study, cost, ema or {}))
 
 
+def _deis_order_text(rows: Sequence[dict]) -> str:
+    """The DEIS cells' order (``eval.order``), where the study has DEIS cells."""
+    orders = sorted({str(r["order"]) for r in rows if takes_order(r["sampler"]) and r.get("order", "") != ""})
+    return f"; DEIS takes order {' or '.join(orders)}" if orders else ""
+
+
 def heading(study, cost: dict, rows: Sequence[dict] = ()) -> List[str]:
     """The report's title, the timestep grid and η every cell sampled with, and a warning when
     not every planned cell was scored with the study's current settings."""
@@ -112,7 +119,7 @@ def heading(study, cost: dict, rows: Sequence[dict] = ()) -> List[str]:
         ddpm = any(r["sampler"] == "ddpm" for r in rows)  # its posterior steps are DDIM's with η = 1, whatever η says
         lines += ["Every cell samples on the " + " or the ".join(f"`{g}` timestep grid with η = {e}" for g, e in grids)
                   + " (η: DDIM's" + ("; DDPM's ancestral steps take η = 1" if ddpm else "")
-                  + "; PNDM and DEIS are deterministic).", ""]
+                  + "; PNDM and DEIS are deterministic)" + _deis_order_text(rows) + ".", ""]
     planned, scored = cost.get("cells_planned"), cost.get("cells_scored")
     stale, earlier = cost.get("cells_stale", 0), cost.get("cells_earlier", 0)
     if planned and scored is not None and scored < planned:
