@@ -84,6 +84,11 @@ class GridWarning(UserWarning):
     points; a uniform grid whose steps do not divide T). Said once per sampling run."""
 
 
+class MetricWarning(UserWarning):
+    """An image folder that ``s2dm fid`` reads otherwise than ``python -m pytorch_fid`` would
+    (subfolders, upper-case suffixes, 16-bit grayscale): the two values then differ."""
+
+
 # The name before typed errors; kept so code that catches or raises UserError keeps working.
 UserError = S2dmError
 

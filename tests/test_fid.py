@@ -405,6 +405,48 @@ def test_sample_folder_grid_is_left_out(tmp_path):
     assert len(folder_files(folder)) == 3
 
 
+def test_a_folder_that_pytorch_fid_reads_otherwise_is_said(tmp_path, capsys):
+    """s2dm reads pytorch-fid's suffixes (a .tif too), and also subfolders, upper-case suffixes
+    and 16-bit grayscale as meant; where it does, one warning line says that pytorch-fid's value
+    would differ. A plain folder gets none."""
+    import pytorch_fid.fid_score as pf
+    import warnings
+
+    from s2dm.errors import MetricWarning
+    from s2dm.util.images import IMAGE_SUFFIXES
+
+    assert sorted(IMAGE_SUFFIXES) == sorted("." + e for e in pf.IMAGE_EXTENSIONS)
+    rng = np.random.default_rng(0)
+
+    def save(path, mode="L"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8), mode=mode).save(path)
+
+    plain = tmp_path / "plain"
+    for name in ("a.png", "b.tif", "c.jpg"):
+        save(plain / name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [f.name for f in folder_files(plain)] == ["a.png", "b.tif", "c.jpg"]
+    assert not [w for w in caught if issubclass(w.category, MetricWarning)]
+
+    save(plain / "sub" / "d.png")
+    save(plain / "E.PNG")
+    with pytest.warns(MetricWarning, match="1 in subfolders and 1 with upper-case suffixes of its 5 images"):
+        assert len(folder_files(plain)) == 5
+
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(3):
+        Image.fromarray((rng.integers(0, 65536, (4, 4))).astype(np.uint16)).save(wide / f"{i}.png")
+    assert Image.open(wide / "0.png").mode == "I;16"
+    rc, out, err = cli(capsys, "fid", wide, plain, "--features", "pixels")
+    assert rc == 0 and out.strip().splitlines()[-1].startswith("FD-pixels-3: ")
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning: ")]
+    assert len(lines) == 2 and "3 of 3 images are 16-bit grayscale" in lines[0] + lines[1]
+    assert any("subfolders" in ln for ln in lines)
+
+
 # ---------------------------------------------------------------- offline weights
 
 def test_weights_resolution_order(tmp_path, monkeypatch, standin_home, capsys):

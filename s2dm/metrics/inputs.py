@@ -3,6 +3,7 @@ Dataset that decodes them as pytorch-fid does (PIL ``convert``, uint8 CHW)."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -11,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DataError, MetricError
-from ..util.images import list_images, load_image
+from ..errors import DataError, MetricError, MetricWarning
+from ..util.images import IMAGE_SUFFIXES, WIDE_GRAY_MODES, list_images, load_image
 
 PathLike = Union[str, os.PathLike]
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
@@ -23,6 +24,7 @@ def folder_files(folder: PathLike, n: Optional[int] = None) -> List[Path]:
     left out; see ``images.list_images``)."""
     folder = Path(folder)
     files = list_images(folder)
+    _warn_unlike_pytorch_fid(folder, files)
     if n is not None:
         if n < 2:
             raise MetricError(f"n must be at least 2 (a covariance needs 2 images), not {n}", key="n")
@@ -30,6 +32,19 @@ def folder_files(folder: PathLike, n: Optional[int] = None) -> List[Path]:
             raise MetricError(f"n {n}: {folder} holds only {len(files)} images", key="n")
         files = files[:n]
     return files
+
+
+def _warn_unlike_pytorch_fid(folder: Path, files: Sequence[Path]) -> None:
+    """Say when ``python -m pytorch_fid`` would read another set of files from ``folder``: it
+    reads only the top level, and only lower-case suffixes (``*.png``, not ``*.PNG``)."""
+    deeper = sum(f.parent != folder for f in files)
+    upper = sum(f.parent == folder and f.suffix not in IMAGE_SUFFIXES for f in files)
+    if deeper or upper:
+        what = " and ".join(t for t in (deeper and f"{deeper} in subfolders",
+                                         upper and f"{upper} with upper-case suffixes") if t)
+        warnings.warn(f"{folder}: {what} of its {len(files)} images, which python -m pytorch_fid does not read "
+                      "(top level and lower-case suffixes only): its value for this folder would differ",
+                      MetricWarning, stacklevel=2)
 
 
 @dataclass
@@ -51,7 +66,7 @@ def scan_images(files: Sequence[PathLike], source: str = "") -> ImageSet:
     files = [Path(f) for f in files]
     if len(files) < 2:
         raise MetricError(f"{source or 'input'} has {len(files)} image(s); statistics need at least 2")
-    size, first, gray = None, None, True
+    size, first, gray, wide = None, None, True, 0
     for path in files:
         try:
             with Image.open(path) as im:
@@ -66,6 +81,11 @@ def scan_images(files: Sequence[PathLike], source: str = "") -> ImageSet:
             raise DataError(f"images in {source or path.parent} differ in size: {path} is {hw[1]}x{hw[0]} "
                             f"but {first} is {size[1]}x{size[0]}; make them all one size")
         gray = gray and mode != "P" and bands <= 2
+        wide += mode in WIDE_GRAY_MODES
+    if wide:
+        warnings.warn(f"{source or 'input'}: {wide} of {len(files)} images are 16-bit grayscale, read as their 8-bit "
+                      "copies (x/257); python -m pytorch_fid clips them at 255 (mostly white), so its value would differ",
+                      MetricWarning, stacklevel=2)
     return ImageSet(files, size, gray, source)
 
 

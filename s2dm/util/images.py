@@ -20,7 +20,10 @@ from .fileio import atomic_write
 # ``s2dm sample`` puts its preview mosaic in a subfolder: tools that read only the top level
 # (python -m pytorch_fid) then see nothing but the per-seed samples; s2dm's readers skip it.
 PREVIEW_DIR = "preview"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# pytorch-fid's IMAGE_EXTENSIONS (tests check it), so that `s2dm fid` reads what it reads.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".pgm", ".ppm", ".tif", ".tiff")
+# Grayscale of more than 8 bits: scaled to 8 bits here, where PIL's convert would clip at 255.
+WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 # PIL raises many exception types on broken files (OSError for truncation, SyntaxError for
 # broken PNG chunks, ValueError/EOFError in some decoders); all mean "bad file".
@@ -84,7 +87,7 @@ def _eight_bit(im: Image.Image) -> Image.Image:
     """A 16-bit grayscale image scaled to 8 bits (x / 257): PIL's convert clips its values at
     255, which makes most of such an image white (pytorch-fid's loader clips too). PIL already
     reduces 16-bit RGB to 8 bits itself."""
-    if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if im.mode not in WIDE_GRAY_MODES:
         return im
     scaled = np.rint(np.asarray(im, dtype=np.float64) / 257)
     return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
