@@ -1,5 +1,6 @@
 """The run log: the window's means (overall and per t quartile) against a hand computation,
 the lr of the warm-up steps, and truncate_log (atomic, drops cut lines and later steps)."""
+import copy
 import json
 
 import pytest
@@ -43,17 +44,59 @@ def test_an_empty_quartile_is_left_out_and_reset_clears():
     assert set(w.summary(batch_size=3)) == {"steps_per_s", "images_per_s"}
 
 
+def all_reduce_two_ranks(w0: Window, w1: Window) -> None:
+    """Both ranks' ``Window.all_reduce``, with the sum of what each sends as the reduction."""
+    sent = []
+    for w, main in ((w0, True), (w1, False)):
+        copy.deepcopy(w).all_reduce(lambda xs: sent.append(list(xs)) or xs, main)
+    total = [a + b for a, b in zip(*sent)]
+    w0.all_reduce(lambda xs: total, True)
+    w1.all_reduce(lambda xs: total, False)
+
+
 def test_window_all_reduce_and_state_dict():
-    w = Window(T)
-    w.add(torch.tensor([0, 999]), terms([1.0, 3.0]), 2.0)
-    w.all_reduce(lambda xs: [2 * x for x in xs])  # two ranks with the same window: same means
+    w, w1 = Window(T), Window(T)
+    for rank in (w, w1):  # two ranks with the same window: same means
+        rank.add(torch.tensor([0, 999]), terms([1.0, 3.0]), 2.0)
+    all_reduce_two_ranks(w, w1)
     s = w.summary(batch_size=2)
-    assert w.counts["loss"] == 4 and w.counts["grad_norm"] == 2
+    assert w.counts["loss"] == 4 and w.counts["grad_norm"] == 1  # one grad norm a step, whatever the ranks
     assert (s["loss"], s["loss_t_q1"], s["loss_t_q4"], s["grad_norm"]) == (2.0, 1.0, 3.0, 2.0)
     other = Window(T)
     other.load_state_dict(json.loads(json.dumps(w.state_dict())))  # it travels in a checkpoint
     assert {k: v for k, v in other.summary(2).items() if "_per_s" not in k} == \
         {k: v for k, v in s.items() if "_per_s" not in k}
+
+
+def test_a_window_saved_on_two_ranks_resumes_on_one_with_each_step_weighed_once():
+    """Steps 1-2 on two ranks (each half the batch), a checkpoint mid-window (rank 0 keeps the
+    reduced sums, rank 1 starts afresh), step 3: the window's means equal those of one process
+    that took the three steps, whether step 3 runs on the two ranks or, resumed, on one. Before,
+    each rank's copy of the grad norm was summed: resumed on one process, steps 1-2 weighed 2."""
+    grads, rows = [1.0, 3.0, 5.0], [([0, 999], [1.0, 3.0]), ([300, 600], [2.0, 4.0]), ([10, 900], [6.0, 8.0])]
+    one = Window(T)
+    for g, (t, loss) in zip(grads, rows):
+        one.add(torch.tensor(t), terms(loss), g)
+    expected = {k: v for k, v in one.summary(2).items() if "_per_s" not in k}
+    assert expected["grad_norm"] == 3.0
+
+    w0, w1 = Window(T), Window(T)
+    for g, (t, loss) in zip(grads[:2], rows[:2]):  # rank r gets row r of each step
+        w0.add(torch.tensor(t[:1]), terms(loss[:1]), g)
+        w1.add(torch.tensor(t[1:]), terms(loss[1:]), g)
+    all_reduce_two_ranks(w0, w1)  # the checkpoint
+    saved = json.loads(json.dumps(w0.state_dict()))
+    w1.clear()
+
+    resumed = Window(T)  # on one process
+    resumed.load_state_dict(saved)
+    resumed.add(torch.tensor(rows[2][0]), terms(rows[2][1]), grads[2])
+    assert {k: v for k, v in resumed.summary(2).items() if "_per_s" not in k} == pytest.approx(expected, rel=1e-12)
+
+    w0.add(torch.tensor(rows[2][0][:1]), terms(rows[2][1][:1]), grads[2])  # on the same two ranks
+    w1.add(torch.tensor(rows[2][0][1:]), terms(rows[2][1][1:]), grads[2])
+    all_reduce_two_ranks(w0, w1)  # the log line
+    assert {k: v for k, v in w0.summary(2).items() if "_per_s" not in k} == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_step_copies_nothing_to_the_host():

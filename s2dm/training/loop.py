@@ -369,7 +369,7 @@ def _log_window(run: _Run, bar) -> None:
     """One log line: the window's means since the last one (over the global batch)."""
     cfg, state, window = run.cfg, run.state, run.window
     if dist.world_size() > 1:  # the window's means over the global batch
-        window.all_reduce(dist.all_reduce_sum)
+        window.all_reduce(dist.all_reduce_sum, main=dist.is_main())
     rec = {"step": state.step, **window.summary(cfg.train.batch_size),
            "lr": state.opt.param_groups[0]["lr"], "nonfinite_skipped": state.skipped.nonfinite_total}
     if state.scaler is not None:
@@ -411,7 +411,7 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> Non
     stopping = res.stop or (world == 1 and stop.requested)
     if due or stopping:  # every rank agrees on both
         if world > 1:  # rank 0 keeps the global partial sums, the others start afresh
-            window.all_reduce(dist.all_reduce_sum)
+            window.all_reduce(dist.all_reduce_sum, main=dist.is_main())
             if not main_rank:
                 window.clear()
         state.log_window = window.state_dict()

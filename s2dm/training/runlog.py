@@ -59,13 +59,17 @@ class Window:
 
     KEYS = TERMS + QUARTILES + ("grad_norm",)
 
-    def all_reduce(self, reduce_sum) -> None:
+    def all_reduce(self, reduce_sum, main: bool) -> None:
         """Sum the window over ranks (``reduce_sum``: a float64 array → its sum over ranks), so
         that the summary is over the global batch. Every rank calls it at the same step. The
-        grad norm, equal on all ranks, is added W times and counted W times: its mean is kept."""
+        grad norm is equal on all ranks (the gradients are all-reduced): only the main rank's
+        counts, so that a window saved mid-way and resumed on another number of ranks weighs
+        each step once (summed over W ranks, its steps before the checkpoint weighed W)."""
         self._flush()
         keys = self.KEYS
-        total = reduce_sum([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0) for k in keys])
+        own = {k: (self.sums.get(k, 0.0), self.counts.get(k, 0)) if main or k != "grad_norm" else (0.0, 0)
+               for k in keys}
+        total = reduce_sum([own[k][0] for k in keys] + [own[k][1] for k in keys])
         for i, k in enumerate(keys):
             if total[len(keys) + i] > 0:
                 self.sums[k], self.counts[k] = float(total[i]), int(total[len(keys) + i])
