@@ -58,6 +58,12 @@ def test_overrides_parse_yaml_values():
     ("loss.variant=both", "loss.variant"),
     ("model.ch_mult=[1,a]", "model.ch_mult[1]"),
     ("data.random_flip=3", "data.random_flip"),
+    # what torch.optim.Adam would refuse with a traceback at the first step's set-up
+    ("optim.beta1=1.5", "optim.beta1"),
+    ("optim.beta2=1.0", "optim.beta2"),
+    ("optim.eps=-1", "optim.eps"),
+    ("optim.eps=0", "optim.eps"),
+    ("optim.weight_decay=-1", "optim.weight_decay"),
 ])
 def test_errors_name_the_dotted_key(override, key):
     with pytest.raises(UserError) as err:

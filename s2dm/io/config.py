@@ -305,6 +305,10 @@ def validate(cfg: Config) -> None:
     need(cfg.train.keep_last >= 0, "train.keep_last", "must be >= 0")
     need(cfg.train.max_nonfinite >= 1, "train.max_nonfinite", "must be >= 1")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    for key in ("optim.beta1", "optim.beta2"):
+        need(0.0 <= _get(cfg, key) < 1.0, key, "must lie in [0, 1)")
+    need(cfg.optim.eps > 0, "optim.eps", "must be positive (Adam divides by sqrt(v) + eps)")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     need(cfg.optim.warmup >= 0, "optim.warmup", "must be >= 0")
     need(cfg.data.channels in (1, 3), "data.channels", "must be 1 or 3")
