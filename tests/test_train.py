@@ -300,3 +300,17 @@ def test_a_config_saved_before_the_sample_options_resumes(tmp_path):
         del saved["sample"][key]
     assert config_from_saved(saved) == cfg
     check_resumable(cfg, saved)  # no "sample.order: the run folder was trained with None"
+
+
+def test_a_rerun_that_trains_nothing_leaves_config_yaml_as_trained(tmp_path, capsys):
+    """Rerun with a smaller train.steps, the run is already trained: its config.yaml keeps the
+    steps it trained to (it was rewritten with the rerun's, which would retrain a shorter run).
+    A rerun that trains on writes the config it continues with."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, "model.ch=16", "train.checkpoint_every=2")) == 0
+    trained = (out / "config.yaml").read_text()
+    assert main(tiny_args(out, 2, "model.ch=16", "train.checkpoint_every=2")) == 0
+    assert "already trained to step 4" in capsys.readouterr().out
+    assert (out / "config.yaml").read_text() == trained
+    assert main(tiny_args(out, 6, "model.ch=16", "train.checkpoint_every=2")) == 0
+    assert "steps: 6" in (out / "config.yaml").read_text() and load_checkpoint(out).step == 6

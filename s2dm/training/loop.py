@@ -283,7 +283,8 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
             print(f"resuming {out} from step {state.step}")
         else:
             log_path.unlink(missing_ok=True)
-        cfg.dump(out / "config.yaml")
+        if not (last_ckpt and state.step >= cfg.train.steps):  # nothing to train: the file says what trained
+            cfg.dump(out / "config.yaml")
     run = _Run(cfg, out, device, dataset, schedule, state, last_ckpt, init)
     run.evaluator = set_up_evaluation(cfg, out, dataset, schedule, device)
     if run.evaluator is not None:
