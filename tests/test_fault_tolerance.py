@@ -280,3 +280,48 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints(run_copy, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: could not save the checkpoint") and "No space left" in err
     assert snapshot(run_copy / "checkpoints") == before  # no temp file left, nothing replaced
+
+
+def test_a_mosaic_lost_to_a_kill_is_made_on_resume_and_half_written_files_go(tmp_path, capsys):
+    """Killed after a checkpoint, before its preview mosaic (gone, a half-written temp file in its
+    place): the resumed run makes that mosaic, the same bytes as the run that was not killed, and
+    removes the temp files that kills leave in the run folder, samples/ and checkpoints/. An
+    already trained run makes its missing final mosaic too."""
+    out = tmp_path / "run"
+    extra = (*EXTRA, "train.sample_every=2", "model.ch=16")
+    assert main(tiny_args(out, 4, *extra)) == 0
+    mosaic4 = out / "samples" / "mosaic_00000004.png"
+    made = mosaic4.read_bytes()
+    mosaic4.unlink()
+    stale = [out / "samples" / ".mosaic_00000004.png.k1ll3d00.tmp", out / ".curves.png.k1ll3d00.tmp",
+             out / "checkpoints" / ".best.k1ll3d00.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    assert main(tiny_args(out, 6, *extra)) == 0
+    assert mosaic4.read_bytes() == made
+    assert (out / "samples" / "mosaic_00000006.png").is_file() and not any(p.exists() for p in stale)
+
+    mosaic6 = out / "samples" / "mosaic_00000006.png"
+    made = mosaic6.read_bytes()
+    mosaic6.unlink()
+    assert main(tiny_args(out, 6, *extra)) == 0
+    assert "already trained to step 6" in capsys.readouterr().out
+    assert mosaic6.read_bytes() == made and load_checkpoint(out).step == 6
+
+
+def test_a_mosaic_that_cannot_be_written_is_one_error_line_after_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """A full disk (or a read-only samples/) at the preview mosaic: one error line, exit 2, and
+    the checkpoint of that step saved before it (it was an OSError traceback, exit 1)."""
+    import s2dm.training.loop as loop
+
+    def full(images, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(loop, "save_mosaic", full)
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA, "train.sample_every=2", "model.ch=16")) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("train run:")]  # the progress bar
+    assert len(lines) == 1 and lines[0].startswith("error: could not write the preview mosaic ")
+    assert "No space left on device" in lines[0] and "Traceback" not in err
+    assert load_checkpoint(out).step == 2

@@ -52,7 +52,7 @@ from ..util import dist
 from ..util.dist import pick_device
 from ..util.images import save_mosaic
 from ..util.workers import stop_requested
-from .curves import write_run_curves
+from .curves import CURVES_FILE, write_run_curves
 from .draws import PlannedBatches, StepDraws, draw_step
 from .evaluation import Evaluator, check_eval_setup, describe, set_up_evaluation
 from .precision import autocast
@@ -247,7 +247,8 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
     state = run.state
     if state.step >= cfg.train.steps:
         dist.print0(f"{run.out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
-        return run.last_ckpt
+        if not (state.step == cfg.train.steps and _missed(run)):
+            return run.last_ckpt
     if dist.world_size() > 1:
         dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
                     f"= {dist.world_size()} ranks x {dist.per_rank_batch(cfg.train.batch_size)} per rank")
@@ -322,8 +323,10 @@ def _loop(run: _Run) -> Path:
         if state.step == 0:
             run.write(_start_record(run))
         ev = run.evaluator
-        if ev is not None and ev.due(state.step) and state.step not in run.evaluated:
-            _evaluate(run, bar)  # a run stopped between its checkpoint and its evaluation
+        if _missed(run, "evaluation"):  # a run stopped between its checkpoint and its evaluation
+            _evaluate(run, bar)
+        if _missed(run, "mosaic"):  # ... or its mosaic (the same images: the EMA and seeds are saved)
+            _preview(run, state.step)
         for x0 in loader_batches(loader):
             res = train_step(cfg, state, x0, run.schedule, run.device, stop_requested=stop.requested)
             _count_step(run, res)
@@ -416,20 +419,17 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> Non
             if not main_rank:
                 window.clear()
         state.log_window = window.state_dict()
-    with dist.same_outcome():  # a failed save (or mosaic) on rank 0 stops every rank
+    with dist.same_outcome():  # a failed save on rank 0 stops every rank
         if main_rank and (due or stopping):
             run.last_ckpt = save(state, cfg, run.ckpt_dir)
-        if main_rank and (done % cfg.train.sample_every == 0 or done == cfg.train.steps):
-            mosaic = write_mosaic(state.ema, cfg, run.schedule, preview_path(run.out, done),
-                                  run.device)
-            if run.tb is not None:
-                run.tb.image("samples/ema_mosaic", mosaic, done)
+    if _mosaic_due(cfg, done):
+        _preview(run, done)
     if evaluate and not stopping:  # a stopped run evaluates this step when it resumes
         _evaluate(run, bar)
     if due and done >= min(cfg.train.log_every, cfg.train.steps):  # after the first log line: something to draw
         with dist.same_outcome():
             if main_rank:
-                write_run_curves(run.out)
+                _not_os_error(write_run_curves, f"could not draw {run.out / CURVES_FILE}", run.out)
     if world == 1 and due and stop.requested:
         stopping = True  # it arrived while this step's checkpoint or mosaic was written: stop here
     if stopping:
@@ -439,6 +439,39 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> Non
         exc = Interrupted(f"stopped by signal {signum} at step {done}; saved {run.last_ckpt}", 128 + signum)
         exc.all_ranks = True
         raise exc
+
+
+def _missed(run: _Run, what: str = "any") -> bool:
+    """Whether a resumed run's step lacks its evaluation or its preview mosaic (``what``: either
+    or ``any``): a kill after the checkpoint, before them. Every rank gets rank 0's answer."""
+    step, ev = run.state.step, run.evaluator
+    evaluation = ev is not None and ev.due(step) and step not in run.evaluated
+    mosaic = step > 0 and _mosaic_due(run.cfg, step) and dist.run0(lambda: not preview_path(run.out, step).is_file())
+    return {"evaluation": evaluation, "mosaic": mosaic, "any": evaluation or mosaic}[what]
+
+
+def _mosaic_due(cfg: Config, step: int) -> bool:
+    return step % cfg.train.sample_every == 0 or step == cfg.train.steps
+
+
+def _preview(run: _Run, step: int) -> None:
+    """The EMA model's preview mosaic of ``step`` (rank 0; a failure stops every rank)."""
+    with dist.same_outcome():
+        if dist.is_main():
+            path = preview_path(run.out, step)
+            mosaic = _not_os_error(write_mosaic, f"could not write the preview mosaic {path}", run.state.ema,
+                                   run.cfg, run.schedule, path, run.device)
+            if run.tb is not None:
+                run.tb.image("samples/ema_mosaic", mosaic, step)
+
+
+def _not_os_error(write, what: str, *args):
+    """``write(*args)``, an OSError (a read-only folder, a full disk) told as a RunError: one
+    line, after the step's checkpoint, which is saved."""
+    try:
+        return write(*args)
+    except OSError as exc:
+        raise RunError(f"{what}: {exc.strerror or exc}; the checkpoints saved so far are intact") from None
 
 
 def write_mosaic(ema, cfg: Config, schedule: NoiseSchedule, path: Path, device):

@@ -22,6 +22,7 @@ from ..errors import CheckpointError, RunError
 from ..io.checkpoint import load_state_strict, read_checkpoint, save_run_checkpoint
 from ..io.config import Config, EvalConfig, saved_as_current
 from ..util import dist
+from ..util.fileio import remove_stale_temps
 from ..util.records import first_difference
 from .curves import CURVES_FILE
 from .precision import check_supported, ieee_float32, make_scaler, to_channels_last
@@ -192,6 +193,11 @@ def prepare_folder(out: Path, resume: str) -> None:
                 shutil.rmtree(folder)
         for old in [out / CURVES_FILE, *preview_path(out, 0).parent.glob("mosaic_*.png")]:
             old.unlink(missing_ok=True)
+    # Half-written files of a run killed mid-write (config.yaml, curves.png, a mosaic, best):
+    # rank 0 is their one writer, and it has not started.
+    for folder, names in ((out, "*"), (out / "checkpoints", "*"), (preview_path(out, 0).parent, "mosaic_*")):
+        if folder.is_dir():
+            remove_stale_temps(folder, names)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
