@@ -322,7 +322,6 @@ def _loop(run: _Run) -> Path:
         run.log = log
         if state.step == 0:
             run.write(_start_record(run))
-        ev = run.evaluator
         if _missed(run, "evaluation"):  # a run stopped between its checkpoint and its evaluation
             _evaluate(run, bar)
         if _missed(run, "mosaic"):  # ... or its mosaic (the same images: the EMA and seeds are saved)
