@@ -48,6 +48,7 @@ from s2dm.core.losses import l0_loss  # noqa: E402
 from s2dm.core.schedule import NoiseSchedule  # noqa: E402
 from s2dm.core.unet import build_model, count_parameters  # noqa: E402
 from s2dm.io.config import load_config  # noqa: E402
+from s2dm.samplers.generate import MIN_ROWS  # noqa: E402
 from s2dm.training.precision import autocast  # noqa: E402
 from standins import standin_state_dict  # noqa: E402
 
@@ -140,7 +141,8 @@ def bench_train_step(args, device, precision: str, channels_last: bool, compile_
         return res
 
     warmup, steps = args.warmup, args.steps
-    if device.type == "cpu" and precision != "fp32":
+    reduced = device.type == "cpu" and precision != "fp32"
+    if reduced:
         warmup, steps = 0, 1  # CPUs without native bf16 emulate it: minutes per step
     first = None
     if warmup:  # the first step (compilation, allocator growth) is timed on its own
@@ -150,7 +152,7 @@ def bench_train_step(args, device, precision: str, channels_last: bool, compile_
         first = time.perf_counter() - t0
     sec = seconds_per_call(step, device, max(0, warmup - 1), steps, args.windows)
     out = {"images_s": args.batch / sec, "ms": sec * 1e3, "peak": peak_gib(device),
-           "first_s": "—" if first is None else f"{first:.1f}", "steps": steps}
+           "first_s": "—" if first is None else f"{first:.1f}", "reduced": reduced}
     reset_memory(device)
     return out
 
@@ -245,18 +247,30 @@ def bench_fid_features(args, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# Defaults on a GPU and on a CPU (the reduced part). A CPU's sampling batch is generate's
+# MIN_ROWS: a smaller call is padded to it, so the network would run more images than counted.
+DEFAULTS = {"gpu": dict(batch=128, warmup=10, steps=20, windows=3, sample_n=1024, sample_batch=256, fid_n=2000,
+                        fid_batch=200),
+            "cpu": dict(batch=8, warmup=1, steps=3, windows=1, sample_n=16, sample_batch=16, fid_n=16, fid_batch=8)}
+
+
+def _default_text(key: str) -> str:
+    return f"(default {DEFAULTS['gpu'][key]} on CUDA, {DEFAULTS['cpu'][key]} on a CPU)"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (cuda if present) | cuda | cuda:N | cpu")
     p.add_argument("--config", default="configs/cifar10.yaml")
-    p.add_argument("--batch", type=int, default=None, help="training batch (default: 128 on CUDA, 8 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per variant (default 10 / 1)")
-    p.add_argument("--steps", type=int, default=None, help="steps per timing window (default 20 / 3)")
-    p.add_argument("--windows", type=int, default=None, help="timing windows, median reported (default 3 / 1)")
-    p.add_argument("--sample-n", type=int, default=None, help="images timed for sampling (default 1024 / 8)")
-    p.add_argument("--sample-batch", type=int, default=None, help="sampling batch (default 256 / 8)")
-    p.add_argument("--fid-n", type=int, default=None, help="images timed for FID features (default 2000 / 16)")
-    p.add_argument("--fid-batch", type=int, default=None, help="Inception batch (default 200 / 8)")
+    p.add_argument("--batch", type=int, default=None, help=f"training batch {_default_text('batch')}")
+    p.add_argument("--warmup", type=int, default=None, help=f"untimed steps per variant {_default_text('warmup')}")
+    p.add_argument("--steps", type=int, default=None, help=f"steps per timing window {_default_text('steps')}")
+    p.add_argument("--windows", type=int, default=None,
+                   help=f"timing windows, median reported {_default_text('windows')}")
+    p.add_argument("--sample-n", type=int, default=None, help=f"images timed for sampling {_default_text('sample_n')}")
+    p.add_argument("--sample-batch", type=int, default=None, help=f"sampling batch {_default_text('sample_batch')}")
+    p.add_argument("--fid-n", type=int, default=None, help=f"images timed for FID features {_default_text('fid_n')}")
+    p.add_argument("--fid-batch", type=int, default=None, help=f"Inception batch {_default_text('fid_batch')}")
     p.add_argument("--no-compile", action="store_true", help="skip the bf16 + compile variant")
     p.add_argument("--skip-diffusers", action="store_true", help="skip the diffusers reference")
     args = p.parse_args()
@@ -265,9 +279,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     device = torch.device(args.device if cuda and args.device.startswith("cuda") else "cuda" if cuda else "cpu")
-    gpu = dict(batch=128, warmup=10, steps=20, windows=3, sample_n=1024, sample_batch=256, fid_n=2000, fid_batch=200)
-    cpu = dict(batch=8, warmup=1, steps=3, windows=1, sample_n=4, sample_batch=4, fid_n=16, fid_batch=8)
-    for key, value in (gpu if cuda else cpu).items():
+    for key, value in DEFAULTS["gpu" if cuda else "cpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if cuda:
@@ -288,8 +300,9 @@ def main() -> None:
 
     print(f"# bench_gpu: {where}\n")
     if not cuda:
-        print("**No CUDA device: the reduced CPU part** (training batch 8, 3 timed steps, bf16 a single step "
-              "(emulated on most CPUs), no compile, no channels_last, no peak memory). These are not GPU figures.\n")
+        print(f"**No CUDA device: the reduced CPU part** (training batch {args.batch}, {args.steps} timed steps, bf16 "
+              "a single step without warm-up (emulated on most CPUs), no compile, no channels_last, no peak memory). "
+              "These are not GPU figures.\n")
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, config {args.config}; training batch "
           f"{args.batch}, {args.warmup} warm-up steps, median of {args.windows} window(s) of {args.steps} steps.\n")
 
@@ -300,7 +313,7 @@ def main() -> None:
     for precision, cl, comp in variants:
         log(f"train {precision} channels_last={cl} compile={comp}")
         r = bench_train_step(args, device, precision, cl, comp)
-        timed = "" if r["steps"] == args.steps else f" ({r['steps']} step, no warm-up)"
+        timed = " (1 step, no warm-up)" if r["reduced"] else ""
         print(f"| {precision}{timed} | {'yes' if cl else 'no'} | {'yes' if comp else 'no'} | {r['images_s']:.2f} | "
               f"{r['ms']:.0f} | {r['peak']} | {r['first_s']} |", flush=True)
 
@@ -323,7 +336,8 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     log("sampling DDIM-20")
     s = bench_sampling(args, device)
-    print(f"| sampling, DDIM 20 steps (NFE 20), fp32, batch {s['batch']} | {s['images_s']:.2f} | {s['images']} | "
+    padded = f" (padded to {MIN_ROWS} rows a network call)" if s["batch"] < MIN_ROWS else ""
+    print(f"| sampling, DDIM 20 steps (NFE 20), fp32, batch {s['batch']}{padded} | {s['images_s']:.2f} | {s['images']} | "
           f"{s['peak']} |", flush=True)
     log("FID features")
     f = bench_fid_features(args, device)

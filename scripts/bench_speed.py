@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,7 +58,7 @@ from s2dm import build_model, load_config  # noqa: E402
 from s2dm.core.schedule import NoiseSchedule  # noqa: E402
 from s2dm.core.unet import AttnBlock  # noqa: E402
 from s2dm.io.data import load_dataset  # noqa: E402
-from s2dm.samplers.generate import generate  # noqa: E402
+from s2dm.samplers.generate import MIN_ROWS, generate  # noqa: E402
 from s2dm.training.loop import train_step, wrap_for_training  # noqa: E402
 from s2dm.training.state import new_state  # noqa: E402
 from s2dm.util.images import to_uint8  # noqa: E402
@@ -141,14 +141,23 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+# FlopCounterMode knows the GPU attention kernels only; on a CPU the attention's two matmuls
+# (QK^T and PV: 4·HW²·C FLOPs) would count 0.
+def _attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+
+
 def flops_per_image(model, shape) -> float:
     x = torch.randn(2, *shape)
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         model(x, torch.tensor(500).expand(2))
     return counter.get_total_flops() / 2
 
 
-def model_of(name, cifar_batch: int = 8):
+def model_of(name, cifar_batch: int = MIN_ROWS):
     """(config, model in eval mode, sampling batch before, now)."""
     config, sets, before, now = MODELS[name]
     cfg = load_config(config, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
@@ -377,7 +386,9 @@ def main(argv=None) -> int:
                    default=["sampling", "training", "study"])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per sampling call (default 10)")
-    p.add_argument("--cifar-batch", type=int, default=8, help="CIFAR10 sampling batch on a CPU (default 8)")
+    p.add_argument("--cifar-batch", type=int, default=MIN_ROWS,
+                   help=f"CIFAR10 sampling batch on a CPU (default and least {MIN_ROWS}: generate pads smaller "
+                        "calls to it, so the network would run more images than were counted)")
     p.add_argument("--train-steps", type=int, default=20, help="training steps per timed round (default 20)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (default 5)")
     p.add_argument("--seconds", type=float, default=10, help="study part: seconds per child (default 10)")
@@ -386,6 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=("train", "sample"), help=argparse.SUPPRESS)
     p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cifar_batch < MIN_ROWS:
+        p.error(f"--cifar-batch {args.cifar_batch}: at least {MIN_ROWS}, the rows generate runs a network call with")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

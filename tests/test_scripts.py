@@ -18,7 +18,7 @@ BENCHES = {  # script: (tiny arguments, lines its output must contain)
     "bench_gpu.py": (["--device", "cpu", "--batch", "2", "--warmup", "0", "--steps", "1", "--windows", "1",
                       "--sample-n", "2", "--sample-batch", "2", "--fid-n", "2", "--fid-batch", "2", "--no-compile",
                       "--skip-diffusers"],
-                     ["| fp32 | no | no |", "| bf16 | no | no |", "| sampling, DDIM 20 steps (NFE 20), fp32, batch 2 |",
+                     ["| fp32 | no | no |", "| bf16 (1 step, no warm-up) | no | no |", "| sampling, DDIM 20 steps (NFE 20), fp32, batch 2 (padded to 16 rows a network call) |",
                       "| FID Inception features (32x32 → 299x299, pool3), batch 2,"]),
     "bench_speed.py": (["--parts", "sampling", "training", "bf16", "--models", "study (digits, ch 16)",
                         "--train-steps", "1", "--rounds", "1", "--steps", "1"],
@@ -61,3 +61,26 @@ def test_fd_noise_prints_the_spread_of_a_distance(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     spread = float(proc.stdout.split("perturbations: ")[1])
     assert proc.stdout.startswith("N 100 and 90, D 64:") and 0 <= spread < 1e-6, proc.stdout
+
+
+def test_bench_speed_counts_the_attention_and_the_rows_the_network_runs():
+    """FLOPs per image-NFE include the attention's matmuls, which FlopCounterMode counts only
+    when SDPA is decomposed (the math backend) and not in the CPU's fused kernel; a CIFAR10
+    batch below the rows a network call is padded to is refused (it counted half the work)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_speed
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    cfg, model, *_ = bench_speed.model_of("study (digits, ch 16)")
+    assert any(isinstance(m, bench_speed.AttnBlock) for m in model.modules())
+    with sdpa_kernel(SDPBackend.MATH), torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 1, 8, 8), torch.tensor(500).expand(2))
+    assert bench_speed.flops_per_image(model, (1, 8, 8)) == counter.get_total_flops() / 2
+    with pytest.raises(SystemExit) as exit_:
+        bench_speed.main(["--cifar-batch", "8"])
+    assert exit_.value.code == 2
