@@ -147,6 +147,29 @@ def test_pipeline_folder_legacy_names_bin_file_and_scheduler(tmp_path):
     assert b.state["source"]["sha256"] == sha256_file(tmp_path / "old" / "diffusion_pytorch_model.bin")
 
 
+def test_the_scheduler_config_is_checked_and_overrides_cannot_change_it(tmp_path, capsys):
+    """A --set of diffusion.* without --config is refused as it is with one (the overrides
+    edited the scheduler's own dict, so the check compared it with itself and the checkpoint
+    recorded T = 500 for weights trained on 1000); a scheduler field that is not a number, or
+    a step count that is not an integer, is one error line; trained_betas is named."""
+    theirs = random_diffusers(SMALL)
+    diffusers.DDPMPipeline(unet=theirs, scheduler=diffusers.DDPMScheduler()).save_pretrained(tmp_path / "pipe")
+    assert convert(tmp_path / "pipe", tmp_path / "x.ckpt", "--set", "diffusion.num_timesteps=500") == 2
+    assert error_line(capsys) == ("error: diffusion.num_timesteps is 1000 in the scheduler config beside the weights "
+                                  "but 500 in the config")
+    assert not (tmp_path / "x.ckpt").exists()
+    sched_file = tmp_path / "pipe" / "scheduler" / "scheduler_config.json"
+    plain = json.loads(sched_file.read_text())
+    for change, says in (({"num_train_timesteps": None}, "num_train_timesteps: None is not an integer"),
+                         ({"num_train_timesteps": 1000.7}, "num_train_timesteps: 1000.7 is not an integer"),
+                         ({"num_train_timesteps": "abc"}, "num_train_timesteps: 'abc' is not an integer"),
+                         ({"beta_start": None}, "beta_start: None is not a number"),
+                         ({"trained_betas": [1e-4] * 1000}, "trained_betas: a β list of its own")):
+        sched_file.write_text(json.dumps({**plain, **change}))
+        assert convert(tmp_path / "pipe", tmp_path / "x.ckpt") == 2
+        assert says in error_line(capsys) and not (tmp_path / "x.ckpt").exists()
+
+
 # -------------------------------------------------------------------------------------
 # DDIM-repository layout
 # -------------------------------------------------------------------------------------

@@ -157,10 +157,24 @@ def diffusion_from_scheduler(conf: dict, where: str) -> dict:
     for ε-prediction on DDPM's linear β schedule, so anything else is refused."""
     if conf.get("prediction_type", "epsilon") != "epsilon":
         raise InteropError(f"{where}: prediction_type: {conf['prediction_type']!r}; s2dm's models predict ε ('epsilon')")
-    if conf.get("beta_schedule", "linear") != "linear" or conf.get("trained_betas") is not None:
+    if conf.get("trained_betas") is not None:
+        raise InteropError(f"{where}: trained_betas: a β list of its own; s2dm builds DDPM's linear β from "
+                           "beta_start and beta_end only")
+    if conf.get("beta_schedule", "linear") != "linear":
         raise InteropError(f"{where}: beta_schedule: {conf.get('beta_schedule')!r}; s2dm knows DDPM's 'linear' only")
-    return {"num_timesteps": int(conf.get("num_train_timesteps", 1000)), "beta_schedule": "linear",
-            "beta_start": float(conf.get("beta_start", 1e-4)), "beta_end": float(conf.get("beta_end", 0.02))}
+    return {"num_timesteps": _scheduler_number(conf, "num_train_timesteps", 1000, int, where), "beta_schedule": "linear",
+            "beta_start": _scheduler_number(conf, "beta_start", 1e-4, float, where),
+            "beta_end": _scheduler_number(conf, "beta_end", 0.02, float, where)}
+
+
+def _scheduler_number(conf: dict, key: str, default, kind: type, where: str):
+    """A scheduler config's number: an int for ``kind=int`` (1000.7 is not 1000 steps), any
+    number for ``float``; a null, a text or a bool is refused."""
+    value = conf.get(key, default)
+    ok = not isinstance(value, bool) and (isinstance(value, int) if kind is int else isinstance(value, (int, float)))
+    if not ok:
+        raise InteropError(f"{where}: {key}: {value!r} is not {'an integer' if kind is int else 'a number'}")
+    return kind(value)
 
 
 def user_config(config: Optional[str], overrides: Sequence[str]) -> Optional[Config]:
@@ -215,7 +229,7 @@ def assemble_config(user: Optional[Config], overrides: Sequence[str], model: Mod
         data = {"data": {"dataset": "folder", "image_size": image_size, "channels": channels},
                 "model": dataclasses.asdict(model)}
         if diffusion is not None:
-            data["diffusion"] = diffusion
+            data["diffusion"] = dict(diffusion)  # a copy: the overrides edit data, the check below reads diffusion
         cfg = config_from_dict(apply_overrides(data, list(overrides)))
     if diffusion is not None:
         for key, value in diffusion.items():
