@@ -11,6 +11,7 @@ import sys
 from typing import Optional
 
 from .errors import S2dmError
+from .util import dist
 
 
 # An error's key as the Python API spells it, where the flag's dest is another name.
@@ -87,11 +88,13 @@ def one_line_warnings():
     """A ``warnings.showwarning`` for one command: each Python warning as one ``warning:``
     line (not the file, line number and source line that mean nothing to a CLI user), each
     line once (a grid's warning comes up at every evaluation of a training run and in every
-    cell of ``s2dm eval``)."""
+    cell of ``s2dm eval``), and under torchrun by rank 0 only."""
     said = set()
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         text = f"warning: {message}"
+        if dist.env_rank() != 0:  # under torchrun every rank meets the same warning: rank 0 says it
+            return
         if text not in said:
             said.add(text)
             print(text, file=sys.stderr if file is None else file)

@@ -227,6 +227,20 @@ def pngs(folder):
 
 
 @pytest.mark.slow
+def test_an_error_or_warning_every_rank_meets_is_said_once(runs, tmp_path):
+    """A missing checkpoint (found by each rank itself, outside any collective) is one error
+    line, not one more per rank with "[rank 1]"; a grid warning is one warning line."""
+    proc = torchrun("-m", "s2dm", "sample", "--ckpt", tmp_path / "nowhere", "--out", tmp_path / "x")
+    assert proc.returncode != 0
+    said = [ln for ln in proc.stderr.splitlines() if "checkpoint not found" in ln]
+    assert len(said) == 1 and said[0].startswith("error: ") and "[rank" not in proc.stderr, proc.stderr[-3000:]
+    proc = ok(torchrun("-m", "s2dm", "sample", "--ckpt", runs[0], "--seeds", "0-1", "--grid", "quad",
+                       "--steps", "300", "--device", "cpu", "--out", tmp_path / "quad"))
+    warned = [ln for ln in proc.stderr.splitlines() if "warning:" in ln]
+    assert len(warned) == 1 and "coincide" in warned[0], proc.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_sharded_sampling_writes_the_same_png_files(sampled):
     one, two, proc = sampled
     a, b = pngs(one), pngs(two)

@@ -96,6 +96,9 @@ def session():
         with (contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext()):
             yield
         finished = True
+    except S2dmError as exc:
+        _share_error(exc)
+        raise
     finally:
         if quiet:
             quiet.close()
@@ -114,6 +117,31 @@ def cleanup(wait_for_all: bool = False) -> None:
         if wait_for_all:
             dist.barrier()
         dist.destroy_process_group()
+
+
+ERROR_KEY = "s2dm/error"
+ERROR_WAIT = datetime.timedelta(seconds=5)
+
+
+def _share_error(exc: S2dmError) -> None:
+    """An error raised outside ``same_outcome`` (a check that every rank makes by itself: a
+    missing checkpoint, a bad option) is said once: rank 0 leaves its text in torchrun's
+    key-value store, and a rank whose own error reads the same marks it ``all_ranks``. No
+    collective: a rank that fails alone waits ``ERROR_WAIT`` at most, then says its own."""
+    if getattr(exc, "all_ranks", False) or world_size() == 1:
+        return
+    try:
+        import torch.distributed as dist  # torch.distributed bits: only under torchrun
+
+        store = dist.distributed_c10d._get_default_store()
+        if rank() == 0:
+            store.set(ERROR_KEY, str(exc))
+        else:
+            store.wait([ERROR_KEY], ERROR_WAIT)
+            if store.get(ERROR_KEY).decode() == str(exc):
+                exc.all_ranks = True
+    except Exception:  # no store, rank 0 gone or silent: this rank says its own error
+        pass
 
 
 def error_text(exc: BaseException, message: Optional[str] = None) -> Optional[str]:
