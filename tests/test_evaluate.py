@@ -279,7 +279,12 @@ def test_checkpoint_labels(tmp_path):
         (d / checkpoint_name(100)).write_bytes(b"x")
         paths.append(str(d / checkpoint_name(100)))
     assert ev.checkpoint_labels(paths) == ["base-ckpt_00000100", "s2-ckpt_00000100"]
-    assert ev.checkpoint_labels([str(tmp_path / "base"), paths[1]]) == ["base", "ckpt_00000100"]
+    # checkpoints of two runs: each file names its run, not just its step
+    assert ev.checkpoint_labels([str(tmp_path / "base"), paths[1]]) == ["base", "s2-ckpt_00000100"]
+    (tmp_path / "s2" / "checkpoints" / checkpoint_name(50)).write_bytes(b"x")
+    two = [str(tmp_path / "s2" / "checkpoints" / checkpoint_name(50)), paths[1]]
+    assert ev.checkpoint_labels(two) == ["ckpt_00000050", "ckpt_00000100"]  # one run: its file names
+    assert ev.checkpoint_labels([two[0], *paths]) == ["s2-ckpt_00000050", "base-ckpt_00000100", "s2-ckpt_00000100"]
 
 
 def _eval_row(label, sampler, steps, value):
@@ -307,6 +312,20 @@ def test_plot_and_table_without_hand_work(tmp_path):
     assert "| ddim | 2 | 2 | 0.0000 |" in md and "-0.0000" not in md
     # one checkpoint: no Δ column, and no legend for one
     assert "Lower is better." in md and "Δ" not in md
+
+
+def test_many_series_keep_their_own_colour_and_stay_near_their_nfe():
+    """Up to 17 series each get a colour of their own (the 10th took the 1st's, and a star names
+    its series by colour); however many, the offsets keep every point within ±4 % of its NFE."""
+    from matplotlib.colors import to_hex
+
+    from s2dm.util.plots import COLOURS, series_styles
+
+    styles = series_styles([f"run{i}" for i in range(len(COLOURS))])
+    assert len({to_hex(s.colour) for s in styles.values()}) == len(COLOURS) >= 17
+    for n in (2, 5, 10, 30):
+        offsets = [s.offset for s in series_styles([f"r{i}" for i in range(n)]).values()]
+        assert 0.96 < min(offsets) and max(offsets) < 1.042
 
 
 def test_a_reference_without_its_n_says_so():

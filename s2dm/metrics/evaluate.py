@@ -35,7 +35,7 @@ from ..samplers.options import SampleOptions
 from ..sampling.folder import sample_to_folder
 from ..util import dist
 from ..util.fileio import atomic_write, atomic_write_text, csv_text, sha256_file
-from ..util.plots import COLOURS, plot_vs_nfe
+from ..util.plots import COLOURS, MARKERS, plot_vs_nfe
 from ..util.records import reusable_record
 from ..util.textfmt import num
 from .features import FeatureExtractor
@@ -68,14 +68,15 @@ def _safe(name: str) -> str:
 
 
 def checkpoint_labels(paths: Sequence[str]) -> List[str]:
-    """One label per checkpoint argument: a run folder's name, else the file's stem; a
-    collision gets the run folder's name in front, then a number."""
+    """One label per checkpoint argument: a run folder's name, else the file's stem, with its
+    run folder's name in front when the checkpoints come from several runs or two stems
+    collide; then a number if labels still collide."""
     resolved = [resolve_checkpoint(p).resolve() for p in paths]
     for i, r in enumerate(resolved):
         if r in resolved[:i]:
             raise CheckpointError(f"checkpoint {r} is given twice (as {paths[resolved.index(r)]} and {paths[i]})",
                                   key="ckpt")
-    labels, prefixed = [], []
+    labels, prefixed, runs = [], [], set()
     for p in paths:
         p = Path(p)
         if p.is_dir():
@@ -87,9 +88,13 @@ def checkpoint_labels(paths: Sequence[str]) -> List[str]:
             run = parent.parent if parent.name == "checkpoints" else parent
             labels.append(_safe(p.stem))
             prefixed.append(_safe(f"{run.name}-{p.stem}"))
+        runs.add(run)
+    # Checkpoints of several runs: every file is named with its run (ckpt_00000100 alone would
+    # not say whose it is); of one run, its file names tell them apart.
+    several = len(runs) > 1
     out: List[str] = []
     for i, label in enumerate(labels):
-        if labels.count(label) > 1:
+        if several or labels.count(label) > 1:
             label = prefixed[i]
         base, k = label, 2
         while label in out:
@@ -412,15 +417,19 @@ def plot_eps_sweep(rows: List[dict], path: Path):
             xs = [j for j, e in enumerate(scales) if e in cell]
             ys = [cell[scales[j]]["value"] for j in xs]
             colour = COLOURS[i % len(COLOURS)]
-            ax.plot(xs, ys, marker="o", ms=4, color=colour, label=f"{label}, {k} steps" if ax is axes[0] else None)
+            # markers, no line: the scales are categories in the order given, not a continuum
+            ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], ms=5, color=colour, linestyle="none",
+                    label=f"{label}, {k} steps" if ax is axes[0] else None)
             best = [(j, cell[scales[j]]["value"]) for j in xs if cell[scales[j]]["best_scale"] is True]
             if best:
                 ax.plot(*zip(*best), marker="*", ms=14, color=colour, markeredgecolor="black", linestyle="none")
         ax.set_xticks(range(len(scales)), [e or "none" for e in scales], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("ε-scale")
         ax.set_title(sampler)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(rows[0]["metric"])
-    fig.suptitle(f"{rows[0]['metric']} by ε-scale (★ best of each cell; n = {rows[0]['n']}, the same x_T)")
+    # two lines: one panel (one sampler) is 4.8 inches wide, and one line was clipped at both ends
+    fig.suptitle(f"{rows[0]['metric']} by ε-scale\n(★ best of each cell; n = {rows[0]['n']}, the same x_T)")
     fig.legend(loc="outside lower center", ncol=min(4, len(series)), frameon=False)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     return fig

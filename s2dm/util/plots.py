@@ -16,10 +16,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .fileio import atomic_write
 
-# tab10 without grey (C7), which reads as "disabled" next to the others
-COLOURS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9"]
+# tab10 without grey (C7), which reads as "disabled" next to the others, then eight darker
+# hues of their own (Dark2 without its grey, and black): a 10th series must not take the 1st's
+# colour, since a star (a best point) names its series by colour.
+COLOURS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9",
+           "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "black"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "p"]  # no "*": a star marks a best point
 OFFSET_DECADES = 0.008  # horizontal shift between neighbouring series (log10 NFE): ~2 % of x
+MAX_SPREAD_DECADES = 0.035  # ... shrunk so that all series together stay within ±4 % of their NFE
 
 # (panel, series) → [(x, y, error bar or None)]
 Points = Dict[Tuple[str, str], List[Tuple[float, float, Optional[float]]]]
@@ -36,8 +40,9 @@ class Style:
 def series_styles(names: Sequence[str], dashed: Sequence[str] = ()) -> Dict[str, Style]:
     """name → its style, fixed by the name's position in ``names`` (the study's run order)."""
     mid = (len(names) - 1) / 2
+    step = min(OFFSET_DECADES, MAX_SPREAD_DECADES / max(1, len(names) - 1))
     return {name: Style(COLOURS[i % len(COLOURS)], MARKERS[i % len(MARKERS)],
-                        "--" if name in dashed else "-", 10 ** (OFFSET_DECADES * (i - mid)))
+                        "--" if name in dashed else "-", 10 ** (step * (i - mid)))
             for i, name in enumerate(names)}
 
 
