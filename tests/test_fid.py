@@ -399,8 +399,10 @@ def test_sample_folder_grid_is_left_out(tmp_path):
     folder = smooth_images(tmp_path / "samples", 3, seed=11)
     (folder / "preview").mkdir()
     Image.new("RGB", (256, 256)).save(folder / "preview" / "mosaic.png")
-    with pytest.raises(UserError, match="differ in size"):
-        scan_images(folder_files(folder))
+    from s2dm.errors import MetricWarning
+
+    with pytest.raises(UserError, match="differ in size"), pytest.warns(MetricWarning, match="1 in subfolders"):
+        scan_images(folder_files(folder))  # not a sample folder: preview/ is a subfolder like any other
     (folder / "metadata.json").write_text("{}")  # an s2dm sample folder
     assert len(folder_files(folder)) == 3
 
