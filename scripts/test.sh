@@ -2,7 +2,7 @@
 # Set up (with the test extras) and run the test suite; other arguments go to pytest.
 #   bash scripts/test.sh            every test (CI)
 #   bash scripts/test.sh --fast     all but the slow ones (torchrun, SIGKILL, study, Inception):
-#                                   -m "not slow", 3 min on 2 AVX-512 cores, 7 on 2 AVX2 cores (every test: 14, 27)
+#                                   -m "not slow", 3 min on 2 AVX-512 cores, 7 on 2 AVX2 cores (every test: 15, 27)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=()
