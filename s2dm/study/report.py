@@ -106,7 +106,7 @@ def report_markdown(rows: Sequence[dict], study, cost: dict, ema: Optional[Dict[
 
 def _deis_order_text(rows: Sequence[dict]) -> str:
     """The DEIS cells' order (``eval.order``), where the study has DEIS cells."""
-    orders = sorted({str(r["order"]) for r in rows if takes_order(r["sampler"]) and r.get("order", "") != ""})
+    orders = sorted({str(r["order"]) for r in rows if r.get("order", "") != ""})  # empty but for DEIS
     return f"; DEIS takes order {' or '.join(orders)}" if orders else ""
 
 

@@ -247,7 +247,7 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
     state = run.state
     if state.step >= cfg.train.steps:
         dist.print0(f"{run.out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
-        if not (state.step == cfg.train.steps and _missed(run)):
+        if not (state.step == cfg.train.steps and (_missed_evaluation(run) or _missed_mosaic(run))):
             return run.last_ckpt
     if dist.world_size() > 1:
         dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
@@ -322,9 +322,9 @@ def _loop(run: _Run) -> Path:
         run.log = log
         if state.step == 0:
             run.write(_start_record(run))
-        if _missed(run, "evaluation"):  # a run stopped between its checkpoint and its evaluation
+        if _missed_evaluation(run):  # a run stopped between its checkpoint and its evaluation
             _evaluate(run, bar)
-        if _missed(run, "mosaic"):  # ... or its mosaic (the same images: the EMA and seeds are saved)
+        if _missed_mosaic(run):  # ... or its mosaic (the same images: the EMA and seeds are saved)
             _preview(run, state.step)
         for x0 in loader_batches(loader):
             res = train_step(cfg, state, x0, run.schedule, run.device, stop_requested=stop.requested)
@@ -440,13 +440,17 @@ def _save_and_preview(run: _Run, res: StepResult, stop: StopRequest, bar) -> Non
         raise exc
 
 
-def _missed(run: _Run, what: str = "any") -> bool:
-    """Whether a resumed run's step lacks its evaluation or its preview mosaic (``what``: either
-    or ``any``): a kill after the checkpoint, before them. Every rank gets rank 0's answer."""
-    step, ev = run.state.step, run.evaluator
-    evaluation = ev is not None and ev.due(step) and step not in run.evaluated
-    mosaic = step > 0 and _mosaic_due(run.cfg, step) and dist.run0(lambda: not preview_path(run.out, step).is_file())
-    return {"evaluation": evaluation, "mosaic": mosaic, "any": evaluation or mosaic}[what]
+def _missed_evaluation(run: _Run) -> bool:
+    """Whether the step a run resumes from lacks its evaluation (a kill after its checkpoint)."""
+    ev, step = run.evaluator, run.state.step
+    return ev is not None and ev.due(step) and step not in run.evaluated
+
+
+def _missed_mosaic(run: _Run) -> bool:
+    """Whether the step a run resumes from lacks its preview mosaic (a kill after its
+    checkpoint); every rank gets rank 0's answer."""
+    step = run.state.step
+    return step > 0 and _mosaic_due(run.cfg, step) and dist.run0(lambda: not preview_path(run.out, step).is_file())
 
 
 def _mosaic_due(cfg: Config, step: int) -> bool:

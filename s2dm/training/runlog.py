@@ -66,10 +66,11 @@ class Window:
         counts, so that a window saved mid-way and resumed on another number of ranks weighs
         each step once (summed over W ranks, its steps before the checkpoint weighed W)."""
         self._flush()
+        if not main:
+            self.sums.pop("grad_norm", None)
+            self.counts.pop("grad_norm", None)
         keys = self.KEYS
-        own = {k: (self.sums.get(k, 0.0), self.counts.get(k, 0)) if main or k != "grad_norm" else (0.0, 0)
-               for k in keys}
-        total = reduce_sum([own[k][0] for k in keys] + [own[k][1] for k in keys])
+        total = reduce_sum([self.sums.get(k, 0.0) for k in keys] + [self.counts.get(k, 0) for k in keys])
         for i, k in enumerate(keys):
             if total[len(keys) + i] > 0:
                 self.sums[k], self.counts[k] = float(total[i]), int(total[len(keys) + i])
