@@ -19,7 +19,7 @@ from s2dm.core.schedule import NoiseSchedule
 from s2dm.io.checkpoint import save_run_checkpoint
 from s2dm.io.config import load_config
 from s2dm.training.curves import write_run_curves
-from s2dm.training.loop import train_step
+from s2dm.training.step import train_step
 from s2dm.training.state import RunState, new_state
 
 

@@ -42,7 +42,7 @@ from s2dm.metrics.sampled import sample_stats  # noqa: E402
 from s2dm.metrics.statistics import Stats  # noqa: E402
 from s2dm.samplers import expected_nfe  # noqa: E402
 from s2dm.samplers.options import SampleOptions  # noqa: E402
-from s2dm.training.loop import train_step  # noqa: E402
+from s2dm.training.step import train_step  # noqa: E402
 from s2dm.training.state import new_state  # noqa: E402
 from s2dm.util.memory import keep_freed_memory  # noqa: E402
 

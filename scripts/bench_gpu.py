@@ -118,7 +118,7 @@ def log(msg: str) -> None:
 # 1. the s2dm training step
 # ---------------------------------------------------------------------------------------
 def bench_train_step(args, device, precision: str, channels_last: bool, compile_: bool) -> dict:
-    from s2dm.training.loop import train_step, wrap_for_training
+    from s2dm.training.step import train_step, wrap_for_training
     from s2dm.training.state import new_state
 
     cfg = load_config(ROOT / args.config, [

@@ -59,7 +59,7 @@ from s2dm.core.schedule import NoiseSchedule  # noqa: E402
 from s2dm.core.unet import AttnBlock  # noqa: E402
 from s2dm.io.data import load_dataset  # noqa: E402
 from s2dm.samplers.generate import MIN_ROWS, generate  # noqa: E402
-from s2dm.training.loop import train_step, wrap_for_training  # noqa: E402
+from s2dm.training.step import train_step, wrap_for_training  # noqa: E402
 from s2dm.training.state import new_state  # noqa: E402
 from s2dm.util.images import to_uint8  # noqa: E402
 from s2dm.util.dist import available_cpus  # noqa: E402

@@ -38,6 +38,7 @@ rank = int(os.environ.get("RANK", "0"))
 import s2dm.io.config as C
 import s2dm.training.loop as T
 import s2dm.training.state as S
+import s2dm.training.step as St
 record = os.path.join(os.environ["S2DM_TEST_WRITES"], f"rank{rank}.txt")
 
 def note(what):
@@ -56,11 +57,11 @@ hook("grid", T, "write_mosaic")
 hook("config", C.Config, "dump")
 hook("truncate_log", T, "truncate_log")
 if os.environ.get("S2DM_TEST_POISON_RANK") == str(rank):
-    orig = T.compute_loss
+    orig = St.compute_loss
     def poisoned(cfg, model, x0, draws, schedule):
         loss, terms = orig(cfg, model, x0, draws, schedule)
         return loss + float("nan") * loss.detach(), terms
-    T.compute_loss = poisoned
+    St.compute_loss = poisoned
 from s2dm.cli import main
 sys.exit(main(sys.argv[1:]))
 '''

@@ -127,7 +127,7 @@ def test_the_training_step_keeps_t_on_the_cpu(loss_type):
     """compute_loss hands the losses the CPU draw of t, not a device copy of it."""
     from s2dm.io.config import load_config
     from s2dm.training.draws import draw_step
-    from s2dm.training.loop import compute_loss
+    from s2dm.training.step import compute_loss
 
     cfg = load_config("digits.yaml", [f"loss.type={loss_type}"])
     draws = draw_step(cfg, 0, (4, 1, 8, 8))

@@ -119,7 +119,7 @@ def test_a_forced_fresh_start_leaves_nothing_of_the_old_run_but_sample_folders(t
 
 def test_baseline_and_s2_see_identical_inputs(tmp_path, monkeypatch):
     """Same seed ⇒ same initial weights, data order, t and ε whatever loss.type is."""
-    import s2dm.training.loop as train_mod
+    import s2dm.training.step as train_mod
 
     seen = {}
     original = train_mod.compute_loss
@@ -174,7 +174,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch, capsys):
-    import s2dm.training.loop as train_mod
+    import s2dm.training.step as train_mod
 
     out = tmp_path / "run"
     assert main(tiny_args(out, 10)) == 0
@@ -198,7 +198,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints(tmp_path, monkeypatch, capsy
 def _poison_steps(monkeypatch, steps, *extra):
     """Make the loss of the given 0-based steps NaN (found by their drawn t, so it holds across
     a resume in the same process)."""
-    import s2dm.training.loop as train_mod
+    import s2dm.training.step as train_mod
     from conftest import TINY
     from s2dm.training.draws import draw_step
 

@@ -2,7 +2,7 @@
 (sampler, steps) cell, and write ``results.csv``, ``report.md`` and ``fd_vs_nfe.png``.
 
 The design is paired (docs/method.md §7): runs with the same training seed share initial weights,
-data order, t and ε (``training/loop.py`` derives every draw from (train.seed, step)); every model is
+data order, t and ε (``training/draws.py`` derives every draw from (train.seed, step)); every model is
 sampled from the same x_T per image seed; a second, independent draw of one model per cell
 measures the metric's own noise. A control run has no training of its own: it samples another
 run's weights with an ε-scaling (``eps_scale``); a sweep is one control per scale.
