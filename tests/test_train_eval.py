@@ -300,3 +300,68 @@ def test_fd_cnn_during_training(tmp_path, capsys):
     assert main(tiny_args(tmp_path / "fashion", 4, *EXTRA, *EVAL, "train.eval.metric=fd-cnn",
                           "data.dataset=folder", "data.root=.")) == 2
     assert "train.eval.metric: fd-cnn needs a labelled data set (digits, fashion_mnist); folder has" in capsys.readouterr().err
+
+
+def test_a_failed_start_of_evaluation_leaves_the_run_folder_as_it_was(tmp_path, capsys):
+    """Inception weights that exist but do not load fail at start-up: a fresh run leaves no
+    folder, a resume keeps its config.yaml, and --resume never --force keeps the old run."""
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    fid = (*EVAL, "train.eval.metric=fid", "train.eval.n=2049", f"train.eval.inception_weights={garbage}")
+    fresh = tmp_path / "fresh"
+    assert main(tiny_args(fresh, STEPS, *EXTRA, *fid)) == 2
+    assert capsys.readouterr().err.startswith("error: cannot load Inception weights")
+    assert not fresh.exists()
+
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA)) == 0
+    capsys.readouterr()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(tiny_args(out, STEPS, *EXTRA, *fid)) == 2
+    assert main([*tiny_args(out, STEPS, *EXTRA, *fid), "--resume", "never", "--force"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("error: cannot load Inception weights") for line in err), err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def _digit_folder(folder, invert: bool, count: int = 100):
+    """``count`` of the embedded digits as 8x8 grayscale PNGs (inverted: 255 - x)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder.mkdir()
+    images = np.round(load_digits().images[:count] * 255 / 16).astype(np.uint8)
+    for i, im in enumerate(images):
+        Image.fromarray(255 - im if invert else im, mode="L").save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_the_reference_is_made_again_from_another_data_root(tmp_path):
+    """ref_pixels.npz is reused only for the data it was made from: a resume that points
+    data.root at another folder scores against that folder's statistics."""
+    a, b = _digit_folder(tmp_path / "a", invert=False), _digit_folder(tmp_path / "b", invert=True)
+    folder = ("data.dataset=folder", "data.image_size=8", "data.channels=1")
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA, *EVAL, *folder, f"data.root={a}")) == 0
+    ref_a = Stats.load(out / "ref_pixels.npz")
+    assert main(tiny_args(out, 8, *EXTRA, *EVAL, *folder, f"data.root={b}")) == 0
+    ref_b = Stats.load(out / "ref_pixels.npz")
+    want_a = reference_stats(a, tmp_path / "a.npz", features="pixels")
+    want_b = reference_stats(b, tmp_path / "b.npz", features="pixels")
+    # the same uint8 pixels in float64 either way: equal to round-off (measured max |diff| ~1e-16)
+    assert np.allclose(ref_a.mu, want_a.mu, atol=1e-12) and np.allclose(ref_b.mu, want_b.mu, atol=1e-12)
+    assert np.allclose(ref_b.sigma, want_b.sigma, atol=1e-12) and not np.allclose(ref_a.mu, ref_b.mu, atol=0.1)
+    assert json.loads((out / "ref_pixels.json").read_text())["data"]["root"] == str(b.resolve())
+    assert [r["ref"] for r in evals(out)] == [str(out / "ref_pixels.npz")] * 2
+
+
+def test_a_reference_of_fewer_images_than_features_warns(tmp_path, capsys):
+    small = _digit_folder(tmp_path / "small", invert=False, count=40)
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA, *EVAL, "data.dataset=folder", "data.image_size=8",
+                          "data.channels=1", f"data.root={small}")) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warned == ["warning: the reference has 40 training images for 64-d features: its covariance is "
+                      "singular and the FD-pixels values are less accurate (more training images, or another "
+                      "train.eval.metric, avoid it)"], warned

@@ -39,7 +39,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
@@ -291,6 +291,16 @@ def _dataset_batches(ds, limit: Optional[int], batch_size: int, num_workers: int
 def training_images_label(data) -> str:
     """How statistics name a data set's training images (``data``: a ``DataConfig``)."""
     return f"{data.dataset} train {data.image_size}x{data.image_size}"
+
+
+def training_images_record(data) -> dict:
+    """What decides a data set's training images (``data``: a ``DataConfig``, or a record's
+    ``data`` as a mapping): reference statistics made from another record are made again. The
+    loader's settings (workers, download, flips: items carry no augmentation) are not in it."""
+    get = data.get if isinstance(data, Mapping) else lambda key: getattr(data, key)
+    root = get("root")
+    return {"dataset": get("dataset"), "root": None if root is None else str(Path(root).expanduser().resolve()),
+            "image_size": get("image_size"), "channels": get("channels")}
 
 
 def dataset_stats(ds, ext: FeatureExtractor, label: str, n: Optional[int] = None, batch_size: int = 50,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,7 +34,7 @@ from ..io.checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from ..io.config import load_config
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import (Stats, extractor_for, frechet_distance, metric_label, reference_stats,
-                           training_images_label)
+                           training_images_label, training_images_record)
 from ..metrics.sampled import sample_stats
 from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
@@ -128,7 +127,7 @@ def _checkpoint_of(out: Path, run: Run, seed: int) -> Path:
 
 def reference(study: Study, out: Path, features: str, make: bool = True) -> Optional[Stats]:
     """Statistics of the full training set (the study's data), made once per study folder and
-    data: ``ref_<features>.json`` records the data section they were made from, and other data
+    data: ``ref_<features>.json`` records the data they were made from (``training_images_record``), and other data
     makes them again. A file made by an earlier s2dm (no such record) is kept when the data set
     and size in its label are the study's. ``make=False``: None instead of making them."""
     path, made_from = out / f"ref_{features}.npz", out / f"ref_{features}.json"
@@ -136,7 +135,8 @@ def reference(study: Study, out: Path, features: str, make: bool = True) -> Opti
     data = load_config(study.train_config, sets).data
     if path.is_file():
         recorded = read_record(made_from)
-        if recorded is not None and recorded.get("data") == asdict(data):
+        if isinstance((recorded or {}).get("data"), dict) and \
+                training_images_record(recorded["data"]) == training_images_record(data):
             return Stats.load(path)
         if not made_from.exists():
             stats = Stats.load(path)
@@ -147,7 +147,7 @@ def reference(study: Study, out: Path, features: str, make: bool = True) -> Opti
     made_from.unlink(missing_ok=True)  # no record of stale statistics while they are remade
     stats = reference_stats(study.train_config, path, features=features, overrides=sets, force=True,
                             device="cpu" if features in ("pixels", "cnn") else "auto", progress=False)
-    atomic_write_text(made_from, json.dumps({"data": asdict(data)}, indent=2))
+    atomic_write_text(made_from, json.dumps({"data": training_images_record(data)}, indent=2))
     return Stats.load(stats.path)
 
 

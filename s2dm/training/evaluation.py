@@ -7,7 +7,8 @@ steps, one ``log.jsonl`` record each, and the ``checkpoints/best`` pointer.
   per-seed generators, and every training draw is derived from (train.seed, step) anyway
   (``draws.py``), so a run ends with the same weights with or without evaluation.
 - The reference statistics are the training images', made once and kept beside the run
-  (``RUN/ref_<features>.npz``); a file made from other data or features is made again.
+  (``RUN/ref_<features>.npz``, with ``ref_<features>.json``: the data settings it was made
+  from); a file made from other data (another ``data.root`` too) or features is made again.
 - Under torchrun every rank samples its part of the seeds and extracts its part of the
   reference (``metrics/sampled.py``); rank 0 writes the files.
 - Labels follow ``s2dm fid``: FD-pixels is never called FID, and a FID of fewer than 50,000
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,11 +30,11 @@ from typing import Optional
 import torch
 
 from ..core.schedule import NoiseSchedule
-from ..errors import MetricError, RunError
+from ..errors import MetricError, MetricWarning, RunError
 from ..io.checkpoint import BEST, checkpoint_name, point, prune
 from ..io.config import EVAL_METRICS, Config, check_eval_n
 from ..metrics.features import FeatureExtractor
-from ..metrics.fid import Stats, dataset_stats, frechet_distance, training_images_label
+from ..metrics.fid import Stats, dataset_stats, frechet_distance, training_images_label, training_images_record
 from ..metrics.classifier import architecture
 from ..metrics.inception import resolve_inception_weights
 from ..metrics.sampled import sample_stats
@@ -40,6 +42,8 @@ from ..metrics.statistics import metric_label, metric_name
 from ..samplers import takes_order
 from ..samplers.options import SampleOptions
 from ..util import dist
+from ..util.fileio import atomic_write_text
+from ..util.records import reusable_record
 
 # The fields of an eval record that define what was measured: ``best`` compares records that agree on them.
 SETTINGS = ("metric", "n", "seeds", "sampler", "steps", "grid", "eta", "order", "eps_scale", "legacy_pndm_index")
@@ -76,6 +80,27 @@ class Evaluator:
     extractor: FeatureExtractor
     ref: Stats
     best: Optional[dict] = None  # the best record so far with these settings
+    unsaved_reference: Optional[Path] = None  # where a reference made by this run goes
+
+    def keep_reference(self) -> None:
+        """Write a reference made by this run (rank 0; the run folder exists), with the record of
+        the data it was made from. A full disk is one RunError; no checkpoint is touched."""
+        path = self.unsaved_reference
+        if path is None:
+            return
+
+        def write():
+            try:
+                path.with_suffix(".json").unlink(missing_ok=True)  # no record of the old file while it is replaced
+                self.ref.save(path)
+                atomic_write_text(path.with_suffix(".json"),
+                                  json.dumps({"data": training_images_record(self.cfg.data)}, indent=2))
+            except OSError as exc:
+                raise RunError(f"could not write the reference statistics {path}: {exc.strerror or exc}; no "
+                               "checkpoint was touched") from None
+
+        dist.run0(write)
+        self.ref.path, self.unsaved_reference = str(path), None
 
     @property
     def every(self) -> int:
@@ -154,8 +179,10 @@ class Evaluator:
 
 def set_up_evaluation(cfg: Config, run_dir: Path, dataset, schedule: NoiseSchedule,
                       device: torch.device) -> Optional[Evaluator]:
-    """The run's Evaluator (None when ``train.eval_every`` is 0), its reference statistics
-    made or reused; every rank calls it, after the run folder exists."""
+    """The run's Evaluator (None when ``train.eval_every`` is 0) with its reference statistics,
+    read from ``RUN/ref_<features>.npz`` or made in memory. Every rank calls it BEFORE the run
+    folder is prepared, so that what can fail here (the weights, the training images) fails
+    with the folder as it was; ``Evaluator.keep_reference`` writes a newly made reference."""
     if not cfg.train.eval_every:
         return None
     ev = cfg.train.eval
@@ -164,36 +191,33 @@ def set_up_evaluation(cfg: Config, run_dir: Path, dataset, schedule: NoiseSchedu
                                  weights=ev.inception_weights if features == "inception" else None,
                                  data=cfg.data if features == "cnn" else None, progress=False)
     extractor.load()
-    ref = _reference(cfg, run_dir, dataset, extractor)
-    return Evaluator(cfg, run_dir / "checkpoints", schedule, device, extractor, ref)
+    path = run_dir / f"ref_{extractor.kind}.npz"
+    label, made_from = training_images_label(cfg.data), training_images_record(cfg.data)
+    ref = dist.run0(lambda: _cached_reference(path, extractor.kind, label, made_from, len(dataset),
+                                              extractor.weights_sha256))
+    evaluator = Evaluator(cfg, run_dir / "checkpoints", schedule, device, extractor, ref)
+    if ref is None:
+        evaluator.ref = dataset_stats(dataset, extractor, label, batch_size=extractor.batch_size)
+        evaluator.unsaved_reference = path
+    _warn_if_singular(evaluator.ref)
+    return evaluator
 
 
-def _reference(cfg: Config, run_dir: Path, dataset, extractor: FeatureExtractor) -> Stats:
-    """The training images' statistics, cached at ``RUN/ref_<features>.npz``: reused when
-    made from this data set (name, size, count) with these features (and weights), else made
-    and written (a full disk is one RunError; no checkpoint is touched)."""
-    kind = extractor.kind
-    path = run_dir / f"ref_{kind}.npz"
-    label = training_images_label(cfg.data)
-    cached = dist.run0(lambda: _cached_reference(path, kind, label, len(dataset), extractor.weights_sha256))
-    if cached is not None:
-        return cached
-    stats = dataset_stats(dataset, extractor, label, batch_size=extractor.batch_size)
-
-    def write():
-        try:
-            stats.save(path)
-        except OSError as exc:
-            raise RunError(f"could not write the reference statistics {path}: {exc.strerror or exc}; no "
-                           "checkpoint was touched") from None
-
-    dist.run0(write)
-    stats.path = str(path)
-    return stats
+def _warn_if_singular(ref: Stats) -> None:
+    """Fewer training images than features: the reference's covariance is singular, and
+    every value is less accurate (the generated side's ``train.eval.n`` is checked at load)."""
+    if ref.n is not None and ref.n <= ref.dim:
+        warnings.warn(MetricWarning(
+            f"the reference has {ref.n} training images for {ref.dim}-d features: its covariance is singular "
+            f"and the {metric_name(ref.features)} values are less accurate (more training images, or another "
+            "train.eval.metric, avoid it)"))
 
 
-def _cached_reference(path: Path, kind: str, label: str, n: int, weights_sha256: Optional[str]) -> Optional[Stats]:
-    if not path.is_file():
+def _cached_reference(path: Path, kind: str, label: str, made_from: dict, n: int,
+                      weights_sha256: Optional[str]) -> Optional[Stats]:
+    """The statistics at ``path`` if made from this data (``ref_<features>.json`` records its
+    data settings) with these features and weights; else None (made again)."""
+    if not path.is_file() or reusable_record(path.with_suffix(".json"), "data", made_from) is None:
         return None
     try:
         stats = Stats.load(path)

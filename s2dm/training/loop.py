@@ -146,7 +146,8 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
         check_tensorboard()
     check_eval_setup(cfg)
     # Everything that can fail before step 1 (folder state, device, data, checkpoints, weights
-    # to start from) is checked before the run folder is created: no empty run folders.
+    # to start from, the evaluation's weights and reference) is checked before the run folder
+    # is created or changed: no empty run folders, no old run's files lost to a failed start.
     resuming = dist.run0(lambda: check_folder(out, resume, force))
     try:
         device = pick_device(cfg.train.device)
@@ -157,6 +158,7 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
     state = new_state(cfg, device)
     last_ckpt = restore(state, cfg, out / "checkpoints", device) if resuming else None
     init = init_weights_from(init_from, state.model, state.ema, cfg, resumed=bool(last_ckpt))  # new runs only
+    evaluator = set_up_evaluation(cfg, out, dataset, schedule, device)  # loads weights, may read every image
     dist.run0(lambda: prepare_folder(out, resume))
     if dist.is_main():
         if last_ckpt:
@@ -168,9 +170,9 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
             log_path.unlink(missing_ok=True)
         if not (last_ckpt and state.step >= cfg.train.steps):  # nothing to train: the file says what trained
             cfg.dump(out / "config.yaml")
-    run = _Run(cfg, out, device, dataset, schedule, state, last_ckpt, init)
-    run.evaluator = set_up_evaluation(cfg, out, dataset, schedule, device)
+    run = _Run(cfg, out, device, dataset, schedule, state, last_ckpt, init, evaluator)
     if run.evaluator is not None:
+        run.evaluator.keep_reference()
         run.evaluated = frozenset(dist.run0(lambda: run.evaluator.resume(log_path)))
         dist.print0(describe(run.evaluator))
     return run
