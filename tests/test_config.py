@@ -64,11 +64,50 @@ def test_overrides_parse_yaml_values():
     ("optim.eps=-1", "optim.eps"),
     ("optim.eps=0", "optim.eps"),
     ("optim.weight_decay=-1", "optim.weight_decay"),
+    # infinities: lr .inf trained on NaN, eps .inf froze the weights, with no word of the key
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.eps=.inf", "optim.eps"),
+    ("optim.weight_decay=.inf", "optim.weight_decay"),
+    ("loss.tau=-.inf", "loss.tau"),
+    ("train.ema_decay=.nan", "train.ema_decay"),
+    # YAML 1.1's other number forms are text here, not a silently changed number
+    ("train.steps=1:30", "train.steps"),
+    ("train.eval.n=0x400", "train.eval.n"),
+    ("train.steps=1_000", "train.steps"),
 ])
 def test_errors_name_the_dotted_key(override, key):
     with pytest.raises(UserError) as err:
         load_config("configs/digits.yaml", [override])
     assert str(err.value).startswith(key), str(err.value)
+
+
+def test_numbers_are_read_as_written(tmp_path):
+    """YAML 1.1 read 010 as 8 and 0777 as 511 (octal); a seed or step count keeps its digits,
+    and 2e3 (no dot) is a number, 2000 where an integer is wanted."""
+    cfg = load_config("configs/digits.yaml", ["train.steps=010", "train.seed=0777", "train.eval.n=2e3",
+                                              "optim.lr=2e-4", "optim.eps=1E-8"])
+    assert (cfg.train.steps, cfg.train.seed, cfg.train.eval.n) == (10, 777, 2000)
+    assert (cfg.optim.lr, cfg.optim.eps) == (2e-4, 1e-8)
+    p = write(tmp_path, "train:\n  steps: 0100\n  seed: 1e3\n")
+    assert (load_config(p).train.steps, load_config(p).train.seed) == (100, 1000)
+    # text that reads as a number is quoted in config.yaml, so a run resumes with it as text
+    cfg = load_config("configs/digits.yaml", ["data.dataset=folder", "data.root='2e3'", "train.steps=010"])
+    cfg.dump(tmp_path / "out.yaml")
+    assert "root: '2e3'" in (tmp_path / "out.yaml").read_text()
+    assert load_config(tmp_path / "out.yaml") == cfg and cfg.data.root == "2e3"
+
+
+def test_a_config_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
+    from s2dm.cli import main
+
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("data:\n  dataset: folder\n  root: /donn\xe9es\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"not UTF-8 text \(byte 0xe9 on line 3\); save the file as UTF-8"):
+        load_config(p)
+    assert main(["train", "--config", str(p), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {p}: not UTF-8 text") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):

@@ -111,7 +111,10 @@ def test_the_reference_is_made_again_for_other_data(tmp_path):
     made = ref.stat().st_mtime_ns
     runner.reference(study, out, "pixels")
     assert ref.stat().st_mtime_ns == made  # the same data: kept
-    data["set"]["data.random_flip"] = True
+    data["set"]["data.random_flip"] = True  # the loader's flips: the same images
+    runner.reference(load_study(write(tmp_path, data)), out, "pixels")
+    assert ref.stat().st_mtime_ns == made
+    data["set"]["data.image_size"] = 16  # the digits resized: other images
     other = load_study(write(tmp_path, data))
     assert runner.reference(other, out, "pixels", make=False) is None  # --report-only: no statistics of other data
     runner.reference(other, out, "pixels")

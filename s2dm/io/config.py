@@ -5,6 +5,7 @@ Every error names the offending key by its dotted name (``loss.tau``) so a user 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -140,7 +141,37 @@ class Config:
         return dataclasses.asdict(self)
 
     def dump(self, path: Union[str, Path]) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))  # never half a file
+        atomic_write_text(path, yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False))  # never half a file
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the numbers of YAML 1.2's core schema: ``010`` is 10 and ``2e3`` 2000.0, where
+    PyYAML's YAML 1.1 reads 8 (octal), 90 for ``1:30`` (base 60), 1024 for ``0x400`` and the
+    text "2e3" (no dot): a seed or step count must not change silently."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes ``config.yaml`` so that ``_Loader`` reads it back: text that it would read as a
+    number (a ``data.root`` named 2e3) is quoted."""
+
+
+for _yaml in (_Loader, _Dumper):
+    _yaml.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _yaml.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    _yaml.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                   r"|\.(?:nan|NaN|NAN))$"),
+        list("-+.0123456789"))
+_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as s2dm reads every config, study and override (``_Loader``'s numbers)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -155,12 +186,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for option in inner[:-1]:  # the first type that takes the value; the last one reports
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for option in inner:  # the first type that takes the value
             try:
                 return _coerce(value, option, key)
             except ConfigError:
                 pass
-        return _coerce(value, inner[-1], key)
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} {value!r}", key=key)
     if origin in (list, List):
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -181,11 +215,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():  # 2e3 steps
+            return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+            value = float(value)  # the Python API's "1e-3"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # no setting takes an infinity: lr .inf would train on NaN
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}", key=key)
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -384,7 +422,7 @@ def parse_override(text: str) -> tuple:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}", key="overrides")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -443,7 +481,15 @@ def find_config(name: Union[str, Path], folder: Union[str, Path, None] = None) -
 def read_yaml(path: Union[str, Path]) -> dict:
     path = find_config(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} on line {line}); save the "
+                          "file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
