@@ -206,15 +206,34 @@ def test_eval_panel_stars_each_runs_lowest_value(tmp_path):
     runs = [run_with(tmp_path, "a", [1.0] * 16, evals=evals),
             run_with(tmp_path, "b", [1.0] * 16, evals=[(200, 0.4), (400, 0.35), (600, 0.3), (800, 0.1)])]
     ax = plot_runs(runs).axes[3]
-    lines = lines_of(ax)
-    assert list(lines["a: FD-pixels-1k"].get_xdata()) == [200, 400, 600, 800]
-    assert list(lines["a: FD-pixels-1k"].get_ydata()) == [0.5, 0.2, 0.25, 0.3]
-    assert (list(lines["a: FD-pixels-1k best"].get_xdata()), list(lines["a: FD-pixels-1k best"].get_ydata())) \
-        == ([400], [0.2])
-    assert list(lines["b: FD-pixels-1k best"].get_xdata()) == [800]
-    assert lines["a: FD-pixels-1k best"].get_marker() == "*"
-    assert "FD-pixels-1k" in ax.get_ylabel()
+    lines, key = lines_of(ax), "FD-pixels-1k, ddim 20 steps (NFE 20)"
+    assert list(lines[f"a: {key}"].get_xdata()) == [200, 400, 600, 800]
+    assert list(lines[f"a: {key}"].get_ydata()) == [0.5, 0.2, 0.25, 0.3]
+    assert (list(lines[f"a: {key} best"].get_xdata()), list(lines[f"a: {key} best"].get_ydata())) == ([400], [0.2])
+    assert list(lines[f"b: {key} best"].get_xdata()) == [800]
+    assert lines[f"a: {key} best"].get_marker() == "*"
+    assert "FD-pixels-1k" in ax.get_ylabel() and ax.get_title() == f"evaluation: {key} (★ best)"
     assert not any(t.get_text() == NO_EVAL_TEXT for t in ax.texts)
+
+
+def test_eval_settings_changed_on_resume_draw_two_series(tmp_path):
+    """A run resumed with other train.eval settings: each setting its own series and star (as
+    ``checkpoints/best`` compares one setting's values), named with its sampler, steps, NFE."""
+    five = [evaluation(s, v, metric="FD-pixels-100") | {"steps": 5, "nfe": 5} for s, v in
+            [(50, 10.9), (100, 6.4), (150, 4.3), (200, 2.9)]]
+    one = [evaluation(s, v, metric="FD-pixels-100") | {"steps": 1, "nfe": 1, "grid": "trailing"} for s, v in
+           [(250, 11.6), (300, 11.5)]]
+    run = write_log(tmp_path / "r", [START] + [window(50 * i, 1.0) for i in range(1, 7)] + five + one)
+    assert len(read_log(run).evals) == 6
+    ax = plot_runs([run]).axes[3]
+    lines = lines_of(ax)
+    five_key, one_key = "FD-pixels-100, ddim 5 steps (NFE 5)", "FD-pixels-100, ddim 1 step (NFE 1), grid trailing"
+    assert list(lines[f"r: {five_key}"].get_xdata()) == [50, 100, 150, 200]
+    assert list(lines[f"r: {one_key}"].get_xdata()) == [250, 300]
+    assert list(lines[f"r: {five_key} best"].get_xdata()) == [200] and list(lines[f"r: {one_key} best"].get_xdata()) == [300]
+    assert lines[f"r: {five_key}"].get_marker() != lines[f"r: {one_key}"].get_marker()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == sorted([five_key, one_key])
+    assert ax.get_title() == "evaluation (★ best of each setting)"
 
 
 def test_eval_panel_without_evaluations_says_so(tmp_path):

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from ..errors import RunError
 from ..util.fileio import atomic_write
 from ..util.plots import COLOURS, MARKERS
+from ..util.textfmt import plural
 
 # The smoothing window is 4 % of the curve's points, so it spans the same width of the x axis,
 # and reads the same, for 200 or 2,000 log windows; a log of fewer than 50 windows is drawn as it is.
@@ -63,7 +64,7 @@ def read_log(run: Union[str, os.PathLike]) -> RunLog:
         if event is None:
             windows[rec["step"]] = rec
         elif event == "eval" and "value" in rec:
-            evals[(rec["step"], str(rec.get("metric", "metric")))] = rec
+            evals[(rec["step"], eval_series(rec))] = rec
         elif event == "start":
             start = rec
     if not windows and not evals:
@@ -235,12 +236,12 @@ def quartile_labels(T: Optional[int]) -> List[str]:
 
 
 def _eval_panel(ax, drawn: Drawn) -> bool:
-    """Each run's metric values, markers and lines, its lowest (best) value starred; several
-    metric labels share the axis, one marker each. Without evaluations: a note, no ticks.
-    Returns whether anything was drawn."""
-    metrics = sorted({_metric(e) for _, log, _ in drawn for e in log.evals})
-    ax.set_title("evaluation (★ best)")
-    if not metrics:
+    """Each run's metric values, markers and lines, its lowest (best) value starred. One
+    series per evaluation setting (metric, sampler, steps, ...: a resume may change them, and
+    ``best`` compares one setting's values only), one marker each. Without evaluations: a note,
+    no ticks. Returns whether anything was drawn."""
+    keys = sorted({eval_series(e) for _, log, _ in drawn for e in log.evals})
+    if not keys:
         ax.set_title("evaluation")
         ax.text(0.5, 0.5, NO_EVAL_TEXT, ha="center", va="center", transform=ax.transAxes, color="0.4")
         ax.set_xticks([])
@@ -248,18 +249,41 @@ def _eval_panel(ax, drawn: Drawn) -> bool:
         return False
     for i, (name, log, colour) in enumerate(drawn):
         star = 17 - 5 * (i % 2)  # runs whose bests coincide show nested stars, not one hiding another
-        for metric, marker in zip(metrics, MARKERS):
-            xs, ys = series([e for e in log.evals if _metric(e) == metric], "value")
-            _eval_line(ax, (xs, ys), colour, marker, star, f"{name}: {metric}")
+        for key, marker in zip(keys, MARKERS):
+            xs, ys = series([e for e in log.evals if eval_series(e) == key], "value")
+            _eval_line(ax, (xs, ys), colour, marker, star, f"{name}: {key}")
     _log_y_if_wide(ax)
+    metrics = sorted({str(e.get("metric", "metric")) for _, log, _ in drawn for e in log.evals})
     ax.set_ylabel(" / ".join(metrics) + " (lower is better)")
-    if len(metrics) > 1:
-        _marker_legend(ax, [dict(marker=m) for m in MARKERS[:len(metrics)]], metrics)
+    if len(keys) > 1:
+        ax.set_title("evaluation (★ best of each setting)")
+        _marker_legend(ax, [dict(marker=m) for m in MARKERS[:len(keys)]], keys)
+    else:
+        ax.set_title(f"evaluation: {keys[0]} (★ best)", fontsize="medium")
     return True
 
 
-def _metric(record: dict) -> str:
-    return str(record.get("metric", "metric"))
+def eval_series(record: dict) -> str:
+    """What an evaluation's value measures, in words: ``FD-pixels-100, ddim 5 steps (NFE 5)``,
+    with the grid, η, order, ε-scale and seeds where they are not the defaults; records of one
+    series compare. (A record of an earlier s2dm without these fields: its metric.)"""
+    parts = [str(record.get("metric", "metric"))]
+    if "sampler" in record and "steps" in record:
+        nfe = f" (NFE {record['nfe']})" if record.get("nfe") is not None else ""
+        parts.append(f"{record['sampler']} {plural(record['steps'], 'step')}{nfe}")
+    if record.get("grid") not in (None, "uniform"):
+        parts.append(f"grid {record['grid']}")
+    if record.get("eta") and record.get("sampler") == "ddim":
+        parts.append(f"η {record['eta']:g}")
+    if record.get("order") is not None:
+        parts.append(f"order {record['order']}")
+    if record.get("eps_scale"):
+        parts.append(f"ε-scale {record['eps_scale']}")
+    if record.get("legacy_pndm_index"):
+        parts.append("legacy PNDM index")
+    if record.get("seeds") and not str(record["seeds"]).startswith("0-"):
+        parts.append(f"seeds {record['seeds']}")
+    return ", ".join(parts)
 
 
 def _eval_line(ax, data: Series, colour: str, marker: str, star: float, label: str) -> None:
