@@ -98,7 +98,7 @@ def cmd_sample(args) -> int:
     meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
                             device=args.device)
     held = "" if meta["n_images"] == len(seeds) else f"; the folder holds {meta['n_images']}"
-    steps = (f"{options.steps} steps" if meta["steps"] == options.steps  # a quad grid can collapse points
+    steps = (plural(options.steps, "step") if meta["steps"] == options.steps  # a quad grid can collapse points
              else f"{options.steps} steps asked, {meta['steps']} walked")
     print(f"{plural(len(seeds), 'image')} in {out}{held} (sampler {options.sampler}, {steps}, "
           f"NFE {meta['nfe']}); mosaic: {Path(out) / MOSAIC}")

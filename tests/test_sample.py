@@ -338,3 +338,111 @@ def test_a_folder_being_added_to_is_unfinished_until_done(tiny_run, tmp_path, mo
     monkeypatch.undo()
     meta = sample_to_folder(tiny_run, out, SampleOptions(sampler="ddpm", steps=3), seeds=range(4))
     assert meta["complete"] is True and (meta["seeds"], meta["n_images"]) == ("0-3", 4)  # 42.png is no seed's
+
+
+def test_the_newest_checkpoints_folder_after_the_run_trains_further(tmp_path, capsys):
+    """ddim-2 is the newest checkpoint's folder: once the run trains past the checkpoint whose
+    images it holds, the same command moves them to ddim-2-step10 and samples the new one."""
+    from conftest import tiny_args
+
+    run = tmp_path / "run"
+    assert main(tiny_args(run, 10)) == 0
+    sample = ["sample", "--ckpt", str(run), "--steps", "2", "--n", "3"]
+    assert main(sample) == 0
+    step10 = files(run / "samples" / "ddim-2")
+    assert main(tiny_args(run, 20)) == 0
+    capsys.readouterr()
+    assert main(sample) == 0
+    err = capsys.readouterr().err
+    moved = run / "samples" / "ddim-2-step10"
+    assert f"note: {run / 'samples' / 'ddim-2'} held the images of step 10, which the run has trained past: " \
+           f"moved to {moved}" in err
+    assert files(moved) == step10 and made_with(moved)["checkpoint_step"] == 10
+    assert made_with(run / "samples" / "ddim-2")["checkpoint_step"] == 20
+    step20 = files(run / "samples" / "ddim-2")
+    assert step20.keys() == step10.keys() and step20 != step10  # the newer weights' images
+    # sampling step 10 again adds to its folder, not to a third one
+    assert main(["sample", "--ckpt", str(run / "checkpoints" / "ckpt_00000010.pt"), "--steps", "2", "--n", "4"]) == 0
+    assert sorted(p.name for p in (run / "samples").iterdir() if p.is_dir()) == ["ddim-2", "ddim-2-step10"]
+    assert len(files(moved)) == 4
+
+
+def test_a_moved_run_adds_to_its_sample_folders(tiny_run, tmp_path):
+    import shutil
+
+    first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    shutil.copytree(tiny_run, first, ignore=shutil.ignore_patterns("samples"), copy_function=shutil.copy2)
+    sample = ["sample", "--steps", "2", "--n", "2"]
+    assert main([*sample, "--ckpt", str(first)]) == 0
+    shutil.move(first.parent, second.parent)  # mv keeps the checkpoint's size and time
+    assert main([*sample[:-1], "3", "--ckpt", str(second)]) == 0
+    meta = made_with(second / "samples" / "ddim-2")
+    assert meta["checkpoint"] == str((second / "checkpoints" / "ckpt_00000020.pt").resolve())
+    assert len(files(second / "samples" / "ddim-2")) == 3
+
+
+def test_images_without_metadata_are_kept_only_if_these_settings_make_them(tiny_run, tmp_path, capsys):
+    out = tmp_path / "s"
+    sample_to_folder(tiny_run, out, SampleOptions(steps=3), seeds=range(4), batch_size=4)
+    ddim = files(out)
+    (out / "metadata.json").unlink()
+    with pytest.raises(UserError, match=r"holds 4 images but no metadata.json, and 000000.png is not what these "
+                                        r"settings make from this checkpoint"):
+        sample_to_folder(tiny_run, out, SampleOptions(sampler="deis", steps=3), seeds=range(8), batch_size=8)
+    assert files(out) == ddim and not (out / "metadata.json").exists()  # nothing written
+    capsys.readouterr()
+    sample_to_folder(tiny_run, out, SampleOptions(steps=3), seeds=range(6), batch_size=8)
+    assert "images 0,3 are what these settings make, so the folder's images are kept" in capsys.readouterr().err
+    assert {k: v for k, v in files(out).items() if k in ddim} == ddim and len(files(out)) == 6
+    assert made_with(out)["complete"] and made_with(out)["sampler"] == "ddim"
+
+
+def test_the_deis_order_does_not_tell_ddim_folders_apart(tiny_run, tmp_path):
+    out = tmp_path / "s"
+    sample_to_folder(tiny_run, out, SampleOptions(steps=3), seeds=range(2), batch_size=2)
+    sample_to_folder(tiny_run, out, SampleOptions(steps=3, order=2), seeds=range(3), batch_size=2)
+    assert len(files(out)) == 3
+    deis = tmp_path / "d"
+    sample_to_folder(tiny_run, deis, SampleOptions(sampler="deis", steps=3), seeds=range(2), batch_size=2)
+    with pytest.raises(UserError, match="holds images made with order 3, not 2"):
+        sample_to_folder(tiny_run, deis, SampleOptions(sampler="deis", steps=3, order=2), seeds=range(2))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(seeds=[]), "seeds: no image seeds given"),
+    (dict(seeds=[-3]), "seeds: image seeds are integers >= 0, not -3"),
+    (dict(seeds=[1, 1]), "seeds: seed 1 is given twice"),
+    (dict(seeds=[0.5]), "seeds: image seeds are integers >= 0, not 0.5"),
+    (dict(seeds=range(2), batch_size=0), "batch_size: expected a positive integer, got 0"),
+])
+def test_the_api_checks_seeds_and_batch_size_before_writing(tiny_run, tmp_path, kwargs, message):
+    from s2dm.errors import SamplerError
+
+    out = tmp_path / "s"
+    with pytest.raises(SamplerError, match=message):
+        sample_to_folder(tiny_run, out, SampleOptions(steps=2), **kwargs)
+    assert not out.exists()
+    ck = load_checkpoint(tiny_run)
+    schedule = NoiseSchedule.from_config(ck.config.diffusion)
+    with pytest.raises(SamplerError, match=message):
+        generate(ck.ema, schedule, kwargs["seeds"], image_shape=(1, 8, 8), batch_size=kwargs.get("batch_size", 4))
+
+
+def test_generate_samples_in_eval_mode_and_gives_the_mode_back(tiny_run):
+    """A model in training mode (dropout 0.1) gives the images of its eval mode, every call."""
+    ck = load_checkpoint(tiny_run)
+    schedule = NoiseSchedule.from_config(ck.config.diffusion)
+    dropouts = [m for m in ck.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for m in dropouts:  # the digits config has none; with it, a training-mode call would draw masks
+        m.p = 0.1
+    want, _ = generate(ck.model, schedule, [2], image_shape=(1, 8, 8), steps=3)
+    ck.model.train()
+    got = [generate(ck.model, schedule, [2], image_shape=(1, 8, 8), steps=3)[0] for _ in range(2)]
+    assert torch.equal(got[0], want) and torch.equal(got[1], want) and ck.model.training
+
+
+def test_eta_folder_names_keep_the_digits_that_tell_them_apart():
+    names = {SampleOptions(eta=e).folder_name() for e in (0.1234561, 0.1234562)}
+    assert names == {"ddim-50-eta0.1234561", "ddim-50-eta0.1234562"}
+    assert SampleOptions(eta=0.5).folder_name() == "ddim-50-eta0.5" and SampleOptions(eta=1.0).folder_name() == "ddim-50-eta1"

@@ -1,5 +1,6 @@
 """Properties of s2dm.samplers: exactness, NFE, grids, errors, ε-scaling, DEIS accuracy."""
 import math
+import re
 import warnings
 
 import pytest
@@ -453,3 +454,11 @@ def test_progress_and_cache(capsys):
     assert deis_coefficients.cache_info().misses == 1  # coefficients once per (grid, order)
     assert "deis: 10/10 NFE" in capsys.readouterr().err
     assert set(SAMPLERS) == {"ddim", "ddpm", "pndm", "spndm", "deis", "deis-rho"}
+
+
+@pytest.mark.parametrize("eta", [None, "0.5", "abc", True])
+def test_a_ddim_eta_that_is_not_a_number_is_a_sampler_error(eta):
+    from s2dm.errors import SamplerError
+
+    with pytest.raises(SamplerError, match=rf"^eta: expected a number, got {re.escape(repr(eta))}$"):
+        check_options(SCHED, sampler="ddim", steps=10, eta=eta)

@@ -1,4 +1,5 @@
 import math
+import re
 import warnings
 
 import numpy as np
@@ -126,3 +127,26 @@ def test_explicit_grid_and_errors():
         timestep_grid("uniform", 0, 1000)
     with pytest.raises(UserError, match="unknown grid"):
         timestep_grid("cosine", 10, 1000)
+
+
+def test_a_uniform_grid_that_starts_near_t0_warns():
+    """S = 1 on the uniform grid is t = 0 only: x_T is taken for x_0, the image is noise."""
+    from s2dm.errors import GridWarning
+
+    with pytest.warns(GridWarning, match=r"with 1 step of T=1000 the first point is t=0.*trailing grid starts at 999"):
+        assert timestep_grid("uniform", 1, 1000).tolist() == [0, -1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert timestep_grid("uniform", 2, 1000).tolist() == [500, 0, -1]  # from T/2 on: no word
+        assert timestep_grid("trailing", 1, 1000).tolist() == [999, -1]
+
+
+@pytest.mark.parametrize("grid,steps,message", [
+    (None, 10, "grid: expected one of uniform, quad, trailing or a list of timesteps, got None"),
+    ("uniform", True, "steps must be a positive integer, got True"),
+])
+def test_a_grid_or_steps_of_the_wrong_type_is_a_sampler_error(grid, steps, message):
+    from s2dm.errors import SamplerError
+
+    with pytest.raises(SamplerError, match=re.escape(message)):
+        timestep_grid(grid, steps, 1000)

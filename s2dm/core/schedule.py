@@ -139,13 +139,18 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
     Returns a LongTensor of length (number of model steps + 1), the last entry being −1.
     """
     if isinstance(grid, str):
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise SamplerError(f"steps must be a positive integer, got {steps!r}", key="steps")
         if steps > T:
             raise SamplerError(f"steps: {steps} exceeds the number of training timesteps T={T}", key="steps")
         if grid == "uniform":
             points = [i * (T // steps) for i in range(steps)]
-            if T % steps > T // steps:  # S = 600 of T = 1000: 0, 1, ..., 599, never near T
+            if points[-1] < T // 2:  # S = 1: t = 0 only, one step from x_T to x_0 with ᾱ ≈ 1
+                warnings.warn(
+                    f"uniform grid: with {steps} step{'s' if steps > 1 else ''} of T={T} the first point is "
+                    f"t={points[-1]}, so the sampler treats x_T as x_{points[-1]} and the image is mostly noise; the "
+                    f"trailing grid starts at {T - 1}", GridWarning, stacklevel=2)
+            elif T % steps > T // steps:  # S = 600 of T = 1000: 0, 1, ..., 599, never near T
                 warnings.warn(
                     f"uniform grid: {steps} steps do not divide T={T}, so its points are multiples of "
                     f"{T // steps} and the first is {points[-1]}, {T % steps} timesteps short of "
@@ -168,6 +173,9 @@ def timestep_grid(grid: Union[str, Sequence[int]], steps: int, T: int) -> torch.
         else:
             raise SamplerError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}", key="grid")
     else:
+        if not isinstance(grid, (list, tuple, torch.Tensor, np.ndarray)):
+            raise SamplerError(f"grid: expected one of {', '.join(GRIDS)} or a list of timesteps, got {grid!r}",
+                               key="grid")
         raw = [float(p) for p in (grid.tolist() if isinstance(grid, torch.Tensor) else grid)]
         if any(p != int(p) for p in raw):
             raise SamplerError(f"timestep grid points must be integers, got {raw}")

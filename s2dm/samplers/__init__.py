@@ -335,6 +335,8 @@ def check_options(
     info: Dict[str, Any] = {"sampler": sampler, "grid": grid if isinstance(grid, str) else "explicit"}
     with _option("eta"):
         if sampler == "ddim":
+            if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+                raise SamplerError(f"expected a number, got {eta!r}")
             info["eta"] = float(eta)
             if not info["eta"] >= 0:
                 raise SamplerError(f"must be >= 0, got {eta}")

@@ -7,6 +7,7 @@ preview mosaics and ``s2dm study`` all sample through it.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Callable, Iterable, Iterator, List, Tuple, Union
 
@@ -44,6 +45,32 @@ def model_eps_fn(model: torch.nn.Module):
     return eps_fn
 
 
+def checked_seeds(seeds: Iterable[int]) -> List[int]:
+    """``seeds`` as a list of image seeds: at least one, integers >= 0, none twice (an image
+    depends on its seed alone: a repeated seed repeats an image). SamplerError otherwise."""
+    try:
+        out = list(seeds)
+    except TypeError:
+        raise SamplerError(f"seeds: expected image seeds (integers >= 0), got {seeds!r}", key="seeds") from None
+    if not out:
+        raise SamplerError("seeds: no image seeds given", key="seeds")
+    bad = next((x for x in out if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0), None)
+    if bad is not None:
+        raise SamplerError(f"seeds: image seeds are integers >= 0, not {bad!r}", key="seeds")
+    out = [int(x) for x in out]
+    if len(set(out)) != len(out):
+        twice = next(x for i, x in enumerate(out) if x in out[:i])
+        raise SamplerError(f"seeds: seed {twice} is given twice (it would make the same image twice)", key="seeds")
+    return out
+
+
+def check_batch_size(batch_size: int) -> int:
+    """Images per network call: a positive integer (SamplerError otherwise)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise SamplerError(f"batch_size: expected a positive integer, got {batch_size!r}", key="batch_size")
+    return int(batch_size)
+
+
 def generate_batches(
     model: torch.nn.Module,
     schedule: NoiseSchedule,
@@ -57,9 +84,20 @@ def generate_batches(
 ) -> Iterator[Tuple[List[int], torch.Tensor, dict]]:
     """(the batch's seeds, its images in [−1, 1] (B, C, H, W) on the CPU, the sampler's info)
     for ``seeds`` in batches of ``batch_size``; a caller that saves or scores each batch
-    holds one batch at a time. ``progress`` as ``samplers.sample``'s."""
-    seeds = list(seeds)
+    holds one batch at a time. ``progress`` as ``samplers.sample``'s. The model samples in eval
+    mode (dropout off: an image depends on its seed alone) and gets its mode back after."""
+    seeds = list(seeds)  # none: nothing to yield (a torchrun rank without a share of the seeds)
+    seeds, batch_size = checked_seeds(seeds) if seeds else [], check_batch_size(batch_size)
     eps_fn = model_eps_fn(model)
+    training = model.training
+    model.eval()
+    try:
+        yield from _batches(eps_fn, schedule, seeds, image_shape, batch_size, device, progress, sampler_options)
+    finally:
+        model.train(training)
+
+
+def _batches(eps_fn, schedule, seeds, image_shape, batch_size, device, progress, sampler_options):
     for i in range(0, len(seeds), batch_size):
         batch_seeds = seeds[i:i + batch_size]
         noise = PerSeedNoise(batch_seeds, device=device)
@@ -79,6 +117,6 @@ def generate(model: torch.nn.Module, schedule: NoiseSchedule, seeds: Iterable[in
     """All images of ``seeds`` at once (N, C, H, W) and the sampler's info; keyword arguments
     as ``generate_batches``."""
     chunks, info = [], {}
-    for _, images, info in generate_batches(model, schedule, seeds, **kwargs):
+    for _, images, info in generate_batches(model, schedule, checked_seeds(seeds), **kwargs):
         chunks.append(images)
     return torch.cat(chunks), info

@@ -82,7 +82,7 @@ class SampleOptions:
         if self.grid != default.grid:
             parts.append(self.grid)
         if self.eta != default.eta:
-            parts.append(f"eta{self.eta:g}")
+            parts.append(f"eta{_shortest(self.eta)}")
         if takes_order(self.sampler) and self.order != default.order:
             parts.append(f"order{self.order}")
         if self.eps_scale:
@@ -97,3 +97,10 @@ class SampleOptions:
         if not use_ema:
             parts.append("noema")
         return "-".join(parts)
+
+
+def _shortest(x: float) -> str:
+    """``%g`` of ``x`` (0.5, 1) where it reads back as ``x``; else the digits that do
+    (0.1234561 and 0.1234562 are both 0.123456 in %g)."""
+    short = f"{x:g}"
+    return short if float(short) == float(x) else repr(float(x))

@@ -28,13 +28,13 @@ from ..errors import DataError, GridWarning, RunError, S2dmError, SamplerError
 from ..io.checkpoint import (checkpoint_stamp, checkpoint_step, load_checkpoint, pick_weights, resolve_checkpoint,
                              run_folder_of)
 from ..samplers import eps_scale_label, takes_order
-from ..samplers.generate import generate_batches
+from ..samplers.generate import check_batch_size, checked_seeds, generate, generate_batches
 from ..samplers.options import SampleOptions
 from ..util import dist
-from ..util.dist import pick_device
+from ..util.dist import note, pick_device
 from ..util.textfmt import plural
 from ..util.fileio import atomic_write_text, remove_stale_temps
-from ..util.images import PREVIEW_DIR, load_image, save_mosaic, save_png
+from ..util.images import PREVIEW_DIR, load_image, save_mosaic, save_png, to_uint8
 from ..util.records import first_difference
 
 MOSAIC_IMAGES = 64  # the preview mosaic shows the first images of a folder
@@ -94,15 +94,37 @@ def folder_seeds(out: Path) -> List[int]:
 def default_folder(ckpt: Union[str, Path], options: SampleOptions, use_ema: bool = True) -> Optional[Path]:
     """``RUN/samples/<options.folder_name>`` for a checkpoint of a run, with ``-step<N>`` when
     it is not the run's newest (a file named directly, the ``best`` one), so that each
-    checkpoint's images have their own folder; None for a file outside a run folder."""
+    checkpoint's images have their own folder; None for a file outside a run folder. The name
+    without a step is the newest checkpoint's: images left there by a checkpoint that the run
+    has since trained past are first moved to their ``-step<N>`` name (rank 0, with a note)."""
     path = resolve_checkpoint(ckpt)  # a missing checkpoint is the error to report
     run = run_folder_of(path)
     if run is None:
         return None
     name = options.folder_name(use_ema)
     if path.resolve() != resolve_checkpoint(run).resolve():
-        name += f"-step{checkpoint_step(path)}"
-    return run / "samples" / name
+        return run / "samples" / f"{name}-step{checkpoint_step(path)}"
+    folder = run / "samples" / name
+    dist.run0(lambda: _move_superseded(folder, checkpoint_step(path)))
+    return folder
+
+
+def _move_superseded(folder: Path, newest_step: int) -> None:
+    """Move ``folder``'s images of an older checkpoint of the run to ``<folder>-step<N>``, unless
+    that folder exists (then sampling there refuses, naming both checkpoints)."""
+    made = made_with(folder)
+    step = None if made is None else made["checkpoint_step"]
+    if not isinstance(step, int) or step == newest_step:
+        return
+    target = folder.with_name(f"{folder.name}-step{step}")
+    if target.exists():
+        return
+    try:
+        folder.rename(target)
+    except OSError as exc:
+        raise RunError(f"could not move {folder} (images of step {step}) to {target}: {exc.strerror or exc}",
+                       key="out") from None
+    note(f"{folder} held the images of step {step}, which the run has trained past: moved to {target}")
 
 
 def made_with(folder: Union[str, Path]) -> Optional[dict]:
@@ -167,18 +189,41 @@ def sample_to_folder(
     are split across ranks. A folder made with other settings is refused, or, with
     ``replace_stale`` (a folder the caller owns, such as ``s2dm eval``'s), emptied first."""
     options = SampleOptions() if options is None else SampleOptions.of(options)
+    seeds, batch_size = checked_seeds(seeds), check_batch_size(batch_size)  # a range or numpy ints: a list
     dev = pick_device(device)
     ck = load_checkpoint(ckpt, device=dev)
     model = getattr(ck, pick_weights(ck.state, use_ema, ck.path, "sample"))
     cfg = ck.config
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     info = options.validate(schedule)  # fail on a bad option before any work
-    out, seeds = Path(out), [int(s) for s in seeds]  # a range or numpy ints: metadata.json's list
+    out = Path(out)
     settings = _settings(options, use_ema, ck)
-    todo = dist.run0(lambda: _prepare(out, seeds, settings, replace_stale))
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    if not replace_stale:
+        dist.run0(lambda: _check_unrecorded(out, model, schedule, options, shape, dev))
+    todo = dist.run0(lambda: _prepare(out, seeds, settings, replace_stale))
     info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info)
     return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, shape))
+
+
+def _check_unrecorded(out: Path, model, schedule: NoiseSchedule, options: SampleOptions, shape, device) -> None:
+    """Images in a folder without ``metadata.json`` (deleted, or never written: a copy) are kept
+    only if they are what these settings make: the first and the last are made again and
+    compared byte for byte (rank 0); else a RunError, before anything is written."""
+    held = [] if (out / "metadata.json").exists() else folder_seeds(out)
+    if not held:
+        return
+    probe = sorted({held[0], held[-1]})
+    images, _ = generate(model, schedule, probe, image_shape=shape, batch_size=len(probe), device=device,
+                         **options.as_kwargs())
+    mode = "L" if shape[0] == 1 else "RGB"
+    for seed, image in zip(probe, images):
+        if not np.array_equal(_read_sample(out / f"{seed:06d}.png", mode), to_uint8(image).permute(1, 2, 0).numpy()):
+            raise RunError(f"{out} holds {plural(len(held), 'image')} but no metadata.json, and {seed:06d}.png is not "
+                           "what these settings make from this checkpoint; choose another output folder, or move "
+                           "the images away", key="out")
+    note(f"{out} holds {plural(len(held), 'image')} without metadata.json; images {seed_ranges(probe)} are what these "
+         "settings make, so the folder's images are kept")
 
 
 def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: bool = False) -> List[int]:
@@ -192,7 +237,7 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: boo
         remove_stale_temps(folder, names)  # temp files of a killed run; no rank writes yet
     if meta_path.is_file():
         before = _read_settings(meta_path)
-        differ = first_difference(before, settings, ignore=set(before) - set(settings))
+        differ = first_difference(before, settings, ignore=_unchanged(before, settings))
         if differ and replace_stale:
             for old in [*out.glob("[0-9]*.png"), out / MOSAIC, meta_path]:
                 old.unlink(missing_ok=True)
@@ -207,6 +252,20 @@ def _prepare(out: Path, seeds: Sequence[int], settings: dict, replace_stale: boo
     if todo or not meta_path.is_file():
         atomic_write_text(meta_path, json.dumps({"settings": settings, "complete": False}, indent=2))
     return todo
+
+
+def _unchanged(before: dict, settings: dict) -> set:
+    """Recorded settings that do not tell the images apart: keys this s2dm no longer records;
+    the checkpoint's path when the file is the same (name, size, time: a run folder moved with
+    ``mv`` or ``cp -a``); the DEIS order for samplers without one."""
+    same = set(before) - set(settings)
+    checkpoint = before.get("checkpoint")
+    if isinstance(checkpoint, str) and Path(checkpoint).name == Path(settings["checkpoint"]).name \
+            and before.get("checkpoint_stamp") == settings["checkpoint_stamp"]:
+        same.add("checkpoint")
+    if not (takes_order(settings["sampler"]) and takes_order(str(before.get("sampler")))):
+        same.add("order")
+    return same
 
 
 def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, out: Path, seeds: Sequence[int],
@@ -249,7 +308,8 @@ def _read_settings(meta_path: Path) -> dict:
             raise ValueError("no settings")
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RunError(f"{meta_path} is truncated or corrupt ({exc}); delete it and rerun the same command "
-                       "to rebuild it from the images already there, or choose another output folder") from None
+                       "to rebuild it from the images already there (kept if they are what the command makes), "
+                       "or choose another output folder") from None
     settings = meta["settings"]
     if isinstance(settings.get("eps_scale"), str):  # earlier folders recorded it as typed: compare labels
         with contextlib.suppress(S2dmError):
