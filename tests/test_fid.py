@@ -526,3 +526,19 @@ def test_a_negative_distance_is_kept_and_explained(monkeypatch, capsys):
     assert fid.frechet_distance(stats, stats) == -4.8e-05
     assert capsys.readouterr().err == ("note: the distance came out negative (-4.8e-05): round-off of the matrix "
                                        "square root around a true distance of about 0\n")
+
+
+def test_a_long_matrix_square_root_is_announced_once(monkeypatch, capsys):
+    """3072-d FD-pixels (32×32 RGB) waits about a minute in scipy's sqrtm with no bar: a note
+    says so, once a process; 64-d does not."""
+    import s2dm.metrics.fid as fid_mod
+    from s2dm.util import dist
+
+    monkeypatch.setattr(fid_mod, "calculate_frechet_distance", lambda *args: 1.0)  # the wait itself is not the test
+    monkeypatch.setattr(dist, "_NOTED", set())
+    big = fid_mod.Stats(np.zeros(3072), np.eye(3072), 5000, "pixels", shape=(3, 32, 32))
+    small = fid_mod.Stats(np.zeros(64), np.eye(64), 5000, "pixels", shape=(1, 8, 8))
+    assert fid_mod.frechet_distance(small, small) == 1.0 and capsys.readouterr().err == ""
+    assert fid_mod.frechet_distance(big, big) == fid_mod.frechet_distance(big, big) == 1.0
+    assert capsys.readouterr().err == ("note: the 3072-d Fréchet distance takes scipy's matrix square root about a "
+                                       "minute on one CPU core; it has no progress bar\n")

@@ -109,6 +109,20 @@ def test_quick_preset_and_plan(tmp_path):
     (lambda d: d.update(baseline="missing"), "baseline 'missing'"),
     (lambda d: d.pop("quick"), "no `quick:` preset"),
     (lambda d: d.update(effect="nope"), "effect 'nope' must name a run other than the baseline"),
+    # the independent draw on the main draw's image seeds: a metric noise of 0, any difference "measurable"
+    (lambda d: d["eval"].update(noise_seed_offset=0), "eval.noise_seed_offset 0 must be at least the largest image count"),
+    (lambda d: d["eval"].update(noise_seed_offset=-5), "eval.noise_seed_offset -5 must be at least"),
+    # found after the training before (a traceback for the batch size)
+    (lambda d: d["eval"].update(batch_size=0), "eval.batch_size must be at least 1, not 0"),
+    (lambda d: d["eval"].update(mosaic_steps=0), "eval.mosaic_steps must be at least 1, not 0"),
+    (lambda d: d["eval"].update(samplers=[]), "eval.samplers: expected a non-empty list of samplers"),
+    (lambda d: d["eval"].update(samplers=["ddim", "ddim"]), "eval.samplers: repeats an item"),
+    (lambda d: d["runs"]["s2dm"].update(samplers=["pndm"]), "runs.s2dm.samplers: pndm is not among the study's samplers"),
+    (lambda d: d["runs"].update(ctl={"weights_of": "baseline", "seeds": [0]}),
+     "runs.ctl samples baseline's weights: give it an eps_scale or a sweep"),
+    (lambda d: d["quick"].update(runs=["s2dm"]), "quick.runs must keep the baseline, baseline"),
+    (lambda d: (d["runs"].update(ctl={"weights_of": "s2dm", "eps_scale": "const:1.005", "seeds": [0]}),
+                d["quick"].update(runs=["baseline", "ctl"])), "quick.runs keeps ctl but not s2dm, whose weights it samples"),
 ])
 def test_bad_study_configs_fail_clearly(tmp_path, change, words, capsys):
     data = yaml.safe_load(yaml.safe_dump(TOY))
@@ -119,6 +133,16 @@ def test_bad_study_configs_fail_clearly(tmp_path, change, words, capsys):
         load_study(path, quick=quick)
     assert main(["study", "--config", str(path), "--out", str(tmp_path / "o")] + ["--quick"] * quick) == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_run_named_twice_is_refused(tmp_path, capsys):
+    """YAML keeps the last of a repeated key: the first s2dm run (skip 1) was dropped in silence."""
+    text = write_study(tmp_path).read_text().replace("runs:\n", "runs:\n  s2dm:\n    seeds: [0]\n    set: {loss.skip: 1}\n", 1)
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    assert text.count("  s2dm:\n") == 2
+    with pytest.raises(UserError, match=r"YAML syntax error \(line \d+, column 3\): the key 's2dm' is given twice"):
+        load_study(path)
 
 
 def test_a_study_without_effect_reports_the_control(tmp_path):

@@ -98,7 +98,7 @@ def test_a_run_trained_past_train_steps_is_refused(tmp_path, capsys):
     assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar: one error line
     assert err.startswith("error: ") and "baseline-s0 is trained to step 12 but the study asks train.steps=8" in err
-    assert "delete that run folder" in err and not (out / "runs" / "baseline-s0" / "study_done.json").read_text().count('"steps": 8')
+    assert f"delete {out / 'runs' / 'baseline-s0'} to retrain it" in err and not (out / "runs" / "baseline-s0" / "study_done.json").read_text().count('"steps": 8')
 
 
 def test_the_reference_is_made_again_for_other_data(tmp_path):
@@ -215,6 +215,7 @@ def test_report_only_needs_records(tmp_path, capsys):
     ({"steps": [5000]}, "toy.yaml: eval.steps: 5000 exceeds the number of training timesteps T=1000"),
     ({"order": 7}, "toy.yaml: eval.order: DEIS order must be one of"),
     ({"fid": {"n": 10, "steps": [4]}}, "toy.yaml: eval.fid needs the FID Inception weights"),
+    ({"mosaic_steps": 5000}, "toy.yaml: eval.mosaic_steps: 5000 exceeds the number of training timesteps T=1000"),
 ])
 def test_cells_and_fid_weights_are_checked_before_any_training(tmp_path, capsys, monkeypatch, change, says):
     """They were found when the cells were scored, after the training, and named by the
@@ -244,4 +245,65 @@ def test_a_refused_resume_in_a_study_says_what_the_study_can_do(tmp_path, capsys
     assert main(["study", "--config", str(write(tmp_path, data)), "--out", str(out), "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: model.ch: the run folder was trained with 16, the config asks for 32; "), err
-    assert err.endswith("; choose another study folder, or delete that run folder to retrain it") and "force" not in err
+    assert err.endswith(f"; choose another study folder, or delete {out / 'runs' / 'baseline-s0'} to retrain it") \
+        and "force" not in err
+
+
+def test_the_deis_order_does_not_redo_other_samplers_cells(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"x")
+    key = {"checkpoint": "c.pt", "checkpoint_stamp": "1:2", "checkpoint_step": 12, "sampler": "ddim", "steps": 4,
+           "grid": "uniform", "eta": 0.0, "order": 3, "eps_scale": None, "n": 48, "image_seeds": "0-47",
+           "metric": "pixels", "ref": "ref_pixels.npz", "ref_n": 1797, "ref_sha256": "ab"}
+    path = tmp_path / "cell.json"
+    path.write_text(json.dumps({"value": 1.0, "settings": key}))
+    assert records.matching_record(path, {**key, "order": 2}, tmp_path)["value"] == 1.0  # DDIM's images: the same
+    path.write_text(json.dumps({"value": 1.0, "settings": {**key, "sampler": "deis"}}))
+    assert records.matching_record(path, {**key, "sampler": "deis", "order": 2}, tmp_path) is None
+
+
+def test_a_partial_studys_cells_say_how_many_seeds_they_hold(tmp_path):
+    from s2dm.study.report import run_cell
+    from s2dm.study.stats import CellStats
+
+    study = load_study(write(tmp_path, {**copy.deepcopy(TOY), "runs": {
+        "baseline": {"set": {"loss.type": "l0"}, "seeds": [0, 1]}, "s2dm": {"set": {"loss.type": "s2"}, "seeds": [0, 1]}}}))
+    cell = CellStats("ddim", 4, 4, "FD-pixels-48", runs={"baseline": Summary([1.0, 1.2]), "s2dm": Summary([0.9])},
+                     diffs={}, baseline_mean={}, noise=None, noise_run=None)
+    assert run_cell(cell, study, "baseline") == "1.100 ± 0.141"
+    assert run_cell(cell, study, "s2dm") == "0.900 (1 seed of 2)"
+
+
+def test_a_report_without_cells_leaves_no_plot_of_earlier_ones(tmp_path):
+    from s2dm.study import report
+
+    study = load_study(write(tmp_path, copy.deepcopy(TOY)))
+    plot = tmp_path / "fd_vs_nfe.png"
+    plot.write_bytes(b"an earlier study's cells")
+    assert report.plot_fd_vs_nfe([], study, plot) is None and not plot.exists()
+
+
+def test_training_time_adds_up_over_interrupted_invocations(tmp_path, monkeypatch):
+    """A model stopped by Ctrl-C and trained on in a second invocation: the cost counts both."""
+    import time
+
+    from s2dm.errors import Interrupted
+
+    study = load_study(write(tmp_path, copy.deepcopy(TOY)))
+    out = tmp_path / "out"
+    calls = []
+
+    def fake_train(cfg, folder, resume, progress):
+        (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+        calls.append(folder)
+        time.sleep(0.3)
+        if len(calls) == 1:
+            raise Interrupted("stopped by signal 2", 130)
+
+    monkeypatch.setattr(runner, "train", fake_train)
+    monkeypatch.setattr(runner, "checkpoint_step", lambda folder: 12)
+    with pytest.raises(Interrupted):
+        runner._train_job(study, out, "baseline", 0, False)
+    name, took = runner._train_job(study, out, "baseline", 0, False)
+    assert name == "baseline-s0" and 0.6 <= took < 5  # both invocations' 0.3 s (a sleep is never shorter)
+    assert json.loads((out / "runs" / name / "study_done.json").read_text())["seconds"] == took

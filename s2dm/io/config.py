@@ -169,6 +169,22 @@ for _yaml in (_Loader, _Dumper):
 _Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 
 
+def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
+    """A mapping whose keys are each given once: YAML keeps the last of a repeated key, which
+    would drop a study's first run of that name, or a config's first setting, in silence."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one section",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _mapping)
+
+
 def load_yaml(text: str) -> Any:
     """YAML text as s2dm reads every config, study and override (``_Loader``'s numbers)."""
     return yaml.load(text, Loader=_Loader)

@@ -143,6 +143,9 @@ def check_cells(study: Study) -> None:
         if (str(options), source, section) not in checked:  # SampleOptions is unhashable
             checked.add((str(options), source, section))
             options.validate(schedules[source], prefix=f"{study.path}: {section}", quiet=True)
+    for source in {run.weights_of or run.name for run in study.runs.values()}:  # each run's mosaic
+        SampleOptions(sampler="ddim", steps=study.mosaic_steps).validate(schedules[source], quiet=True,
+                                                                         prefix=f"{study.path}: eval.mosaic_")
     if any(cell.metric == "inception" for cell in cells):
         try:
             resolve_inception_weights(None, allow_download=None, key=None)

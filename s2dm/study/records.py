@@ -10,6 +10,7 @@ from typing import Optional
 
 from ..io.checkpoint import checkpoint_stamp, checkpoint_step
 from ..metrics.fid import Stats
+from ..samplers import takes_order
 from ..samplers.options import SampleOptions
 from ..util.fileio import sha256_file
 from ..util.records import read_record
@@ -62,6 +63,12 @@ def _earlier_record(path: Path, recorded: dict, wanted: dict, out: Path) -> bool
     return all((out / wanted[k]).stat().st_mtime_ns <= made for k in ("checkpoint", "ref"))
 
 
+def _images_key(settings: dict) -> dict:
+    """A cell key as far as it tells the images apart: the DEIS order counts for DEIS only (a
+    DDIM cell recorded with another order has the same images)."""
+    return settings if takes_order(str(settings.get("sampler"))) else {**settings, "order": None}
+
+
 def matching_record(path: Path, wanted: dict, out: Path) -> Optional[dict]:
     """The cell record at ``path`` if it was made with the key ``wanted`` (the cell is not
     redone, and the report uses it); an earlier s2dm's record that ``_earlier_record`` accepts
@@ -69,7 +76,7 @@ def matching_record(path: Path, wanted: dict, out: Path) -> Optional[dict]:
     record = read_record(path)
     if record is None or not isinstance(record.get("settings"), dict):
         return None
-    if record["settings"] == wanted:
+    if _images_key(record["settings"]) == _images_key(wanted):
         return record
     if _earlier_record(path, record["settings"], wanted, out):
         return {**record, "settings": wanted, "earlier": True}

@@ -136,6 +136,16 @@ def heading(study, cost: dict, rows: Sequence[dict] = ()) -> List[str]:
     return lines
 
 
+def run_cell(c: CellStats, study, run: str) -> str:
+    """A run's mean ± std in a cell, with its number of seeds where a partial study has fewer
+    than the run's (the table's heading gives the run's)."""
+    if run not in c.runs:
+        return "—"
+    s = c.runs[run]
+    text = mean_std_text(s)
+    return text if s.n == len(study.runs[run].seeds) else f"{text} ({plural(s.n, 'seed')} of {len(study.runs[run].seeds)})"
+
+
 def diff_cell(c: CellStats, run: str) -> str:
     return diff_text(c.diffs[run], c.baseline_mean[run]) if run in c.diffs else "—"
 
@@ -151,7 +161,7 @@ def _headline(cells: Sequence[CellStats], study) -> List[str]:
              "mean over seeds with a 95 % Student-t interval.", ""]
     compared = [r for r in (effect, control) if r]
     head = ["sampler", "steps", "NFE", base] + [f"{r} − {base}" for r in compared] + ["metric noise |a−b|"]
-    rows = [[c.sampler, str(c.steps), str(c.nfe), mean_std_text(c.runs[base]) if base in c.runs else "—"]
+    rows = [[c.sampler, str(c.steps), str(c.nfe), run_cell(c, study, base)]
             + [diff_cell(c, r) for r in compared] + [fmt(c.noise)] for c in cells]
     return lines + table(head, rows) + ["", overall_reading(cells, base, effect, control), ""]
 
@@ -163,8 +173,7 @@ def every_run_section(cells: Sequence[CellStats], study) -> List[str]:
              "mean ± std over training seeds (number of seeds in brackets); then the paired difference against "
              f"{base}.", ""]
     lines += table(["sampler", "steps", "NFE"] + [f"{r} ({len(study.runs[r].seeds)})" for r in runs],
-                    [[c.sampler, str(c.steps), str(c.nfe)] +
-                     [mean_std_text(c.runs[r]) if r in c.runs else "—" for r in runs] for c in cells])
+                    [[c.sampler, str(c.steps), str(c.nfe)] + [run_cell(c, study, r) for r in runs] for c in cells])
     lines += [""] + table(["sampler", "steps"] + [f"{r} − {base}" for r in others],
                            [[c.sampler, str(c.steps)] + [diff_cell(c, r) for r in others] for c in cells])
     return lines
@@ -178,7 +187,7 @@ def fid_section(fid_cells: Sequence[CellStats], study) -> List[str]:
     others = [r for r in runs if r != base]
     head = ["sampler", "steps", "NFE", "metric"] + runs + [f"{r} − {base}" for r in others]
     rows = [[c.sampler, str(c.steps), str(c.nfe), c.metric]
-            + [mean_std_text(c.runs[r]) if r in c.runs else "—" for r in runs]
+            + [run_cell(c, study, r) for r in runs]
             + [diff_cell(c, r) for r in others] for c in fid_cells]
     return ["", "## Inception FID", ""] + table(head, rows)
 
@@ -271,9 +280,10 @@ def plot_fd_vs_nfe(rows: Sequence[dict], study, path: Path, metric: str = "FD-pi
     """One panel per sampler: each run's mean over seeds vs NFE, ± std as error bars; one
     colour and marker per run in every panel, controls dashed; with two or more ``best_of``
     runs (the training-free scales of a v2 study), the best of them in each cell starred.
-    Returns the figure (None: no cells)."""
+    Returns the figure (None: no cells, and no file at ``path``)."""
     cells = cell_statistics(rows, study.baseline, metric=metric)
     if not cells:
+        Path(path).unlink(missing_ok=True)  # a plot of another study's cells would outlive them
         return None
     points, stars = {}, {}
     for c in cells:

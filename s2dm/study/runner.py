@@ -101,18 +101,22 @@ def _train_job(study: Study, out: Path, run_name: str, seed: int, progress: bool
     name = model_name(run_name, seed)
     folder = out / "runs" / name
     cfg = run_config(study, study.runs[run_name], seed)
-    earlier = (read_record(folder / "study_done.json") or {}).get("seconds", 0.0)
+    spent = folder / "study_time.json"  # training time so far, over invocations stopped by Ctrl-C or an error
+    earlier = (read_record(spent) or read_record(folder / "study_done.json") or {}).get("seconds", 0.0)
     t0 = time.time()
     try:
         train(cfg, folder, resume="auto", progress=progress)  # resumes a half-done run; refuses a changed config
     except S2dmError as exc:  # the study has no resume='never' nor force=True: its own remedy
         if exc.remedy != START_OVER:
             raise
-        raise exc.remedied("choose another study folder, or delete that run folder to retrain it") from None
+        raise exc.remedied(f"choose another study folder, or delete {folder} to retrain it") from None
+    finally:
+        if (folder / "checkpoints").is_dir():
+            atomic_write_text(spent, json.dumps({"seconds": earlier + time.time() - t0}))
     step = checkpoint_step(folder)  # what the cells will sample
     if step != cfg.train.steps:  # train() leaves a run trained past train.steps as it is
         raise StudyError(f"{folder} is trained to step {step} but the study asks train.steps={cfg.train.steps} "
-                         "for it; choose another study folder, or delete that run folder to retrain it")
+                         f"for it; choose another study folder, or delete {folder} to retrain it")
     took = earlier + time.time() - t0
     atomic_write_text(folder / "study_done.json", json.dumps({"seconds": took, "config": cfg.to_dict()}))
     return name, took
@@ -365,6 +369,8 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
     report.plot_fd_vs_nfe(rows, study, out / "fd_vs_nfe.png", best_of=best_of)
     if study.cnn_n:
         report.plot_fd_vs_nfe(rows, study, out / "fd_cnn_vs_nfe.png", metric="FD-cnn", best_of=best_of)
+    else:  # not this study's metric (any more)
+        (out / "fd_cnn_vs_nfe.png").unlink(missing_ok=True)
     planned = len(plan_cells(study))
     cost = {"train_seconds": sum(train_seconds.values()), "eval_seconds": sum(r["seconds"] for r in records),
             "this_invocation_seconds": time.time() - t0, "cells_planned": planned,

@@ -170,8 +170,11 @@ def load_study(path, quick: bool = False) -> Study:
     for name, r in spec.runs.items():
         seeds = _int_list(r.seeds, f"{path}: runs.{name}.seeds")
         if r.sweep is None:
-            runs[name] = Run(name, seeds, dict(r.set), r.weights_of,
-                             _label(r.eps_scale, f"{path}: runs.{name}.eps_scale"), r.samplers)
+            label = _label(r.eps_scale, f"{path}: runs.{name}.eps_scale")
+            if r.weights_of is not None and label is None:
+                raise StudyError(f"{path}: runs.{name} samples {r.weights_of}'s weights: give it an eps_scale or a "
+                                 f"sweep (without one it is {r.weights_of} itself, which the study samples already)")
+            runs[name] = Run(name, seeds, dict(r.set), r.weights_of, label, r.samplers)
             continue
         for label in _sweep_labels(r, f"{path}: runs.{name}"):
             run = Run(sweep_run_name(name, label), seeds, dict(r.set), r.weights_of, label, r.samplers, sweep=name)
@@ -188,6 +191,8 @@ def load_study(path, quick: bool = False) -> Study:
                 raise StudyError(f"{path}: runs.{run.name}.seeds must be seeds of {run.weights_of}")
             if run.overrides:
                 raise StudyError(f"{path}: runs.{run.name} samples {run.weights_of}'s weights; it cannot `set` training keys")
+    if not runs:
+        raise StudyError(f"{path}: runs: the study has no runs; give at least the baseline")
     if spec.effect is not None and (spec.effect not in runs or spec.effect == spec.baseline):
         raise StudyError(f"{path}: effect {spec.effect!r} must name a run other than the baseline "
                          f"(runs: {', '.join(runs)}), or be left out")
@@ -195,9 +200,9 @@ def load_study(path, quick: bool = False) -> Study:
     study = Study(
         path=path, train_config=train_config, overrides=dict(spec.set), runs=runs,
         baseline=spec.baseline, effect=spec.effect, samplers=_check_samplers(ev.samplers, "eval.samplers", str(path)),
-        steps=_int_list(ev.steps, "eval.steps"), n=ev.n, order=ev.order,
+        steps=_int_list(ev.steps, f"{path}: eval.steps"), n=ev.n, order=ev.order,
         batch_size=ev.batch_size, noise_draw=ev.noise_draw, noise_seed_offset=ev.noise_seed_offset,
-        fid_n=ev.fid.n, fid_steps=_int_list(ev.fid.steps, "eval.fid.steps"), fid_samplers=ev.fid.samplers,
+        fid_n=ev.fid.n, fid_steps=_int_list(ev.fid.steps, f"{path}: eval.fid.steps"), fid_samplers=ev.fid.samplers,
         mosaic_steps=ev.mosaic_steps, cnn_n=ev.cnn.n, twins=dict(spec.twins), sum_baseline=spec.sum_baseline,
         sweeps=sweeps,
     )
@@ -293,6 +298,12 @@ def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
         if missing:
             raise StudyError(f"{path}: quick.runs names unknown run {missing[0]!r}")
         keep = {name for r in q.runs for name in study.sweeps.get(r, [r])}
+        if study.baseline not in keep:
+            raise StudyError(f"{path}: quick.runs must keep the baseline, {study.baseline}")
+        for name in sorted(keep):
+            source = study.runs[name].weights_of
+            if source is not None and source not in keep:
+                raise StudyError(f"{path}: quick.runs keeps {name} but not {source}, whose weights it samples")
         study.runs = {k: v for k, v in study.runs.items() if k in keep}
         study.sweeps = {k: [n for n in v if n in keep] for k, v in study.sweeps.items()}
         study.sweeps = {k: v for k, v in study.sweeps.items() if v}
@@ -300,13 +311,13 @@ def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
         if study.sum_baseline not in keep:
             study.sum_baseline = None
     if q.seeds is not None:
-        seeds = _int_list(q.seeds, "quick.seeds")
+        seeds = _int_list(q.seeds, f"{path}: quick.seeds")
         for run in study.runs.values():
             run.seeds = [s for s in run.seeds if s in seeds] or seeds[:1]
     if q.samplers is not None:
         study.samplers = _check_samplers(q.samplers, "quick.samplers", str(path))
     if q.steps is not None:
-        study.steps = _int_list(q.steps, "quick.steps")
+        study.steps = _int_list(q.steps, f"{path}: quick.steps")
     if q.n is not None:  # FD-cnn follows when it shares FD-pixels' images
         if study.cnn_n == study.n:
             study.cnn_n = q.n
@@ -316,11 +327,17 @@ def _apply_quick(study: Study, q: Optional[QuickSpec], path: Path) -> None:
 
 
 def _check_samplers(names, key: str, where: str) -> List[str]:
-    """``names`` as a list if each is a sampler's (SamplerError ``{where}: {key}: ...`` otherwise)."""
+    """``names`` as a list if each is a sampler's, at least one, none twice (SamplerError or
+    StudyError ``{where}: {key}: ...`` otherwise)."""
     try:
-        return [check_sampler(name, key=key) for name in names]
+        checked = [check_sampler(name, key=key) for name in names]
     except SamplerError as exc:
         raise exc.retold(f"{where}: {exc}") from None
+    if not checked:
+        raise StudyError(f"{where}: {key}: expected a non-empty list of samplers")
+    if len(set(checked)) != len(checked):
+        raise StudyError(f"{where}: {key}: repeats an item: {checked!r}")
+    return checked
 
 
 def _validate(study: Study) -> None:
@@ -331,11 +348,29 @@ def _validate(study: Study) -> None:
         study.effect = None  # e.g. dropped by a quick preset
     if study.noise_draw is not None and study.noise_draw not in study.runs:
         raise StudyError(f"{where}: eval.noise_draw names unknown run {study.noise_draw!r}")
+    used = set(study.samplers) | set(study.fid_samplers or ())
     for run in study.runs.values():
         if run.samplers is not None:
-            _check_samplers(run.samplers, f"runs.{run.name}.samplers", where)
-            used = set(study.samplers) | set(study.fid_samplers or ())
+            key = f"runs.{run.name}.samplers" if run.sweep is None else f"runs.{run.sweep}.samplers"
+            _check_samplers(run.samplers, key, where)
+            others = [s for s in run.samplers if s not in used]
+            if others and not study.quick:
+                raise StudyError(f"{where}: {key}: {others[0]} is not among the study's samplers "
+                                 f"({', '.join(sorted(used))})")
             run.samplers = [s for s in run.samplers if s in used]  # a quick preset may drop some
-    _check_samplers(study.fid_samplers or [], "eval.fid.samplers", where)
+            if not run.samplers:
+                raise StudyError(f"{where}: {key}: none of them is among the quick preset's samplers "
+                                 f"({', '.join(sorted(used))}); the run would have no cells")
+    if study.fid_samplers is not None:
+        _check_samplers(study.fid_samplers, "eval.fid.samplers", where)
     if study.n < 2:
         raise StudyError(f"{where}: eval.n must be at least 2, not {study.n}")
+    largest = max(study.n, study.fid_n, study.cnn_n)
+    if study.noise_seed_offset < largest:
+        raise StudyError(f"{where}: eval.noise_seed_offset {study.noise_seed_offset} must be at least the largest "
+                         f"image count ({largest}): the independent draw's image seeds would repeat the main "
+                         f"draw's 0-{largest - 1}, and the metric's noise would read as 0")
+    if study.batch_size < 1:
+        raise StudyError(f"{where}: eval.batch_size must be at least 1, not {study.batch_size}")
+    if study.mosaic_steps < 1:
+        raise StudyError(f"{where}: eval.mosaic_steps must be at least 1, not {study.mosaic_steps}")
