@@ -31,8 +31,8 @@ def test_values_are_read_as_yaml(text, key, value):
 
 
 def test_scientific_notation_without_a_dot_becomes_a_float_in_the_config():
-    # YAML 1.1 (PyYAML) reads "1e-4" as a string; the typed config turns it into the float
-    assert parse_override("optim.lr=1e-4") == (["optim", "lr"], "1e-4")
+    # YAML 1.1 (PyYAML's own) read "1e-4" as a string; s2dm reads numbers as YAML 1.2 does
+    assert parse_override("optim.lr=1e-4") == (["optim", "lr"], 1e-4)
     cfg = load_config("configs/digits.yaml", ["optim.lr=1e-4", "loss.tau=5E-1", "train.steps=200"])
     assert cfg.optim.lr == 1e-4 and type(cfg.optim.lr) is float
     assert cfg.loss.tau == 0.5 and cfg.train.steps == 200 and type(cfg.train.steps) is int

@@ -121,6 +121,8 @@ def test_quick_preset_and_plan(tmp_path):
     (lambda d: d["runs"].update(ctl={"weights_of": "baseline", "seeds": [0]}),
      "runs.ctl samples baseline's weights: give it an eps_scale or a sweep"),
     (lambda d: d["quick"].update(runs=["s2dm"]), "quick.runs must keep the baseline, baseline"),
+    (lambda d: d.update(train_config=str(ROOT / "configs" / "study_digits.yaml")),
+     "toy.yaml: train_config: " + str(ROOT / "s2dm" / "configs" / "study_digits.yaml") + " is a study config"),
     (lambda d: (d["runs"].update(ctl={"weights_of": "s2dm", "eps_scale": "const:1.005", "seeds": [0]}),
                 d["quick"].update(runs=["baseline", "ctl"])), "quick.runs keeps ctl but not s2dm, whose weights it samples"),
 ])

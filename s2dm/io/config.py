@@ -145,9 +145,10 @@ class Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with the numbers of YAML 1.2's core schema: ``010`` is 10 and ``2e3`` 2000.0, where
-    PyYAML's YAML 1.1 reads 8 (octal), 90 for ``1:30`` (base 60), 1024 for ``0x400`` and the
-    text "2e3" (no dot): a seed or step count must not change silently."""
+    """YAML with the numbers of YAML 1.2's core schema (and Python's digit groups, 800_000):
+    ``010`` is 10 and ``2e3`` 2000.0, where PyYAML's YAML 1.1 reads 8 (octal), 90 for ``1:30``
+    (base 60), 1024 for ``0x400`` and the text "2e3" (no dot): a seed or step count must not
+    change silently."""
 
 
 class _Dumper(yaml.SafeDumper):
@@ -155,16 +156,17 @@ class _Dumper(yaml.SafeDumper):
     number (a ``data.root`` named 2e3) is quoted."""
 
 
+_DIGITS = "[0-9]+(?:_[0-9]+)*"  # Python's digit groups: 800_000 is a number, as in YAML 1.1
 for _yaml in (_Loader, _Dumper):
     _yaml.yaml_implicit_resolvers = {
         first: [(tag, regexp) for tag, regexp in resolvers
                 if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    _yaml.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    _yaml.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(rf"^[-+]?{_DIGITS}$"), list("-+0123456789"))
     _yaml.add_implicit_resolver(
         "tag:yaml.org,2002:float",
-        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
-                   r"|\.(?:nan|NaN|NAN))$"),
+        re.compile(rf"^(?:[-+]?(?:\.{_DIGITS}|{_DIGITS}(?:\.(?:{_DIGITS})?)?)(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
         list("-+.0123456789"))
 _Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 

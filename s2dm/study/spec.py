@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..errors import ConfigError, S2dmError, SamplerError, StudyError
-from ..io.config import Config, build_dataclass, find_config, read_yaml, shipped_configs
+from ..io.config import Config, build_dataclass, find_config, read_config_yaml, read_yaml, shipped_configs
 from ..samplers import check_sampler, eps_scale_label, parse_eps_scale
 
 # -- the study YAML, as typed sections (built and checked like a run config) ---------------
@@ -217,11 +217,16 @@ def _train_config(name: str, path: Path) -> Path:
     """``train_config`` next to the study file, else a shipped config of that bare name (a study
     YAML copied elsewhere still finds ``digits.yaml``)."""
     try:
-        return find_config(name, folder=path.parent).resolve()
+        found = find_config(name, folder=path.parent).resolve()
     except ConfigError:
         bare = Path(name).parent == Path(".")
         raise StudyError(f"{path}: train_config {name} not found at {(path.parent / name).resolve()}"
                          + (" nor among the shipped configs" if bare else "")) from None
+    try:
+        read_config_yaml(found)  # the file itself: YAML, and a training config, not a study
+    except S2dmError as exc:
+        raise StudyError(f"{path}: train_config: {exc}") from None
+    return found
 
 
 def _label(text, where: str) -> Optional[str]:
