@@ -95,8 +95,11 @@ def cmd_sample(args) -> int:
         out = default_folder(ckpt, options, args.ema)
         if out is None:
             raise RunError(f"--out is needed: {ckpt} is a file outside a run folder")
-    meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
-                            device=args.device)
+    try:
+        meta = sample_to_folder(ckpt, out, options, seeds=seeds, use_ema=args.ema, batch_size=args.batch_size,
+                                device=args.device)
+    except S2dmError as exc:  # the folder s2dm chose: no --out to blame
+        raise exc.copy(key=None) if args.out is None and exc.key == "out" else exc from None
     held = "" if meta["n_images"] == len(seeds) else f"; the folder holds {meta['n_images']}"
     steps = (plural(options.steps, "step") if meta["steps"] == options.steps  # a quad grid can collapse points
              else f"{options.steps} steps asked, {meta['steps']} walked")

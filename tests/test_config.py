@@ -96,6 +96,19 @@ def test_numbers_are_read_as_written(tmp_path):
     assert load_config(tmp_path / "out.yaml") == cfg and cfg.data.root == "2e3"
 
 
+def test_a_key_given_twice_is_refused_and_merges_still_override(tmp_path):
+    """YAML keeps the last of a repeated key in silence; a merge (<<: *anchor) may be overridden."""
+    with pytest.raises(UserError, match=r"c.yaml, line 3, column 3: the key 'steps' is given twice in one section"):
+        load_config(write(tmp_path, "train:\n  steps: 10\n  steps: 20\n"))
+    with pytest.raises(UserError, match=r"override 'train.eval=\{n: 100, n: 200\}': the key 'n' is given twice"):
+        load_config("configs/digits.yaml", ["train.eval={n: 100, n: 200}"])
+    with pytest.raises(UserError, match=r"YAML syntax error \(line 2, column 5\): found unhashable key"):
+        load_config(write(tmp_path, "train:\n  ? [a, b]\n  : 1\n"))
+    merged = "base: &b {steps: 5, seed: 3}\ntrain:\n  <<: *b\n  steps: 7\n"
+    from s2dm.io.config import load_yaml
+    assert load_yaml(merged)["train"] == {"steps": 7, "seed": 3}
+
+
 def test_a_config_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
     from s2dm.cli import main
 

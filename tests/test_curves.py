@@ -232,8 +232,18 @@ def test_eval_settings_changed_on_resume_draw_two_series(tmp_path):
     assert list(lines[f"r: {one_key}"].get_xdata()) == [250, 300]
     assert list(lines[f"r: {five_key} best"].get_xdata()) == [200] and list(lines[f"r: {one_key} best"].get_xdata()) == [300]
     assert lines[f"r: {five_key}"].get_marker() != lines[f"r: {one_key}"].get_marker()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == sorted([five_key, one_key])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [five_key, one_key]  # as first evaluated
     assert ax.get_title() == "evaluation (★ best of each setting)"
+
+
+def test_more_evaluation_settings_than_markers_are_all_drawn(tmp_path):
+    """Eleven settings (resumed ten times): the eleventh takes the first marker dashed."""
+    evals = [evaluation(100 * (i + 1), 1.0 / (i + 1)) | {"steps": i + 1, "nfe": i + 1} for i in range(11)]
+    run = write_log(tmp_path / "r", [START] + [window(100 * i, 1.0) for i in range(1, 12)] + evals)
+    ax = plot_runs([run]).axes[3]
+    series_lines = [line for line in ax.get_lines() if not line.get_label().endswith(" best")]
+    assert len(series_lines) == 11 and len({(ln.get_marker(), ln.get_linestyle()) for ln in series_lines}) == 11
+    assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "FD-pixels-1k, ddim 11 steps (NFE 11)"
 
 
 def test_eval_panel_without_evaluations_says_so(tmp_path):

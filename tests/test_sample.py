@@ -258,6 +258,7 @@ def test_metadata_describes_the_folder_and_the_steps_walked(tiny_run, tmp_path):
     assert made_with(tmp_path / "p") == {
         "sampler": "ddpm", "steps": 3, "grid": "uniform", "eta": 1.0, "order": 3, "eps_scale": None,
         "legacy_pndm_index": False, "checkpoint": meta["settings"]["checkpoint"], "checkpoint_step": 20,
+        "checkpoint_stamp": meta["settings"]["checkpoint_stamp"],
         "ema": True, "complete": True, "nfe": 3}
     assert made_with(tmp_path) is None  # no metadata.json
 
@@ -365,6 +366,14 @@ def test_the_newest_checkpoints_folder_after_the_run_trains_further(tmp_path, ca
     assert main(["sample", "--ckpt", str(run / "checkpoints" / "ckpt_00000010.pt"), "--steps", "2", "--n", "4"]) == 0
     assert sorted(p.name for p in (run / "samples").iterdir() if p.is_dir()) == ["ddim-2", "ddim-2-step10"]
     assert len(files(moved)) == 4
+    # both folders of step 10 (a copy): nothing moves, and the error says why
+    import shutil
+
+    shutil.rmtree(run / "samples" / "ddim-2")
+    shutil.copytree(moved, run / "samples" / "ddim-2")
+    with pytest.raises(UserError, match=r"ddim-2 holds the images of step 10, which the run has trained past, and "
+                                        r".*ddim-2-step10, where they would move, exists too; merge or delete one"):
+        default_folder(run, SampleOptions(steps=2))
 
 
 def test_a_moved_run_adds_to_its_sample_folders(tiny_run, tmp_path):
@@ -446,3 +455,42 @@ def test_eta_folder_names_keep_the_digits_that_tell_them_apart():
     names = {SampleOptions(eta=e).folder_name() for e in (0.1234561, 0.1234562)}
     assert names == {"ddim-50-eta0.1234561", "ddim-50-eta0.1234562"}
     assert SampleOptions(eta=0.5).folder_name() == "ddim-50-eta0.5" and SampleOptions(eta=1.0).folder_name() == "ddim-50-eta1"
+
+
+def test_seeds_of_any_integer_type(tiny_run):
+    import numpy as np
+
+    from s2dm.samplers.generate import checked_seeds
+
+    assert checked_seeds(torch.arange(3)) == checked_seeds(np.arange(3)) == checked_seeds(range(3)) == [0, 1, 2]
+    for bad in (True, 1.0, torch.tensor(1.0)):
+        with pytest.raises(UserError, match="image seeds are integers >= 0"):
+            checked_seeds([bad])
+
+
+def test_best_then_latest_then_a_run_started_over(tmp_path, capsys):
+    """--which best while best is the newest, more training, best again, then the plain
+    command: step 2's images are made once and move to ddim-2-step10; a run started over
+    with fewer steps leaves them where they are, and the refusal blames no --out."""
+    from conftest import tiny_args
+
+    run = tmp_path / "run"
+    assert main(tiny_args(run, 10, "train.eval_every=10", "train.eval.n=70", "train.eval.steps=2")) == 0
+    best = ["sample", "--ckpt", str(run), "--steps", "2", "--n", "2", "--which", "best"]
+    assert main(best) == 0
+    first = files(run / "samples" / "ddim-2")
+    # train on with evaluation off: best stays at step 10, the newest becomes 20
+    assert main(tiny_args(run, 20)) == 0
+    capsys.readouterr()
+    assert main(best) == 0 and resolve_checkpoint(run, "best") != resolve_checkpoint(run)
+    assert "held the images of step 10" in capsys.readouterr().err
+    assert files(run / "samples" / "ddim-2-step10") == first and not (run / "samples" / "ddim-2").exists()
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--n", "2"]) == 0
+    assert made_with(run / "samples" / "ddim-2")["checkpoint_step"] == 20
+    # started over with 10 steps: ddim-2 holds step 20's images, which this run does not have
+    assert main([*tiny_args(run, 10), "--resume", "never", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--n", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {run / 'samples' / 'ddim-2'} holds images made with checkpoint") and "--out" not in err
+    assert made_with(run / "samples" / "ddim-2")["checkpoint_step"] == 20 and not (run / "samples" / "ddim-2-step20").exists()

@@ -137,13 +137,23 @@ def test_bad_study_configs_fail_clearly(tmp_path, change, words, capsys):
     assert words in capsys.readouterr().err
 
 
+def test_the_noise_seed_offset_is_checked_only_against_draws_that_have_noise(tmp_path):
+    """FID cells have no noise draw, and without eval.noise_draw no cell has one."""
+    data = yaml.safe_load(yaml.safe_dump(TOY))
+    data["eval"].update(noise_seed_offset=100, fid={"n": 5000, "steps": [4]})
+    assert load_study(write_study(tmp_path, data)).noise_seed_offset == 100
+    data["eval"].update(noise_seed_offset=5, fid={"n": 0})
+    data["eval"].pop("noise_draw")
+    assert load_study(write_study(tmp_path, data)).noise_seed_offset == 5
+
+
 def test_a_run_named_twice_is_refused(tmp_path, capsys):
     """YAML keeps the last of a repeated key: the first s2dm run (skip 1) was dropped in silence."""
     text = write_study(tmp_path).read_text().replace("runs:\n", "runs:\n  s2dm:\n    seeds: [0]\n    set: {loss.skip: 1}\n", 1)
     path = tmp_path / "twice.yaml"
     path.write_text(text)
     assert text.count("  s2dm:\n") == 2
-    with pytest.raises(UserError, match=r"YAML syntax error \(line \d+, column 3\): the key 's2dm' is given twice"):
+    with pytest.raises(UserError, match=r"twice.yaml, line \d+, column 3: the key 's2dm' is given twice in one section"):
         load_study(path)
 
 

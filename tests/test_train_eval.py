@@ -365,3 +365,14 @@ def test_a_reference_of_fewer_images_than_features_warns(tmp_path, capsys):
     assert warned == ["warning: the reference has 40 training images for 64-d features: its covariance is "
                       "singular and the FD-pixels values are less accurate (more training images, or another "
                       "train.eval.metric, avoid it)"], warned
+
+
+def test_a_reference_of_an_earlier_s2dm_is_reused_without_its_record(tmp_path):
+    """A run folder from before ref_pixels.json: its reference is kept when its label and
+    count match (a CIFAR10 FID reference is 50,000 Inception passes), not made again."""
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 4, *EXTRA, *EVAL)) == 0
+    (out / "ref_pixels.json").unlink()
+    made = (out / "ref_pixels.npz").stat().st_mtime_ns
+    assert main(tiny_args(out, 8, *EXTRA, *EVAL)) == 0
+    assert (out / "ref_pixels.npz").stat().st_mtime_ns == made and not (out / "ref_pixels.json").exists()

@@ -171,16 +171,26 @@ for _yaml in (_Loader, _Dumper):
 _Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 
 
+class RepeatedKey(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping."""
+
+
 def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
     """A mapping whose keys are each given once: YAML keeps the last of a repeated key, which
-    would drop a study's first run of that name, or a config's first setting, in silence."""
+    would drop a study's first run of that name, or a config's first setting, in silence.
+    A key that a merge (``<<: *anchor``) brings may be given again: that is how merges override."""
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in one section",
-                                                    key_node.start_mark)
-        seen.add(key)
+        try:
+            repeated = key in seen
+            seen.add(key)
+        except TypeError:  # a list or mapping as a key: construct_mapping words it
+            continue
+        if repeated:
+            raise RepeatedKey(None, None, f"the key {key!r} is given twice in one section", key_node.start_mark)
     return loader.construct_mapping(node)
 
 
@@ -441,6 +451,8 @@ def parse_override(text: str) -> tuple:
         raise ConfigError(f"override {text!r}: bad key {key!r}", key="overrides")
     try:
         value = load_yaml(raw) if raw.strip() else ""
+    except RepeatedKey as exc:
+        raise ConfigError(f"override {text!r}: {exc.problem}", key="overrides") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -511,6 +523,8 @@ def read_yaml(path: Union[str, Path]) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        if isinstance(exc, RepeatedKey):
+            raise ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}: {exc.problem}") from None
         raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:  # nothing, or comments only: training on the defaults instead would hide the mistake
         raise ConfigError(f"{path} is empty", key="config")

@@ -8,9 +8,11 @@ preview mosaics and ``s2dm study`` all sample through it.
 from __future__ import annotations
 
 import numbers
+import operator
 import warnings
-from typing import Callable, Iterable, Iterator, List, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from ..core.schedule import NoiseSchedule
@@ -54,14 +56,25 @@ def checked_seeds(seeds: Iterable[int]) -> List[int]:
         raise SamplerError(f"seeds: expected image seeds (integers >= 0), got {seeds!r}", key="seeds") from None
     if not out:
         raise SamplerError("seeds: no image seeds given", key="seeds")
-    bad = next((x for x in out if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0), None)
+    ints = [_seed(x) for x in out]  # numpy and torch integers too (torch.arange(n))
+    bad = next((x for x, i in zip(out, ints) if i is None or i < 0), None)
     if bad is not None:
         raise SamplerError(f"seeds: image seeds are integers >= 0, not {bad!r}", key="seeds")
-    out = [int(x) for x in out]
+    out = ints
     if len(set(out)) != len(out):
         twice = next(x for i, x in enumerate(out) if x in out[:i])
         raise SamplerError(f"seeds: seed {twice} is given twice (it would make the same image twice)", key="seeds")
     return out
+
+
+def _seed(x) -> Optional[int]:
+    """``x`` as an int if it is an integer of any kind but a bool (else None)."""
+    if isinstance(x, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
 def check_batch_size(batch_size: int) -> int:

@@ -101,35 +101,38 @@ def default_folder(ckpt: Union[str, Path], options: SampleOptions, use_ema: bool
     run = run_folder_of(path)
     if run is None:
         return None
-    name = options.folder_name(use_ema)
-    if path.resolve() != resolve_checkpoint(run).resolve():
+    name, newest = options.folder_name(use_ema), resolve_checkpoint(run)
+    dist.run0(lambda: _move_superseded(run / "samples" / name, newest))
+    if path.resolve() != newest.resolve():
         return run / "samples" / f"{name}-step{checkpoint_step(path)}"
-    folder = run / "samples" / name
-    dist.run0(lambda: _move_superseded(folder, checkpoint_step(path)))
-    return folder
+    return run / "samples" / name
 
 
-def _move_superseded(folder: Path, newest_step: int) -> None:
-    """Move ``folder``'s images of an older checkpoint of the run to ``<folder>-step<N>``, unless
-    that folder exists (then sampling there refuses, naming both checkpoints)."""
+def _move_superseded(folder: Path, newest: Path) -> None:
+    """Move ``folder``'s images of an earlier checkpoint of the run than ``newest`` to
+    ``<folder>-step<N>``. Images of a checkpoint the run does not have before ``newest`` (a run
+    started over, whose file of that step is another) stay, and sampling refuses them."""
     made = made_with(folder)
     step = None if made is None else made["checkpoint_step"]
-    if not isinstance(step, int) or step == newest_step:
+    if not isinstance(step, int) or step >= checkpoint_step(newest):
+        return
+    then = newest.parent / Path(str(made["checkpoint"])).name  # the file of that step now (kept or pruned)
+    if then.is_file() and checkpoint_stamp(then) != made["checkpoint_stamp"]:
         return
     target = folder.with_name(f"{folder.name}-step{step}")
     if target.exists():
-        return
+        raise RunError(f"{folder} holds the images of step {step}, which the run has trained past, and {target}, "
+                       "where they would move, exists too; merge or delete one of them")
     try:
         folder.rename(target)
     except OSError as exc:
-        raise RunError(f"could not move {folder} (images of step {step}) to {target}: {exc.strerror or exc}",
-                       key="out") from None
+        raise RunError(f"could not move {folder} (images of step {step}) to {target}: {exc.strerror or exc}") from None
     note(f"{folder} held the images of step {step}, which the run has trained past: moved to {target}")
 
 
 def made_with(folder: Union[str, Path]) -> Optional[dict]:
     """What made a sample folder's images, from its ``metadata.json``: the sampler options,
-    the steps walked and their NFE and η, the checkpoint, and ``complete`` (False while, or if,
+    the steps walked and their NFE and η, the checkpoint (path, step, stamp), and ``complete`` (False while, or if,
     the run that writes it has not finished). None for a folder without a readable one."""
     try:
         meta = json.loads((Path(folder) / "metadata.json").read_text())
@@ -138,6 +141,7 @@ def made_with(folder: Union[str, Path]) -> Optional[dict]:
         return None
     made = {key: settings.get(key) for key in SampleOptions().as_dict()}
     made.update(checkpoint=settings.get("checkpoint"), checkpoint_step=settings.get("checkpoint_step"),
+                checkpoint_stamp=settings.get("checkpoint_stamp"),
                 ema=settings.get("ema"), complete=meta.get("complete") is True, nfe=meta.get("nfe"))
     # The steps' η: recorded once complete; before that, from the sampler (DDPM's steps are η = 1,
     # PNDM's and DEIS's have none). The steps as walked, once complete; before, as asked.

@@ -370,8 +370,8 @@ def _validate(study: Study) -> None:
         _check_samplers(study.fid_samplers, "eval.fid.samplers", where)
     if study.n < 2:
         raise StudyError(f"{where}: eval.n must be at least 2, not {study.n}")
-    largest = max(study.n, study.fid_n, study.cnn_n)
-    if study.noise_seed_offset < largest:
+    largest = max(study.n, study.cnn_n)  # the metrics with a noise draw (FID cells have none)
+    if study.noise_draw is not None and study.noise_seed_offset < largest:
         raise StudyError(f"{where}: eval.noise_seed_offset {study.noise_seed_offset} must be at least the largest "
                          f"image count ({largest}): the independent draw's image seeds would repeat the main "
                          f"draw's 0-{largest - 1}, and the metric's noise would read as 0")

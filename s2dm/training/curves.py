@@ -27,6 +27,7 @@ SMOOTH_FRACTION = 0.04
 CURVES_FILE = "curves.png"  # in the run folder
 RAW_ALPHA = 0.25  # raw window values: visible behind the smoothed curve, never mistaken for it
 QUARTILE_STYLES = ["-", "--", "-.", ":"]  # q1 (smallest t) … q4 (largest t)
+EVAL_STYLES = ["-", "--", ":"]  # evaluation settings past the markers' number
 NO_EVAL_TEXT = "no evaluation in these runs (train.eval_every: 0)"
 LOG_NAME = "log.jsonl"
 
@@ -240,7 +241,10 @@ def _eval_panel(ax, drawn: Drawn) -> bool:
     series per evaluation setting (metric, sampler, steps, ...: a resume may change them, and
     ``best`` compares one setting's values only), one marker each. Without evaluations: a note,
     no ticks. Returns whether anything was drawn."""
-    keys = sorted({eval_series(e) for _, log, _ in drawn for e in log.evals})
+    # in the order they were first evaluated; past the markers, the line style tells them apart
+    keys = list(dict.fromkeys(eval_series(e) for _, log, _ in drawn for e in log.evals))
+    styles = [dict(marker=MARKERS[i % len(MARKERS)], linestyle=EVAL_STYLES[i // len(MARKERS) % len(EVAL_STYLES)])
+              for i in range(len(keys))]
     if not keys:
         ax.set_title("evaluation")
         ax.text(0.5, 0.5, NO_EVAL_TEXT, ha="center", va="center", transform=ax.transAxes, color="0.4")
@@ -249,15 +253,15 @@ def _eval_panel(ax, drawn: Drawn) -> bool:
         return False
     for i, (name, log, colour) in enumerate(drawn):
         star = 17 - 5 * (i % 2)  # runs whose bests coincide show nested stars, not one hiding another
-        for key, marker in zip(keys, MARKERS):
+        for key, style in zip(keys, styles):
             xs, ys = series([e for e in log.evals if eval_series(e) == key], "value")
-            _eval_line(ax, (xs, ys), colour, marker, star, f"{name}: {key}")
+            _eval_line(ax, (xs, ys), colour, style, star, f"{name}: {key}")
     _log_y_if_wide(ax)
     metrics = sorted({str(e.get("metric", "metric")) for _, log, _ in drawn for e in log.evals})
     ax.set_ylabel(" / ".join(metrics) + " (lower is better)")
     if len(keys) > 1:
         ax.set_title("evaluation (★ best of each setting)")
-        _marker_legend(ax, [dict(marker=m) for m in MARKERS[:len(keys)]], keys)
+        _marker_legend(ax, styles, keys)
     else:
         ax.set_title(f"evaluation: {keys[0]} (★ best)", fontsize="medium")
     return True
@@ -286,11 +290,11 @@ def eval_series(record: dict) -> str:
     return ", ".join(parts)
 
 
-def _eval_line(ax, data: Series, colour: str, marker: str, star: float, label: str) -> None:
+def _eval_line(ax, data: Series, colour: str, style: dict, star: float, label: str) -> None:
     xs, ys = data
     if not xs:
         return
-    ax.plot(xs, ys, color=colour, marker=marker, ms=4, lw=1.3, label=label)
+    ax.plot(xs, ys, color=colour, ms=4, lw=1.3, label=label, **style)
     best = min(range(len(ys)), key=ys.__getitem__)  # the first of equal lows: when it was reached
     ax.plot([xs[best]], [ys[best]], color=colour, marker="*", ms=star, markeredgecolor="black",
             markeredgewidth=0.6, linestyle="none", zorder=5, clip_on=False, label=f"{label} best")

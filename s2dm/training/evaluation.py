@@ -91,7 +91,9 @@ class Evaluator:
 
         def write():
             try:
-                path.with_suffix(".json").unlink(missing_ok=True)  # no record of the old file while it is replaced
+                # A kill at any point leaves no old file that a record, or its absence, would let pass.
+                path.unlink(missing_ok=True)
+                path.with_suffix(".json").unlink(missing_ok=True)
                 self.ref.save(path)
                 atomic_write_text(path.with_suffix(".json"),
                                   json.dumps({"data": training_images_record(self.cfg.data)}, indent=2))
@@ -216,8 +218,13 @@ def _warn_if_singular(ref: Stats) -> None:
 def _cached_reference(path: Path, kind: str, label: str, made_from: dict, n: int,
                       weights_sha256: Optional[str]) -> Optional[Stats]:
     """The statistics at ``path`` if made from this data (``ref_<features>.json`` records its
-    data settings) with these features and weights; else None (made again)."""
-    if not path.is_file() or reusable_record(path.with_suffix(".json"), "data", made_from) is None:
+    data settings) with these features and weights; else None (made again). A file of an
+    earlier s2dm, without the record, is reused when its label and count match, as it was then
+    (remaking a CIFAR10 FID reference costs 50,000 Inception passes)."""
+    if not path.is_file():
+        return None
+    record = path.with_suffix(".json")
+    if record.exists() and reusable_record(record, "data", made_from) is None:
         return None
     try:
         stats = Stats.load(path)
