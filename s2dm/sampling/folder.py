@@ -132,8 +132,9 @@ def _move_superseded(folder: Path, newest: Path) -> None:
 
 def made_with(folder: Union[str, Path]) -> Optional[dict]:
     """What made a sample folder's images, from its ``metadata.json``: the sampler options,
-    the steps walked and their NFE and η, the checkpoint (path, step, stamp), and ``complete`` (False while, or if,
-    the run that writes it has not finished). None for a folder without a readable one."""
+    the steps walked and their NFE and η, the checkpoint (path, step, stamp), and ``complete``
+    (False while, or if, the run that writes it has not finished). None for a folder without
+    a readable one."""
     try:
         meta = json.loads((Path(folder) / "metadata.json").read_text())
         settings = dict(meta["settings"])
