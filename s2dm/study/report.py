@@ -141,9 +141,8 @@ def run_cell(c: CellStats, study, run: str) -> str:
     than the run's (the table's heading gives the run's)."""
     if run not in c.runs:
         return "—"
-    s = c.runs[run]
-    text = mean_std_text(s)
-    return text if s.n == len(study.runs[run].seeds) else f"{text} ({plural(s.n, 'seed')} of {len(study.runs[run].seeds)})"
+    s, planned = c.runs[run], len(study.runs[run].seeds)
+    return mean_std_text(s) if s.n == planned else f"{mean_std_text(s)} ({plural(s.n, 'seed')} of {planned})"
 
 
 def diff_cell(c: CellStats, run: str) -> str:
