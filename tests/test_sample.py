@@ -463,7 +463,7 @@ def test_seeds_of_any_integer_type(tiny_run):
     from s2dm.samplers.generate import checked_seeds
 
     assert checked_seeds(torch.arange(3)) == checked_seeds(np.arange(3)) == checked_seeds(range(3)) == [0, 1, 2]
-    for bad in (True, 1.0, torch.tensor(1.0)):
+    for bad in (True, 1.0, torch.tensor(1.0), torch.tensor(True), np.bool_(True)):
         with pytest.raises(UserError, match="image seeds are integers >= 0"):
             checked_seeds([bad])
 
@@ -494,3 +494,32 @@ def test_best_then_latest_then_a_run_started_over(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {run / 'samples' / 'ddim-2'} holds images made with checkpoint") and "--out" not in err
     assert made_with(run / "samples" / "ddim-2")["checkpoint_step"] == 20 and not (run / "samples" / "ddim-2-step20").exists()
+
+
+
+def test_what_the_step_less_folder_move_leaves_alone(tmp_path, capsys):
+    """Sampling an unrelated older checkpoint moves nothing; an unfinished folder (a run may
+    be writing it) stays; a folder of an earlier s2dm (no checkpoint stamp) moves."""
+    import json as json_
+
+    from conftest import tiny_args
+
+    run = tmp_path / "run"
+    assert main(tiny_args(run, 30, "train.keep_last=5")) == 0
+    assert main(["sample", "--ckpt", str(run / "checkpoints" / "ckpt_00000020.pt"), "--steps", "2", "--n", "2"]) == 0
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--n", "2"]) == 0  # step 30 into ddim-2
+    assert main(tiny_args(run, 40, "train.keep_last=5")) == 0
+    # step 10, unrelated to ddim-2's step 30: nothing moves
+    assert main(["sample", "--ckpt", str(run / "checkpoints" / "ckpt_00000010.pt"), "--steps", "2", "--n", "2"]) == 0
+    assert made_with(run / "samples" / "ddim-2")["checkpoint_step"] == 30
+    meta_path = run / "samples" / "ddim-2" / "metadata.json"
+    meta = json_.loads(meta_path.read_text())
+    meta_path.write_text(json_.dumps({**meta, "complete": False}))  # as while a run writes it
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--n", "2"]) == 2
+    assert "holds images made with checkpoint" in capsys.readouterr().err and meta_path.is_file()
+    del meta["settings"]["checkpoint_stamp"]  # a folder of an earlier s2dm
+    meta_path.write_text(json_.dumps(meta))
+    assert main(["sample", "--ckpt", str(run), "--steps", "2", "--n", "2"]) == 0
+    assert made_with(run / "samples" / "ddim-2-step30")["checkpoint_step"] == 30
+    assert made_with(run / "samples" / "ddim-2")["checkpoint_step"] == 40

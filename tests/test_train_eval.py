@@ -354,6 +354,11 @@ def test_the_reference_is_made_again_from_another_data_root(tmp_path):
     assert np.allclose(ref_b.sigma, want_b.sigma, atol=1e-12) and not np.allclose(ref_a.mu, ref_b.mu, atol=0.1)
     assert json.loads((out / "ref_pixels.json").read_text())["data"]["root"] == str(b.resolve())
     assert [r["ref"] for r in evals(out)] == [str(out / "ref_pixels.npz")] * 2
+    # a reference without its record (an earlier s2dm's, or a kill before the record): reused
+    # only when config.yaml, what the run last trained on, names this data
+    (out / "ref_pixels.json").unlink()
+    assert main(tiny_args(out, 12, *EXTRA, *EVAL, *folder, f"data.root={a}")) == 0
+    assert np.allclose(Stats.load(out / "ref_pixels.npz").mu, want_a.mu, atol=1e-12)
 
 
 def test_a_reference_of_fewer_images_than_features_warns(tmp_path, capsys):

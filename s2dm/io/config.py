@@ -175,26 +175,41 @@ class RepeatedKey(yaml.constructor.ConstructorError):
     """A key given twice in one YAML mapping."""
 
 
-def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict:
-    """A mapping whose keys are each given once: YAML keeps the last of a repeated key, which
-    would drop a study's first run of that name, or a config's first setting, in silence.
-    A key that a merge (``<<: *anchor``) brings may be given again: that is how merges override."""
-    seen = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node)
-        try:
-            repeated = key in seen
-            seen.add(key)
-        except TypeError:  # a list or mapping as a key: construct_mapping words it
-            continue
-        if repeated:
-            raise RepeatedKey(None, None, f"the key {key!r} is given twice in one section", key_node.start_mark)
-    return loader.construct_mapping(node)
+_MERGE = "tag:yaml.org,2002:merge"
 
 
-_Loader.add_constructor("tag:yaml.org,2002:map", _mapping)
+def _check_keys(loader: _Loader, root: yaml.Node) -> None:
+    """Every mapping of the document, merge sources included, gives each key once: YAML keeps
+    the last of a repeated key, which would drop a study's first run of that name, or a
+    config's first setting, in silence. Checked on the composed nodes, before construction
+    flattens merges (``<<: *anchor``), whose keys a mapping may give again to override them."""
+    done, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in done:
+            continue
+        done.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                todo += [key_node, value_node]
+                if key_node.tag == _MERGE or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = loader.construct_object(key_node)
+                if key in seen:
+                    raise RepeatedKey(None, None, f"the key {key!r} is given twice in one section",
+                                      key_node.start_mark)
+                seen.add(key)
+
+
+def _construct_document(loader: _Loader, node: yaml.Node):
+    _check_keys(loader, node)
+    return yaml.SafeLoader.construct_document(loader, node)
+
+
+_Loader.construct_document = _construct_document
 
 
 def load_yaml(text: str) -> Any:

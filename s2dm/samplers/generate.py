@@ -69,7 +69,7 @@ def checked_seeds(seeds: Iterable[int]) -> List[int]:
 
 def _seed(x) -> Optional[int]:
     """``x`` as an int if it is an integer of any kind but a bool (else None)."""
-    if isinstance(x, (bool, np.bool_)):
+    if isinstance(x, (bool, np.bool_)) or getattr(x, "dtype", None) in (torch.bool, np.bool_):
         return None
     try:
         return operator.index(x)

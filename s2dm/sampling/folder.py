@@ -102,22 +102,28 @@ def default_folder(ckpt: Union[str, Path], options: SampleOptions, use_ema: bool
     if run is None:
         return None
     name, newest = options.folder_name(use_ema), resolve_checkpoint(run)
-    dist.run0(lambda: _move_superseded(run / "samples" / name, newest))
+    dist.run0(lambda: _move_superseded(run / "samples" / name, newest, checkpoint_step(path)))
     if path.resolve() != newest.resolve():
         return run / "samples" / f"{name}-step{checkpoint_step(path)}"
     return run / "samples" / name
 
 
-def _move_superseded(folder: Path, newest: Path) -> None:
+def _move_superseded(folder: Path, newest: Path, asked: int) -> None:
     """Move ``folder``'s images of an earlier checkpoint of the run than ``newest`` to
-    ``<folder>-step<N>``. Images of a checkpoint the run does not have before ``newest`` (a run
-    started over, whose file of that step is another) stay, and sampling refuses them."""
+    ``<folder>-step<N>``, when step ``asked`` is sampled now and is the newest (the step-less
+    folder is its) or N (its images belong there). Not moved: an unfinished folder (a run may be
+    writing it; the command that started it finishes it), images of a checkpoint the run does
+    not have before ``newest`` (a run started over, whose file of that step is another): sampling
+    refuses them."""
     made = made_with(folder)
     step = None if made is None else made["checkpoint_step"]
-    if not isinstance(step, int) or step >= checkpoint_step(newest):
+    if not isinstance(step, int) or step >= checkpoint_step(newest) or asked not in (step, checkpoint_step(newest)):
+        return
+    if not made["complete"]:
         return
     then = newest.parent / Path(str(made["checkpoint"])).name  # the file of that step now (kept or pruned)
-    if then.is_file() and checkpoint_stamp(then) != made["checkpoint_stamp"]:
+    recorded = made["checkpoint_stamp"]  # none in folders of an earlier s2dm
+    if recorded is not None and then.is_file() and checkpoint_stamp(then) != recorded:
         return
     target = folder.with_name(f"{folder.name}-step{step}")
     if target.exists():

@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 
 from ..core.schedule import NoiseSchedule
-from ..errors import MetricError, MetricWarning, RunError
+from ..errors import MetricError, MetricWarning, RunError, S2dmError
 from ..io.checkpoint import BEST, checkpoint_name, point, prune
-from ..io.config import EVAL_METRICS, Config, check_eval_n
+from ..io.config import EVAL_METRICS, Config, check_eval_n, read_config_yaml
 from ..metrics.features import FeatureExtractor
 from ..metrics.fid import Stats, dataset_stats, frechet_distance, training_images_label, training_images_record
 from ..metrics.classifier import architecture
@@ -218,13 +218,17 @@ def _warn_if_singular(ref: Stats) -> None:
 def _cached_reference(path: Path, kind: str, label: str, made_from: dict, n: int,
                       weights_sha256: Optional[str]) -> Optional[Stats]:
     """The statistics at ``path`` if made from this data (``ref_<features>.json`` records its
-    data settings) with these features and weights; else None (made again). A file of an
-    earlier s2dm, without the record, is reused when its label and count match, as it was then
-    (remaking a CIFAR10 FID reference costs 50,000 Inception passes)."""
+    data settings) with these features and weights; else None (made again). A file without
+    the record (an earlier s2dm's; or one a kill cut off before its record) is reused when the
+    run folder's ``config.yaml``, which the run last trained with, names this data: remaking a
+    CIFAR10 FID reference costs 50,000 Inception passes."""
     if not path.is_file():
         return None
     record = path.with_suffix(".json")
-    if record.exists() and reusable_record(record, "data", made_from) is None:
+    if record.exists():
+        if reusable_record(record, "data", made_from) is None:
+            return None
+    elif _trained_on(path.parent) != made_from:
         return None
     try:
         stats = Stats.load(path)
@@ -236,6 +240,15 @@ def _cached_reference(path: Path, kind: str, label: str, made_from: dict, n: int
         return None
     stats.path = str(path)
     return stats
+
+
+def _trained_on(run_dir: Path) -> Optional[dict]:
+    """The data record of the config a run folder last trained with (None if unreadable)."""
+    try:
+        data = read_config_yaml(run_dir / "config.yaml").get("data")
+    except S2dmError:
+        return None
+    return training_images_record(data) if isinstance(data, dict) else None
 
 
 def describe(evaluator: Evaluator) -> str:
