@@ -105,7 +105,7 @@ def test_a_key_given_twice_is_refused_and_merges_still_override(tmp_path):
     with pytest.raises(UserError, match=r"YAML syntax error \(line 2, column 5\): found unhashable key"):
         load_config(write(tmp_path, "train:\n  ? [a, b]\n  : 1\n"))
     merged = "base: &b {steps: 5, seed: 3}\ntrain:\n  <<: *b\n  steps: 7\n"
-    from s2dm.io.config import load_yaml
+    from s2dm.util.yamlio import load_yaml
     assert load_yaml(merged)["train"] == {"steps": 7, "seed": 3}
 
 

@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..samplers.options import SampleOptions
 from ..util.fileio import atomic_write_text
 from ..util.textfmt import first_sentence
+from ..util.yamlio import RepeatedKey, dump_yaml, load_yaml
 from .data import DATASETS, check_labelled
 
 
@@ -141,80 +142,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def dump(self, path: Union[str, Path]) -> None:
-        atomic_write_text(path, yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False))  # never half a file
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML with the numbers of YAML 1.2's core schema (and Python's digit groups, 800_000):
-    ``010`` is 10 and ``2e3`` 2000.0, where PyYAML's YAML 1.1 reads 8 (octal), 90 for ``1:30``
-    (base 60), 1024 for ``0x400`` and the text "2e3" (no dot): a seed or step count must not
-    change silently."""
-
-
-class _Dumper(yaml.SafeDumper):
-    """Writes ``config.yaml`` so that ``_Loader`` reads it back: text that it would read as a
-    number (a ``data.root`` named 2e3) is quoted."""
-
-
-_DIGITS = "[0-9]+(?:_[0-9]+)*"  # Python's digit groups: 800_000 is a number, as in YAML 1.1
-for _yaml in (_Loader, _Dumper):
-    _yaml.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers
-                if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    _yaml.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(rf"^[-+]?{_DIGITS}$"), list("-+0123456789"))
-    _yaml.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(rf"^(?:[-+]?(?:\.{_DIGITS}|{_DIGITS}(?:\.(?:{_DIGITS})?)?)(?:[eE][-+]?[0-9]+)?"
-                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-        list("-+.0123456789"))
-_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
-
-
-class RepeatedKey(yaml.constructor.ConstructorError):
-    """A key given twice in one YAML mapping."""
-
-
-_MERGE = "tag:yaml.org,2002:merge"
-
-
-def _check_keys(loader: _Loader, root: yaml.Node) -> None:
-    """Every mapping of the document, merge sources included, gives each key once: YAML keeps
-    the last of a repeated key, which would drop a study's first run of that name, or a
-    config's first setting, in silence. Checked on the composed nodes, before construction
-    flattens merges (``<<: *anchor``), whose keys a mapping may give again to override them."""
-    done, todo = set(), [root]
-    while todo:
-        node = todo.pop()
-        if id(node) in done:
-            continue
-        done.add(id(node))
-        if isinstance(node, yaml.SequenceNode):
-            todo.extend(node.value)
-        elif isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, value_node in node.value:
-                todo += [key_node, value_node]
-                if key_node.tag == _MERGE or not isinstance(key_node, yaml.ScalarNode):
-                    continue
-                key = loader.construct_object(key_node)
-                if key in seen:
-                    raise RepeatedKey(None, None, f"the key {key!r} is given twice in one section",
-                                      key_node.start_mark)
-                seen.add(key)
-
-
-def _construct_document(loader: _Loader, node: yaml.Node):
-    _check_keys(loader, node)
-    return yaml.SafeLoader.construct_document(loader, node)
-
-
-_Loader.construct_document = _construct_document
-
-
-def load_yaml(text: str) -> Any:
-    """YAML text as s2dm reads every config, study and override (``_Loader``'s numbers)."""
-    return yaml.load(text, Loader=_Loader)
+        atomic_write_text(path, dump_yaml(self.to_dict()))  # never half a file
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
