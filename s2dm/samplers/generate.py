@@ -60,11 +60,12 @@ def checked_seeds(seeds: Iterable[int]) -> List[int]:
     bad = next((x for x, i in zip(out, ints) if i is None or i < 0), None)
     if bad is not None:
         raise SamplerError(f"seeds: image seeds are integers >= 0, not {bad!r}", key="seeds")
-    out = ints
-    if len(set(out)) != len(out):
-        twice = next(x for i, x in enumerate(out) if x in out[:i])
-        raise SamplerError(f"seeds: seed {twice} is given twice (it would make the same image twice)", key="seeds")
-    return out
+    seen = set()
+    for seed in ints:  # one pass: a million seeds are allowed
+        if seed in seen:
+            raise SamplerError(f"seeds: seed {seed} is given twice (it would make the same image twice)", key="seeds")
+        seen.add(seed)
+    return ints
 
 
 def _seed(x) -> Optional[int]:

@@ -253,9 +253,11 @@ def _eval_panel(ax, drawn: Drawn) -> bool:
         return False
     for i, (name, log, colour) in enumerate(drawn):
         star = 17 - 5 * (i % 2)  # runs whose bests coincide show nested stars, not one hiding another
+        by_series: Dict[str, List[dict]] = {}
+        for e in log.evals:
+            by_series.setdefault(eval_series(e), []).append(e)
         for key, style in zip(keys, styles):
-            xs, ys = series([e for e in log.evals if eval_series(e) == key], "value")
-            _eval_line(ax, (xs, ys), colour, style, star, f"{name}: {key}")
+            _eval_line(ax, series(by_series.get(key, []), "value"), colour, style, star, f"{name}: {key}")
     _log_y_if_wide(ax)
     metrics = sorted({str(e.get("metric", "metric")) for _, log, _ in drawn for e in log.evals})
     ax.set_ylabel(" / ".join(metrics) + " (lower is better)")

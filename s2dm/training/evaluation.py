@@ -197,12 +197,11 @@ def set_up_evaluation(cfg: Config, run_dir: Path, dataset, schedule: NoiseSchedu
     label, made_from = training_images_label(cfg.data), training_images_record(cfg.data)
     ref = dist.run0(lambda: _cached_reference(path, extractor.kind, label, made_from, len(dataset),
                                               extractor.weights_sha256))
-    evaluator = Evaluator(cfg, run_dir / "checkpoints", schedule, device, extractor, ref)
+    unsaved = None
     if ref is None:
-        evaluator.ref = dataset_stats(dataset, extractor, label, batch_size=extractor.batch_size)
-        evaluator.unsaved_reference = path
-    _warn_if_singular(evaluator.ref)
-    return evaluator
+        ref, unsaved = dataset_stats(dataset, extractor, label, batch_size=extractor.batch_size), path
+    _warn_if_singular(ref)
+    return Evaluator(cfg, run_dir / "checkpoints", schedule, device, extractor, ref, unsaved_reference=unsaved)
 
 
 def _warn_if_singular(ref: Stats) -> None:
