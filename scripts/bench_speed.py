@@ -24,9 +24,11 @@ allocator defaults, the old code and batch), "one process" (the same layout with
 and memory kept: ``s2dm train`` and ``s2dm sample``), and "study workers" (one single-threaded
 process per CPU, summed).
 
-``compile`` (not in the default run: each compile costs 10–70 s here): the study model's
-forward with ``torch.compile`` (inductor, frozen weights) against eager, with the compile
-time and the break-even: the image-NFE after which the compiled forward has paid for itself.
+``compile`` (not in the default run: about 3 minutes): the study model's forward (inductor,
+frozen weights) and training step with ``torch.compile`` against eager, each compiled in a
+fresh process twice: with an empty inductor cache, and with the cache the first process left
+(as every later process that compiles the same model finds it). Beside each: the compile's
+cost and the break-even, the image-NFE or steps after which compiling has paid for itself.
 
 ``bf16`` (not in the default run): bfloat16 autocast against float32 for the digits models,
 sampling (with the PNG difference it makes) and training: what a lower precision would buy on
@@ -43,6 +45,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -317,26 +320,59 @@ def part_study(args, out):
                    "study ÷ before"], rows), ""]
 
 
-def part_compile(args, out):
+def compile_worker(args) -> dict:
+    """A child of the ``compile`` part: the study model's forward (frozen weights) and training
+    step compiled with inductor, the compile's cost and the speed-up against eager."""
     import torch._inductor.config as inductor_config  # only this part compiles
 
-    inductor_config.freezing = True  # weights as constants: oneDNN's prepacked convolutions
+    keep_freed_memory()
+    inductor_config.freezing = True  # inference weights as constants: oneDNN's prepacked convolutions
     cfg, model, _, batch = model_of(next(iter(MODELS)))
     x = torch.randn(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     t = torch.tensor(500).expand(batch)
     compiled = torch.compile(copy.deepcopy(model), dynamic=False)
     with torch.inference_mode():
-        cost = _timed(lambda: compiled(x, t))
+        first = _timed(lambda: compiled(x, t))
         best = alternate({"eager": lambda: model(x, t), "compiled": lambda: compiled(x, t)}, args.rounds)
         diff = float((compiled(x, t) - model(x, t)).abs().max())
-    rate = {k: batch / v for k, v in best.items()}
-    saving = 1 / rate["eager"] - 1 / rate["compiled"]
-    even = f"{cost / saving:,.0f}" if saving > 0 else "never"
-    out += [f"**torch.compile of the study model's forward** (batch {batch}, {torch.get_num_threads()} threads)", "",
-            table(["eager image-NFE/s", "compiled", "speed-up", "first call incl. compile (s)",
-                   "break-even (image-NFE)", "max |Δε|"],
-                  [[f"{rate['eager']:,.0f}", f"{rate['compiled']:,.0f}", f"{rate['compiled'] / rate['eager']:.2f}×",
-                    f"{cost:.0f}", even, f"{diff:.1e}"]]), ""]
+    result = {"forward": {"first": first, "eager": best["eager"] / batch, "compiled": best["compiled"] / batch,
+                          "diff": diff}}
+    fns = {"eager": training_step_fn(cfg, before=False)}
+    cfg.train.compile = True
+    fns["compiled"] = training_step_fn(cfg, before=False)
+    first = _timed(lambda: fns["compiled"](1))
+    n = args.train_steps
+    best = time_training(fns, n, args.rounds)
+    result["training"] = {"first": first, "eager": best["eager"] / n, "compiled": best["compiled"] / n}
+    return result
+
+
+def part_compile(args, out):
+    """Compile cost with an empty inductor cache (a first run) and with the cache the first
+    child left (any later process compiling the same model: inductor keeps its kernels on disk)."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+        cmd = [sys.executable, __file__, "--worker", "compile", "--rounds", str(args.rounds),
+               "--train-steps", str(args.train_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+        runs = [json.loads(subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
+                           .stdout.strip().splitlines()[-1]) for _ in ("cold", "warm")]
+    rows = []
+    for job, unit in (("forward", "image-NFE"), ("training", "steps")):
+        for cache, run in zip(("empty", "warm"), runs):
+            r = run[job]
+            saving = r["eager"] - r["compiled"]  # seconds per image-NFE or step
+            cost = r["first"] - r["compiled"]  # the first call's extra time: compiling
+            even = f"{cost / saving:,.0f} {unit}" if saving > 0 else "never"
+            rows.append([job, cache, f"{1 / r['eager']:,.1f}", f"{1 / r['compiled']:,.1f}",
+                         f"{r['eager'] / r['compiled']:.2f}×", f"{cost:.1f}", even,
+                         f"{r['diff']:.1e}" if "diff" in r else ""])
+            print("  compile: " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
+    model, threads = next(iter(MODELS)), args.threads or torch.get_num_threads()
+    out += [f"**torch.compile of the {model}**, forward at batch {MODELS[model][3]} (frozen weights) and the "
+            f"training step at batch 128, {threads} thread{'s' if threads > 1 else ''}; each in a fresh "
+            "process, first with an empty inductor cache, then with the cache the first one left", "",
+            table(["job", "inductor cache", "eager (per s)", "compiled (per s)", "speed-up", "compile (s)",
+                   "break-even", "max |Δε|"], rows), ""]
 
 
 class Bf16(torch.nn.Module):
@@ -394,13 +430,16 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=10, help="study part: seconds per child (default 10)")
     p.add_argument("--worker-rounds", type=int, default=3, help="study part: rounds per layout (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--worker", choices=("train", "sample"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("train", "sample", "compile"), help=argparse.SUPPRESS)
     p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cifar_batch < MIN_ROWS:
         p.error(f"--cifar-batch {args.cifar_batch}: at least {MIN_ROWS}, the rows generate runs a network call with")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker == "compile":
+        print(json.dumps(compile_worker(args)))
+        return 0
     if args.worker:
         worker_main(args)
         return 0
