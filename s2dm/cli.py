@@ -28,6 +28,7 @@ from .samplers import SAMPLERS
 from .samplers.options import SampleOptions
 from .sampling.folder import DEFAULT_N, MOSAIC, default_folder, made_with_text, parse_seeds, sample_to_folder
 from .study.spec import shipped_study_configs
+from .training.state import RESUME_MODES, check_resume
 from .util import dist
 from .util.fileio import writing
 from .util.memory import keep_freed_memory
@@ -48,10 +49,7 @@ s2dm VERB --help describes each verb."""
 def cmd_train(args) -> int:
     from .training.loop import train  # CLI start-up time: each verb imports its own modules
 
-    if args.force and args.resume != "never":
-        # --force starts over; with --resume auto it would silently resume instead
-        raise RunError("--force starts the run over and goes with --resume never; without --force, "
-                       "--resume auto (the default) continues the run")
+    check_resume(args.resume, args.force)  # before the config: the flags alone are wrong
     cfg = load_config(args.config, args.set)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     ckpt = train(cfg, out, resume=args.resume, force=args.force, init_from=args.init_from)
@@ -309,7 +307,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=200 (repeatable)")
     t.add_argument("--out", help="run folder (default: runs/<config name>)")
-    t.add_argument("--resume", choices=("auto", "never"), default="auto",
+    t.add_argument("--resume", choices=RESUME_MODES, default="auto",
                    help="auto: continue from the run folder's newest checkpoint (default)")
     t.add_argument("--force", action="store_true", help="with --resume never: overwrite an existing run")
     t.add_argument("--init-from", metavar="CKPT",

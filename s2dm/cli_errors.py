@@ -72,7 +72,7 @@ def error_message(exc: S2dmError, flag: Optional[str], spell=None) -> str:
     unless the message names it already; ``spell``: see ``spell_options``."""
     text = str(exc)
     if flag is not None:
-        lead = re.match(rf"{re.escape(exc.key)}(?![\w.])", text)
+        lead = re.match(rf"{re.escape(exc.key)}(?![\w.=])", text)  # not "force=True ...": spell's
         text = flag + text[lead.end():] if lead else text
         again = re.match(rf"{re.escape(flag)}: {re.escape(exc.key)}(?![\w.])", text)  # "steps: steps must be ..."
         text = flag + text[again.end():] if again else text

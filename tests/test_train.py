@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import read_log, tiny_args
+from conftest import TINY, read_log, tiny_args
 from s2dm import load_checkpoint
 from s2dm.cli import main
 from s2dm.core.unet import UNet
@@ -115,6 +115,59 @@ def test_a_forced_fresh_start_leaves_nothing_of_the_old_run_but_sample_folders(t
     assert sorted(p.name for p in (out / "samples").glob("mosaic_*.png")) == ["mosaic_00000002.png"]
     assert not (out / "tb").exists() and (out / "samples" / "ddim-20" / "000000.png").read_bytes() == b"kept"
     assert [r["step"] for r in read_log(out) if "loss" in r] == [2]
+
+
+@pytest.mark.parametrize("resume, force, key", [(True, False, "resume"), ("Auto", False, "resume"),
+                                                 ("auto", True, "force"), ("never", "yes", "force")])
+def test_train_refuses_a_misspelt_resume_or_force_before_touching_the_run(tmp_path, resume, force, key):
+    """A resume mode other than 'auto'/'never' started the run over (its log deleted, its
+    checkpoints overwritten), and force=True beside resume='auto' was ignored: both are now a
+    RunError naming the option, and the run is as it was; on the command line, one line."""
+    from s2dm.errors import RunError
+    from s2dm.training.loop import train
+
+    out = tmp_path / "run"
+    assert main(tiny_args(out, 2, "train.checkpoint_every=2")) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    cfg = load_config("configs/digits.yaml", ["train.steps=4", "loss.type=l0"] + TINY)
+    with pytest.raises(RunError) as exc:
+        train(cfg, out, resume=resume, force=force, progress=False)
+    assert exc.value.key == key
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_force_without_resume_never_is_one_error_line_naming_the_flags(tmp_path, capsys):
+    assert main(tiny_args(tmp_path / "run", 2) + ["--force"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --force starts the run over and goes with --resume never; --resume auto (the default) "
+                   "continues the run, keeping its checkpoints\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_gives_the_caller_its_random_generators_and_tf32_flags_back(tmp_path, monkeypatch):
+    """train() seeds torch's, Python's and numpy's global generators for its run (and turns
+    TF32 off on a GPU for fp32): a caller's draws after it are what they would have been
+    without it."""
+    import s2dm.training.state as state_mod
+    from s2dm.training.loop import train
+
+    def flip(precision, device):  # as ieee_float32 does on a GPU
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(state_mod, "ieee_float32", flip)
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        cfg = load_config("configs/digits.yaml", ["train.steps=2"] + TINY)
+        draws = []
+        for trained in (False, True):
+            torch.manual_seed(7), np.random.seed(7), random.seed(7)
+            if trained:
+                train(cfg, tmp_path / "run", progress=False)
+            draws.append((torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]))
+        assert draws[0] == draws[1]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 def test_baseline_and_s2_see_identical_inputs(tmp_path, monkeypatch):

@@ -7,8 +7,9 @@ Sampling draws image i's noise only from generators seeded by i, whatever the ba
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +31,25 @@ def seed_host_rngs(seed: int) -> None:
     host = derive_seed(seed, HOST)
     random.seed(host)
     np.random.seed(host % 2**32)  # numpy's legacy seed is 32-bit
+
+
+@contextlib.contextmanager
+def global_rngs_kept() -> Iterator[None]:
+    """Give the caller back the global generators (torch's CPU and, where initialised, CUDA
+    ones; Python's ``random``; numpy's) as they were before the block: training seeds them for
+    its run, and a notebook's later draws should not depend on having trained. (A CUDA
+    generator first initialised inside the block, or not the current GPU's, keeps what the
+    block left.)"""
+    host = random.getstate(), np.random.get_state()
+    # The current GPU only: the state of every visible one would open a context on each (under
+    # torchrun, every rank on every GPU).
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            random.setstate(host[0])
+            np.random.set_state(host[1])
 
 
 def generator(*parts: int) -> torch.Generator:

@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.schedule import NoiseSchedule
+from ..core.seeds import global_rngs_kept
 from ..core.unet import count_parameters
 from ..errors import Interrupted, RunError, S2dmError
 from ..io.checkpoint import LATEST, init_weights_from, point, pointer_target
@@ -52,8 +53,9 @@ from ..util.workers import stop_requested
 from .curves import CURVES_FILE, write_run_curves
 from .draws import PlannedBatches
 from .evaluation import Evaluator, check_eval_setup, describe, set_up_evaluation
+from .precision import tf32_flags_kept
 from .runlog import Window, truncate_log
-from .state import RunState, check_folder, new_state, prepare_folder, preview_path, restore, save
+from .state import RunState, check_folder, check_resume, new_state, prepare_folder, preview_path, restore, save
 from .step import StepResult, rank_rows, train_step, wrap_for_training
 from .tblog import TensorBoard, check_tensorboard, open_tensorboard
 
@@ -123,8 +125,15 @@ def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, ini
           progress: bool = True) -> Path:
     """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path.
     Under torchrun every rank calls it; rank 0 alone writes into ``out``. ``progress``: the
-    progress bar (off for a study's worker processes, whose bars would interleave)."""
-    run = _set_up(cfg, Path(out), resume, force, init_from)
+    progress bar (off for a study's worker processes, whose bars would interleave). The
+    caller's global random generators and TF32 flags are as they were when it returns."""
+    check_resume(resume, force)
+    with global_rngs_kept(), tf32_flags_kept():
+        return _train(cfg, Path(out), resume, force, init_from, progress)
+
+
+def _train(cfg: Config, out: Path, resume: str, force: bool, init_from, progress: bool) -> Path:
+    run = _set_up(cfg, out, resume, force, init_from)
     run.progress = progress
     state = run.state
     if state.step >= cfg.train.steps:

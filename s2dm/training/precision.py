@@ -43,6 +43,22 @@ def ieee_float32(precision: str, device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
+@contextlib.contextmanager
+def tf32_flags_kept():
+    """Give the caller back the TF32 flags that ``ieee_float32`` turns off for a run: a
+    notebook's own convolutions after training should run as they did before it. (Flags
+    that cannot be read, the newer ``fp32_precision`` API being in use, are left alone.)"""
+    try:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def autocast(precision: str, device: torch.device):
     """The autocast context of a training forward (a no-op context for fp32)."""
     if precision == "fp32":

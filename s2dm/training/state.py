@@ -168,6 +168,22 @@ def load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
     opt.load_state_dict({**saved, "param_groups": groups + saved["param_groups"][len(groups):]})
 
 
+RESUME_MODES = ("auto", "never")  # continue the run in the folder, or start it over
+
+
+def check_resume(resume: str, force: bool) -> None:
+    """``resume`` is one of RESUME_MODES, and ``force`` (start over, deleting the old run's
+    checkpoints) goes with ``resume='never'``: a misspelt mode, or ``force`` alone, would
+    otherwise resume, or start over, where the caller meant the other."""
+    if not (isinstance(resume, str) and resume in RESUME_MODES):
+        raise RunError(f"resume {resume!r}: expected one of {', '.join(map(repr, RESUME_MODES))}", key="resume")
+    if force is not True and force is not False:
+        raise RunError(f"force {force!r}: expected True or False", key="force")
+    if force and resume != "never":
+        raise RunError("force=True starts the run over and goes with resume='never'; resume='auto' (the "
+                       "default) continues the run, keeping its checkpoints", key="force")
+
+
 def check_folder(out: Path, resume: str, force: bool) -> bool:
     """Check the run folder, creating nothing; returns whether there is a checkpoint to resume."""
     has_ckpt = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt"))
