@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConfigError
-from .schedule import VARIANTS, NoiseSchedule
+from .schedule import NoiseSchedule, check_skip_loss
 
 LOSS_TYPES = ("l0", "s2")  # the plain ε-loss, or the skip-step loss
 REDUCTIONS = ("mean", "sum")
@@ -42,9 +42,9 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, noise: 
     return _expand(abar.sqrt(), x0) * x0 + _expand((1.0 - abar).sqrt(), x0) * noise
 
 
-def _predict(model, x0, t, schedule, noise):
+def _predict(model, x0, t, schedule, noise, generator):
     if noise is None:
-        noise = torch.randn_like(x0)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
     x_t = q_sample(x0, t, schedule, noise)
@@ -59,9 +59,11 @@ def l0_loss(
     noise: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     return_terms: bool = False,
+    generator: Optional[torch.Generator] = None,
 ):
-    """L0 = ‖ε − ε_θ(x_t, t)‖², reduced per sample (``mean`` or ``sum``), batch-averaged."""
-    noise, eps = _predict(model, x0, t, schedule, noise)
+    """L0 = ‖ε − ε_θ(x_t, t)‖², reduced per sample (``mean`` or ``sum``), batch-averaged. ε is
+    ``noise``, or drawn from ``generator`` (the global RNG when None)."""
+    noise, eps = _predict(model, x0, t, schedule, noise, generator)
     l0 = _per_sample((noise - eps).square(), reduction)
     loss = l0.mean()
     if not return_terms:
@@ -92,16 +94,14 @@ def skip_step_loss(
     """S²-DM loss: per sample τ·L0 + (1−τ)·L_skip where t ≥ skip, and L0 where t < skip.
 
     L_skip = ‖ε′ − c_t·ε_θ(x_t, t)‖² with the SAME ε_θ as L0 (one network call).
-    ``variant="independent"`` (the authors' code): ε′ = ``skip_noise``, drawn from
-    ``generator`` (or the global RNG) when None; ``"shared"`` (the paper text): ε′ = ε.
+    ``variant="independent"`` (the authors' code): ε′ = ``skip_noise``; ``"shared"`` (the paper
+    text): ε′ = ε. ε is ``noise``. What is not given is drawn from ``generator`` (the global RNG
+    when None), ε before ε′: one generator's state makes the loss reproducible.
     """
-    if variant not in VARIANTS:
-        raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}", key="variant")
-    if not 0.0 <= tau <= 1.0:
-        raise ConfigError(f"tau must lie in [0, 1], not {tau}", key="tau")
+    check_skip_loss(tau, variant)
     if not 1 <= skip < schedule.T:
         raise ConfigError(f"skip must lie in [1, {schedule.T - 1}], not {skip}", key="skip")
-    noise, eps = _predict(model, x0, t, schedule, noise)
+    noise, eps = _predict(model, x0, t, schedule, noise, generator)
     if variant == "shared":
         eps_prime = noise
     elif skip_noise is not None:

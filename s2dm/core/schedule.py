@@ -7,6 +7,7 @@ are cast only where they meet the network.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -109,8 +110,7 @@ class NoiseSchedule:
         ``"shared"`` (ε′ = ε): (τ + (1−τ)·c_t)/(τ + (1−τ)·c_t²), above 1 where c_t < 1.
         The training loss's optimum and the samplers' skip-shrink ε-scaling (one
         implementation). Fractional t use the piecewise-linear ᾱ. float64, on t's device."""
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+        check_skip_loss(tau, variant)
         t = torch.as_tensor(t)
         a_skip = self.skip_alpha(t, skip)
         if variant == "shared":
@@ -119,6 +119,14 @@ class NoiseSchedule:
         else:
             factor = tau / (tau + (1.0 - tau) * (1.0 - a_skip) / a_skip)
         return torch.where(t >= skip, factor, torch.ones_like(factor))
+
+
+def check_skip_loss(tau: float, variant: str) -> None:
+    """The skip-step loss's τ and ε′ variant, as the loss and its optimum take them."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}", key="variant")
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
+        raise ConfigError(f"tau must lie in [0, 1], not {tau!r}", key="tau")
 
 
 # -- timestep grids ---------------------------------------------------------------------

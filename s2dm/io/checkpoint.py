@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.unet import build_model
 from ..errors import CheckpointError
-from ..util.dist import note
+from ..util.dist import note, pick_device
 from ..util.fileio import atomic_torch_save, atomic_write_text, remove_stale_temps, sha256_file
 from .config import Config, config_from_saved
 
@@ -195,14 +195,15 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     >>> ck = s2dm.load_checkpoint("runs/digits")          # newest checkpoint of a run
     >>> eps = ck.ema(x_t, t)                                # EMA weights, ready to call
     """
+    device = pick_device(device)  # "auto" too, and an unavailable GPU is one clear error
     path = resolve_checkpoint(path)
     state = read_checkpoint(path)
     config = config_from_saved(state["config"])
-    model = build_model(config)
+    with torch.random.fork_rng(devices=[]):  # the initial weights, overwritten, draw from the caller's RNG
+        model = build_model(config)
+        ema = build_model(config) if state.get("ema") is not None else None
     load_state_strict(model, state["model"], "model", path)
-    ema = None
-    if state.get("ema") is not None:
-        ema = build_model(config)
+    if ema is not None:
         load_state_strict(ema, state["ema"], "EMA", path)
         ema = ema.to(device).eval().requires_grad_(False)
     return LoadedCheckpoint(model.to(device).eval(), ema, config, int(state["step"]), path, state)

@@ -15,11 +15,12 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 import yaml
 
-from ..core.losses import LOSS_TYPES, REDUCTIONS, T_SAMPLINGS, VARIANTS
-from ..core.schedule import BETA_SCHEDULES, NoiseSchedule
+from ..core.losses import LOSS_TYPES, REDUCTIONS, T_SAMPLINGS
+from ..core.schedule import BETA_SCHEDULES, VARIANTS, NoiseSchedule
 from ..errors import ConfigError
 from ..samplers.options import SampleOptions
 from ..util.fileio import atomic_write_text
+from ..util.listargs import listed
 from ..util.textfmt import first_sentence
 from ..util.yamlio import RepeatedKey, dump_yaml, load_yaml
 from .data import DATASETS, check_labelled
@@ -247,13 +248,19 @@ LEGACY_VALUES = {"train.ema_warmup": False, "optim.fused": False,
 LEGACY_NAMES = {"sample.grid_images": "sample.mosaic_images"}
 
 
-def saved_as_current(data: dict) -> dict:
-    """A saved config (plain dict) in today's key names, with LEGACY_VALUES for keys it predates."""
+def renamed_as_current(data: dict) -> dict:
+    """A config (plain dict) with the keys of LEGACY_NAMES in today's names (a copy)."""
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for old, new in LEGACY_NAMES.items():
         (section, name), (_, new_name) = old.split("."), new.split(".")
         if name in data.get(section, {}):
             data[section].setdefault(new_name, data[section].pop(name))
+    return data
+
+
+def saved_as_current(data: dict) -> dict:
+    """A saved config (plain dict) in today's key names, with LEGACY_VALUES for keys it predates."""
+    data = renamed_as_current(data)
     for dotted, value in LEGACY_VALUES.items():
         section, name = dotted.split(".")
         data.setdefault(section, {}).setdefault(name, value)
@@ -493,13 +500,14 @@ def read_config_yaml(path: Union[str, Path]) -> dict:
 def load_config(path: Union[str, Path, None] = None, overrides: Optional[List[str]] = None) -> Config:
     """Read a YAML file (or start from defaults), apply ``--set`` overrides, validate."""
     data = read_config_yaml(path) if path is not None else {}
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return config_from_dict(apply_overrides(data, listed(overrides or [])))
 
 
 def as_config(cfg: Union[Config, dict, str, Path]) -> Config:
-    """Accept a Config, a plain dict (e.g. from a checkpoint) or a YAML path."""
+    """Accept a Config, a plain dict (e.g. from a checkpoint: older key names are read; a key
+    the dict lacks takes today's default) or a YAML path."""
     if isinstance(cfg, Config):
         return cfg
     if isinstance(cfg, dict):
-        return config_from_dict(cfg)
+        return config_from_dict(renamed_as_current(cfg))
     return load_config(cfg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from ..samplers.options import SampleOptions
 from ..sampling.folder import sample_to_folder
 from ..util import dist
 from ..util.fileio import atomic_write, atomic_write_text, csv_text, sha256_file
+from ..util.listargs import listed
 from ..util.plots import COLOURS, MARKERS, plot_vs_nfe
 from ..util.records import reusable_record
 from ..util.textfmt import num
@@ -120,6 +122,7 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
     ``samplers`` x ``steps``); default ``SampleOptions()``. ``eps_scales``: a sweep, every
     ε-scale (None for none, any form of ``--eps-scale``) in every cell, from the same x_T; the
     rows then mark each cell's best scale (``best_scale``). Default: ``options.eps_scale``."""
+    ckpts, samplers, steps = listed(ckpts), listed(samplers), listed(steps)
     options = SampleOptions() if options is None else SampleOptions.of(options)
     scales = _scales(options.eps_scale if eps_scales is None else eps_scales, eps_scales is not None)
     _check_grid(ckpts, samplers, steps, n, seeds_offset)
@@ -132,7 +135,7 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
     weights = _check_checkpoints(files, ref_stats, ref, options, samplers, steps, scales, use_ema)
     seeds = list(range(seeds_offset, seeds_offset + n))
     run = _Eval(Path(out), options, seeds, ref_path, ref_stats, sha256_file(ref_path), extractor,
-                use_ema, batch_size, device, keep_samples)
+                use_ema, batch_size, device, keep_samples, progress)
     labels = checkpoint_labels(ckpts)
     cells = [(f, label, s, k, e) for f, label in zip(files, labels) for s in samplers for k in steps for e in scales]
     rows: Dict[tuple, dict] = {}
@@ -190,8 +193,8 @@ def _check_grid(ckpts, samplers, steps, n: int, seeds_offset: int) -> None:
     for s in samplers:
         check_sampler(s, key="samplers")
     for s in steps:
-        if s < 1:
-            raise SamplerError(f"steps must be positive integers, got {s}", key="steps")
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise SamplerError(f"steps must be positive integers, got {s!r}", key="steps")
     if n < 2:
         raise MetricError(f"n must be at least 2 (a covariance needs 2 images), not {n}", key="n")
     if seeds_offset < 0:
@@ -247,6 +250,7 @@ class _Eval:
     batch_size: int
     device: str
     keep_samples: bool
+    progress: bool = True
 
     def key(self, f: Path, o: SampleOptions) -> dict:
         """What defines a cell's value: a record with another key is redone."""
@@ -274,7 +278,8 @@ class _Eval:
         self.extractor.load()  # Inception weights: fail before sampling, not after
         folder = self.out / "samples" / label / name
         meta = sample_to_folder(str(f), str(folder), o, seeds=self.seeds, use_ema=self.use_ema,
-                                batch_size=self.batch_size, device=self.device, replace_stale=True)
+                                batch_size=self.batch_size, device=self.device, replace_stale=True,
+                                progress=self.progress)
         pngs = [folder / f"{s:06d}.png" for s in self.seeds]
         stats = self.extractor.stats_of_files(pngs, str(folder))
         value = dist.run0(lambda: frechet_distance(stats, self.ref_stats))

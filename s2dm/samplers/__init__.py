@@ -420,7 +420,7 @@ def sample(
         calls[0] += 1
         eps = eps_fn(x, t)
         if eps.shape != x.shape:
-            raise ValueError(f"eps_fn returned shape {tuple(eps.shape)} for input {tuple(x.shape)}")
+            raise SamplerError(f"eps_fn returned shape {tuple(eps.shape)} for input {tuple(x.shape)}", key="eps_fn")
         if eps.dtype != x.dtype:
             eps = eps.to(x.dtype)
         if scale is not None:

@@ -193,12 +193,14 @@ def sample_to_folder(
     batch_size: int = 256,
     device: str = "auto",
     replace_stale: bool = False,
+    progress: bool = True,
 ) -> dict:
     """Write ``{seed:06d}.png`` for every seed (skipping existing files), ``metadata.json``
     and ``preview/mosaic.png`` with the sampler ``options`` (default ``SampleOptions()``);
     returns the metadata. Under torchrun every rank calls it and gets the metadata; the seeds
     are split across ranks. A folder made with other settings is refused, or, with
-    ``replace_stale`` (a folder the caller owns, such as ``s2dm eval``'s), emptied first."""
+    ``replace_stale`` (a folder the caller owns, such as ``s2dm eval``'s), emptied first.
+    ``progress``: the progress bar."""
     options = SampleOptions() if options is None else SampleOptions.of(options)
     seeds, batch_size = checked_seeds(seeds), check_batch_size(batch_size)  # a range or numpy ints: a list
     dev = pick_device(device)
@@ -213,7 +215,7 @@ def sample_to_folder(
     if not replace_stale:
         dist.run0(lambda: _check_unrecorded(out, model, schedule, options, shape, dev))
     todo = dist.run0(lambda: _prepare(out, seeds, settings, replace_stale))
-    info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info)
+    info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info, progress)
     return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, shape))
 
 
@@ -280,14 +282,14 @@ def _unchanged(before: dict, settings: dict) -> set:
 
 
 def _generate_and_save(model, schedule: NoiseSchedule, options: SampleOptions, out: Path, seeds: Sequence[int],
-                       todo: List[int], shape, batch_size: int, device, info: dict) -> dict:
+                       todo: List[int], shape, batch_size: int, device, info: dict, progress: bool) -> dict:
     """This rank's part of ``todo`` as PNGs; returns the sampler's info of its last batch
     (``info`` if it had none)."""
     mine = dist.shard(todo)  # this rank's part (all of it in a plain process)
     world = dist.world_size()
     bar = tqdm(total=len(seeds), initial=len(seeds) - len(todo), unit="img", dynamic_ncols=True,
                desc="sample" if world == 1 else f"sample ({world} ranks, rank 0 shown x{world})",
-               disable=not dist.is_main(), bar_format=IMAGE_BAR)
+               disable=not (progress and dist.is_main()), bar_format=IMAGE_BAR)
 
     def advance(images: float) -> None:  # within a batch, at every network call: 1000 steps are long
         bar.update(min(images * world, bar.total - bar.n))  # the shares' float sum can pass B

@@ -32,7 +32,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Optional, TextIO, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -42,7 +42,7 @@ from ..core.seeds import global_rngs_kept
 from ..core.unet import count_parameters
 from ..errors import Interrupted, RunError, S2dmError
 from ..io.checkpoint import LATEST, init_weights_from, point, pointer_target
-from ..io.config import Config
+from ..io.config import Config, as_config
 from ..io.data import load_dataset, loader_batches
 from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
@@ -121,13 +121,15 @@ class _Run:
             self.log.flush()
 
 
-def train(cfg: Config, out: Path, resume: str = "auto", force: bool = False, init_from=None,
-          progress: bool = True) -> Path:
-    """Train per ``cfg`` into the run folder ``out``; returns the newest checkpoint's path.
+def train(cfg: Union[Config, dict, str, Path], out: Union[str, Path], resume: str = "auto", force: bool = False,
+          init_from=None, progress: bool = True) -> Path:
+    """Train per ``cfg`` (a Config, a plain dict or a YAML path) into the run folder ``out``;
+    returns the newest checkpoint's path.
     Under torchrun every rank calls it; rank 0 alone writes into ``out``. ``progress``: the
     progress bar (off for a study's worker processes, whose bars would interleave). The
     caller's global random generators and TF32 flags are as they were when it returns."""
     check_resume(resume, force)
+    cfg = as_config(cfg)
     with global_rngs_kept(), tf32_flags_kept():
         return _train(cfg, Path(out), resume, force, init_from, progress)
 
