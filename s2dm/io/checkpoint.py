@@ -72,8 +72,16 @@ def checkpoint_stamp(path: Union[str, Path]) -> str:
     """``size:mtime_ns`` of a checkpoint file: a file saved again at the same path and step (a
     run retrained with other settings) has another stamp, so records made from the old one are
     not reused (hashing a CIFAR10 checkpoint would cost a second per look)."""
-    st = Path(path).stat()
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        raise _gone(path) from None
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _gone(path) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} was removed while s2dm read it (a run training meanwhile "
+                           "keeps only its newest checkpoints: train.keep_last); run the command again")
 
 
 def point(ckpt_dir: Union[str, Path], name: str, target: Union[str, Path]) -> None:
@@ -149,6 +157,8 @@ def read_checkpoint(path: Union[str, Path], map_location="cpu") -> dict:
     path = resolve_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise _gone(path) from None
     except Exception as exc:  # torch raises several types for truncated/corrupt zips
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
     if not isinstance(state, dict) or "format_version" not in state or "model" not in state:

@@ -36,6 +36,7 @@ from ..samplers.options import SampleOptions
 from ..sampling.folder import sample_to_folder
 from ..util import dist
 from ..util.fileio import atomic_write, atomic_write_text, csv_text, sha256_file
+from ..util.folderlock import FolderLock
 from ..util.listargs import listed
 from ..util.plots import COLOURS, MARKERS, plot_vs_nfe
 from ..util.records import reusable_record
@@ -138,11 +139,19 @@ def evaluate(ckpts: Sequence[str], *, samplers: Sequence[str], steps: Sequence[i
                 use_ema, batch_size, device, keep_samples, progress)
     labels = checkpoint_labels(ckpts)
     cells = [(f, label, s, k, e) for f, label in zip(files, labels) for s in samplers for k in steps for e in scales]
+    with FolderLock(run.out, "s2dm eval") as lock:
+        dist.run0(lock.take)
+        return _run_cells(run, cells, labels, samplers, steps, scales, weights, progress)
+
+
+def _run_cells(run: "_Eval", cells: list, labels: list, samplers: list, steps: list, scales: list, weights: dict,
+               progress: bool) -> List[dict]:
+    """Every cell (its record reused, or sampled and scored), then the tables and plots."""
     rows: Dict[tuple, dict] = {}
     with tqdm(total=len(cells), desc="eval cells", unit="cell", dynamic_ncols=True,
               disable=not (progress and dist.is_main())) as bar:
         for f, label, sampler, k, scale in cells:
-            cell_options = dataclasses.replace(options, sampler=sampler, steps=k, eps_scale=scale)
+            cell_options = dataclasses.replace(run.options, sampler=sampler, steps=k, eps_scale=scale)
             rows[(label, sampler, k, scale)] = run.cell(f, label, cell_options, weights[f])["row"]
             if dist.is_main():
                 atomic_write_text(run.out / "results.csv", csv_text(mark_best_scales(list(rows.values()), len(scales)),

@@ -34,6 +34,7 @@ from ..util import dist
 from ..util.dist import note, pick_device
 from ..util.textfmt import plural
 from ..util.fileio import atomic_write_text, remove_stale_temps
+from ..util.folderlock import FolderLock
 from ..util.images import PREVIEW_DIR, load_image, save_mosaic, save_png, to_uint8
 from ..util.records import first_difference
 
@@ -212,11 +213,13 @@ def sample_to_folder(
     out = Path(out)
     settings = _settings(options, use_ema, ck)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    if not replace_stale:
-        dist.run0(lambda: _check_unrecorded(out, model, schedule, options, shape, dev))
-    todo = dist.run0(lambda: _prepare(out, seeds, settings, replace_stale))
-    info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info, progress)
-    return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, shape))
+    with FolderLock(out, "sampling") as lock:
+        dist.run0(lock.take)  # before its settings are read: another process may be about to write them
+        if not replace_stale:
+            dist.run0(lambda: _check_unrecorded(out, model, schedule, options, shape, dev))
+        todo = dist.run0(lambda: _prepare(out, seeds, settings, replace_stale))
+        info = _generate_and_save(model, schedule, options, out, seeds, todo, shape, batch_size, dev, info, progress)
+        return dist.run0(lambda: _finish(out, seeds, settings, cfg, info, shape))
 
 
 def _check_unrecorded(out: Path, model, schedule: NoiseSchedule, options: SampleOptions, shape, device) -> None:

@@ -42,6 +42,7 @@ from ..training.loop import train
 from ..training.state import START_OVER
 from ..util.dist import pick_device
 from ..util.fileio import atomic_write_text
+from ..util.folderlock import FolderLock
 from ..util.images import save_mosaic
 from ..util.records import read_record
 from ..util.textfmt import plural
@@ -355,7 +356,10 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
                          key="report_only")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with one_thread():  # what runs here (reference statistics, mosaics) as in the workers
+    # A report of the cells so far may be asked for while the study runs: only that one is not refused.
+    with FolderLock(out, "s2dm study") as lock, one_thread():  # one_thread: as in the workers
+        if not report_only:
+            lock.take()
         train_seconds = train_all(study, out, train_missing=not report_only, workers=workers, progress=progress)
         records, stale = evaluate_all(study, out, progress=progress, score=not report_only, workers=workers)
         if not report_only:
@@ -363,6 +367,12 @@ def run_study(config, out=None, quick: bool = False, progress: bool = True, repo
         elif not records and not stale:  # stale records alone still make a report: it says why they are left out
             raise StudyError(f"{out} holds no scored cell of this study; run the study into it first",
                              key="report_only")
+        return _report(study, out, records, stale, train_seconds, t0, workers, report_only)
+
+
+def _report(study: Study, out: Path, records: List[dict], stale: int, train_seconds: dict, t0: float,
+            workers: Union[int, str], report_only: bool) -> Path:
+    """results.csv, the metric-vs-NFE plots and report.md of the cells scored."""
     rows = report.rows_from_records(records)
     atomic_write_text(out / "results.csv", report.csv_text(rows))
     best_of = questions.training_free(study) if study.v2 else ()

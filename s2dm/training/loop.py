@@ -48,6 +48,7 @@ from ..samplers.generate import generate
 from ..samplers.options import SampleOptions
 from ..util import dist
 from ..util.dist import pick_device
+from ..util.folderlock import FolderLock
 from ..util.images import save_mosaic
 from ..util.workers import stop_requested
 from .curves import CURVES_FILE, write_run_curves
@@ -135,23 +136,25 @@ def train(cfg: Union[Config, dict, str, Path], out: Union[str, Path], resume: st
 
 
 def _train(cfg: Config, out: Path, resume: str, force: bool, init_from, progress: bool) -> Path:
-    run = _set_up(cfg, out, resume, force, init_from)
-    run.progress = progress
-    state = run.state
-    if state.step >= cfg.train.steps:
-        dist.print0(f"{run.out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
-        if not (state.step == cfg.train.steps and (_missed_evaluation(run) or _missed_mosaic(run))):
-            return run.last_ckpt
-    if dist.world_size() > 1:
-        dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
-                    f"= {dist.world_size()} ranks x {dist.per_rank_batch(cfg.train.batch_size)} per rank")
-    state.net = wrap_for_training(cfg, state.model, run.device)
-    return _loop(run)
+    with FolderLock(out, "training") as lock:  # rank 0's, held to the end
+        run = _set_up(cfg, out, resume, force, init_from, lock)
+        run.progress = progress
+        state = run.state
+        if state.step >= cfg.train.steps:
+            dist.print0(f"{run.out} is already trained to step {state.step} (train.steps={cfg.train.steps})")
+            if not (state.step == cfg.train.steps and (_missed_evaluation(run) or _missed_mosaic(run))):
+                return run.last_ckpt
+        if dist.world_size() > 1:
+            dist.print0(f"DistributedDataParallel on {dist.describe()}: global batch {cfg.train.batch_size} "
+                        f"= {dist.world_size()} ranks x {dist.per_rank_batch(cfg.train.batch_size)} per rank")
+        state.net = wrap_for_training(cfg, state.model, run.device)
+        return _loop(run)
 
 
-def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run:
+def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from, lock: FolderLock) -> _Run:
     """Everything before step 1: folder state, device, data, weights, the run folder."""
     log_path = out / "log.jsonl"
+    dist.run0(lambda: lock.take(create=False))  # a run folder in use: refused before any work
     dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
     if cfg.train.tensorboard:
         check_tensorboard()
@@ -170,7 +173,7 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from) -> _Run
     last_ckpt = restore(state, cfg, out / "checkpoints", device) if resuming else None
     init = init_weights_from(init_from, state.model, state.ema, cfg, resumed=bool(last_ckpt))  # new runs only
     evaluator = set_up_evaluation(cfg, out, dataset, schedule, device)  # loads weights, may read every image
-    dist.run0(lambda: prepare_folder(out, resume))
+    dist.run0(lambda: (lock.take(), prepare_folder(out, resume)))
     if dist.is_main():
         if last_ckpt:
             truncate_log(log_path, state.step)

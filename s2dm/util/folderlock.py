@@ -1,0 +1,88 @@
+"""One s2dm process at a time writes into an output folder (a run, a sample folder, an
+evaluation, a study).
+
+Each file s2dm writes is atomic, but two processes in one folder (a job submitted twice, a
+resubmitted job beside the one still running) would mix their complete files: images of two
+samplers under one ``metadata.json``, two runs' checkpoints under one ``config.yaml``, one
+process deleting the other's temporary files. ``FolderLock`` holds an advisory ``flock`` on
+``FOLDER/.s2dm.lock`` while a command writes there; a second process is refused with one
+line naming the first. The kernel drops the lock when its process ends, however it ends, so
+a killed run leaves no lock to clear by hand; the file itself goes when its holder finishes.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from ..errors import RunError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no locking, as before
+    fcntl = None
+
+LOCK_NAME = ".s2dm.lock"
+
+
+class FolderLock:
+    """``with FolderLock(folder, "s2dm train") as lock: lock.take()``: taken by ``take``
+    (``create=False``: only if the folder exists already, to fail early without creating
+    it), held until the ``with`` block ends. ``key``: the option the folder came from, for
+    the error."""
+
+    def __init__(self, folder: Union[str, os.PathLike], what: str, key: str = "out"):
+        self.folder, self.what, self.key = Path(folder), what, key
+        self.fd: Optional[int] = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / LOCK_NAME
+
+    def take(self, create: bool = True) -> None:
+        if self.fd is not None or fcntl is None or not (create or self.folder.is_dir()):
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                    os.close(fd)
+                    raise RunError(f"{self.folder} is being written by another s2dm process ({holder}); wait for "
+                                   "it to end or stop it, or choose another output folder", key=self.key) from None
+                except OSError:  # a file system without flock (some network mounts): go on unlocked
+                    os.close(fd)
+                    return
+                # The holder before us may have removed the file between our open and flock: a
+                # lock on a removed file is no lock. Then try again with the file now there.
+                try:
+                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self.fd = fd
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"pid {os.getpid()}, {self.what}".encode())
+                else:
+                    os.close(fd)
+        except OSError as exc:
+            raise RunError(f"cannot write to output folder {self.folder}: {exc.strerror or exc}", key=self.key) from None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still held: no one can be locking it now
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
