@@ -124,7 +124,7 @@ def test_run_error(tmp_path, capsys):
         train(load_config(DIGITS, ["train.steps=2", "train.device=cpu"]), out)
     assert info.value.key == "out"
     line = error_line(capsys, tiny_args(out, 2))
-    assert line.startswith("error: --out: cannot write to output folder")
+    assert line.startswith("error: --out: cannot create output folder")
 
 
 def test_study_error(tmp_path, capsys):

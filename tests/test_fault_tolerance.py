@@ -245,7 +245,7 @@ CASES = {
     "steps > T": (lambda r, t: ["sample", "--ckpt", str(r), "--out", str(t / "o"), "--n", "2", "--steps", "1001"],
                   "exceeds"),
     "out not writable": (lambda r, t: tiny_args((t / "file").write_text("x") and t / "file" / "run", 4),
-                         "cannot write to output folder"),
+                         "cannot create output folder"),
     "sample out not writable": (lambda r, t: ["sample", "--ckpt", str(r), "--n", "2",
                                               "--out", str((t / "f2").write_text("x") and t / "f2" / "o")],
                                 "cannot create output folder"),

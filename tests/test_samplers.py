@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from s2dm.errors import UserError
+from s2dm.errors import ConfigError, UserError
 from s2dm.samplers import (
     ODE_SAMPLERS, SAMPLERS, LegacyIndexView, check_options, deis_coefficients, eps_scale_label,
     normalize_eps_scale, parse_eps_scale, sample, timestep_grid,
@@ -360,7 +360,7 @@ def test_skip_shrink_factor_values():
     mid = float(SCHED.shrink_factor(torch.tensor(500.5, dtype=F64), 9, 0.99))
     assert float(f[501]) < mid < float(f[500])
     assert torch.equal(SCHED.shrink_factor(t, 9, 0.99, "independent"), f)  # the default variant
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(ConfigError, match="variant"):
         SCHED.shrink_factor(t, 9, 0.99, "both")
 
 

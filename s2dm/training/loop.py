@@ -154,7 +154,6 @@ def _train(cfg: Config, out: Path, resume: str, force: bool, init_from, progress
 def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from, lock: FolderLock) -> _Run:
     """Everything before step 1: folder state, device, data, weights, the run folder."""
     log_path = out / "log.jsonl"
-    dist.run0(lambda: lock.take(create=False))  # a run folder in use: refused before any work
     dist.per_rank_batch(cfg.train.batch_size)  # a clear error before any work
     if cfg.train.tensorboard:
         check_tensorboard()
@@ -162,6 +161,7 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from, lock: F
     # Everything that can fail before step 1 (folder state, device, data, checkpoints, weights
     # to start from, the evaluation's weights and reference) is checked before the run folder
     # is created or changed: no empty run folders, no old run's files lost to a failed start.
+    dist.run0(lambda: lock.take(create=False))  # a run folder in use: refused before it is read
     resuming = dist.run0(lambda: check_folder(out, resume, force))
     try:
         device = pick_device(cfg.train.device)

@@ -44,6 +44,9 @@ class FolderLock:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"cannot create output folder {self.folder}: {exc.strerror or exc}", key=self.key) from None
+        try:
             while self.fd is None:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
