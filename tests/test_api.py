@@ -105,6 +105,9 @@ def test_build_model_and_train_read_what_a_checkpoint_or_a_path_gives(tmp_path):
 
     model = build_model({"model": {"ch": 16}, "sample": {"grid_images": 4}})
     assert model.conv_in.out_channels == 16
+    assert build_model({"model": {"ch": 16}, "sample": None}).conv_in.out_channels == 16  # "sample:" in YAML
+    with pytest.raises(ConfigError, match="sample: expected a mapping"):
+        build_model({"sample": ["grid_images"]})
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("model: {ch: 16}\ntrain: {steps: 1, batch_size: 8, checkpoint_every: 1, sample_every: 1}\n"
                    "sample: {steps: 2, mosaic_images: 4}\n")

@@ -23,6 +23,19 @@ with FolderLock(sys.argv[1], "test holder") as lock:
 """
 
 
+FORKED = """import os, sys, time
+sys.path.insert(0, {root!r})
+from s2dm.util.folderlock import FolderLock
+lock = FolderLock(sys.argv[1], "test holder")
+lock.take()
+if os.fork() == 0:  # a forked worker (a DataLoader's) outliving its parent
+    time.sleep(60)
+    os._exit(0)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
 def files(folder):
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
@@ -32,15 +45,18 @@ def holder(tmp_path):
     """Another process holding a folder's lock: ``hold(folder)``; killed at the end."""
     procs = []
 
-    def hold(folder):
-        proc = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(ROOT)), str(folder)],
-                                stdout=subprocess.PIPE, text=True)
+    def hold(folder, script=HOLD):
+        proc = subprocess.Popen([sys.executable, "-c", script.format(root=str(ROOT)), str(folder)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
         procs.append(proc)
         assert proc.stdout.readline().strip() == "held"
         return proc
     yield hold
     for proc in procs:
-        proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # forked children too
+        except ProcessLookupError:
+            pass
         proc.wait()
 
 
@@ -75,6 +91,43 @@ def test_a_killed_holder_leaves_a_lock_that_the_next_process_takes(tmp_path, hol
     with FolderLock(folder, "me") as lock:
         lock.take()
     assert not (folder / LOCK_NAME).exists()
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path, holder):
+    """DataLoader workers share the lock's open file: after a SIGKILL of the trainer they kept
+    it for seconds, and a rerun at once was refused, naming the dead process."""
+    folder = tmp_path / "out"
+    proc = holder(folder, FORKED)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with FolderLock(folder, "me") as lock:
+        lock.take()  # the child still lives (its session is killed at the end)
+        assert lock.fd is not None
+
+
+def test_a_failed_start_leaves_no_folder_the_lock_made(tmp_path):
+    with FolderLock(tmp_path / "a" / "b", "x") as lock:
+        lock.take()
+        assert (tmp_path / "a" / "b" / LOCK_NAME).is_file()
+    assert list(tmp_path.iterdir()) == []  # nothing was written: both folders go
+    (tmp_path / "a").mkdir()
+    with FolderLock(tmp_path / "a" / "b", "x") as lock:
+        lock.take()
+        (tmp_path / "a" / "b" / "result.txt").write_text("kept")
+    assert (tmp_path / "a" / "b" / "result.txt").read_text() == "kept"
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["result.txt"]
+
+
+def test_the_lock_file_follows_the_umask(tmp_path):
+    """A group's shared folder (umask 002): another member must be able to take a lock file
+    that a killed run left behind."""
+    mask = os.umask(0o002)
+    try:
+        with FolderLock(tmp_path, "x") as lock:
+            lock.take()
+            assert (tmp_path / LOCK_NAME).stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(mask)
 
 
 def test_train_into_a_run_folder_in_use_is_refused_before_anything_changes(tmp_path, holder, capsys):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core.unet import build_model
 from ..errors import CheckpointError
-from ..util.dist import note, pick_device
+from ..util.dist import note, pick_device, world_size
 from ..util.fileio import atomic_torch_save, atomic_write_text, remove_stale_temps, sha256_file
 from .config import Config, config_from_saved
 
@@ -205,7 +205,8 @@ def load_checkpoint(path: Union[str, Path], device: Union[str, torch.device] = "
     >>> ck = s2dm.load_checkpoint("runs/digits")          # newest checkpoint of a run
     >>> eps = ck.ema(x_t, t)                                # EMA weights, ready to call
     """
-    device = pick_device(device)  # "auto" too, and an unavailable GPU is one clear error
+    if device in (None, "auto") or world_size() == 1:  # under torchrun, any GPU the caller names
+        device = pick_device(device)  # "auto" too, and an unavailable GPU is one clear error
     path = resolve_checkpoint(path)
     state = read_checkpoint(path)
     config = config_from_saved(state["config"])

@@ -253,7 +253,8 @@ def renamed_as_current(data: dict) -> dict:
     data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for old, new in LEGACY_NAMES.items():
         (section, name), (_, new_name) = old.split("."), new.split(".")
-        if name in data.get(section, {}):
+        # A section that is not a mapping (None, a list) is config_from_dict's to refuse or take.
+        if isinstance(data.get(section), dict) and name in data[section]:
             data[section].setdefault(new_name, data[section].pop(name))
     return data
 

@@ -23,6 +23,23 @@ except ImportError:  # not POSIX (Windows): no locking, as before
     fcntl = None
 
 LOCK_NAME = ".s2dm.lock"
+_HELD: set = set()  # the lock descriptors this process holds
+
+
+def _drop_inherited() -> None:
+    """In a forked child (a DataLoader or study worker): close the inherited copies of the
+    parent's lock descriptors. A flock belongs to the open file, which the child's copy would
+    keep locked after the parent died; the parent's lock itself is not affected."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited)
 
 
 class FolderLock:
@@ -34,6 +51,7 @@ class FolderLock:
     def __init__(self, folder: Union[str, os.PathLike], what: str, key: str = "out"):
         self.folder, self.what, self.key = Path(folder), what, key
         self.fd: Optional[int] = None
+        self.created: Optional[Path] = None  # the first folder that take() created, if any
 
     @property
     def path(self) -> Path:
@@ -42,13 +60,15 @@ class FolderLock:
     def take(self, create: bool = True) -> None:
         if self.fd is not None or fcntl is None or not (create or self.folder.is_dir()):
             return
+        missing = [d for d in (self.folder, *self.folder.parents) if not d.exists()]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunError(f"cannot create output folder {self.folder}: {exc.strerror or exc}", key=self.key) from None
+        self.created = missing[-1] if missing else None
         try:
             while self.fd is None:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = self._open()
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -67,22 +87,46 @@ class FolderLock:
                     same = False
                 if same:
                     self.fd = fd
-                    os.ftruncate(fd, 0)
-                    os.write(fd, f"pid {os.getpid()}, {self.what}".encode())
+                    _HELD.add(fd)
+                    try:  # who holds it, for the error of the next one
+                        os.ftruncate(fd, 0)
+                        os.write(fd, f"pid {os.getpid()}, {self.what}".encode())
+                    except OSError:  # a lock file of another user's, opened read-only
+                        pass
                 else:
                     os.close(fd)
         except OSError as exc:
+            self.release()
             raise RunError(f"cannot write to output folder {self.folder}: {exc.strerror or exc}", key=self.key) from None
 
-    def release(self) -> None:
-        if self.fd is None:
-            return
+    def _open(self) -> int:
+        """The lock file, made as the umask says (a group's shared folder: group-writable); one
+        that another user left, which this one may not write, read-only: flock needs no more."""
         try:
-            self.path.unlink(missing_ok=True)  # while still held: no one can be locking it now
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            return os.open(self.path, os.O_RDONLY)
+
+    def release(self) -> None:
+        """Let go of the lock and remove its file; and the folders ``take`` created, if nothing
+        else was written into them (a start that failed leaves no empty folder)."""
+        if self.fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)  # while still held: no one can be locking it now
+            except OSError:
+                pass
+            _HELD.discard(self.fd)
+            os.close(self.fd)
+            self.fd = None
+        if self.created is not None:
+            for folder in (self.folder, *self.folder.parents):
+                try:
+                    folder.rmdir()  # only an empty one
+                except OSError:
+                    break
+                if folder == self.created:
+                    break
+            self.created = None
 
     def __enter__(self) -> "FolderLock":
         return self
