@@ -173,7 +173,10 @@ def _set_up(cfg: Config, out: Path, resume: str, force: bool, init_from, lock: F
     last_ckpt = restore(state, cfg, out / "checkpoints", device) if resuming else None
     init = init_weights_from(init_from, state.model, state.ema, cfg, resumed=bool(last_ckpt))  # new runs only
     evaluator = set_up_evaluation(cfg, out, dataset, schedule, device)  # loads weights, may read every image
-    dist.run0(lambda: (lock.take(), prepare_folder(out, resume)))
+    def take_and_prepare() -> None:  # the folder now created, the lock with it
+        lock.take()
+        prepare_folder(out, resume)
+    dist.run0(take_and_prepare)
     if dist.is_main():
         if last_ckpt:
             truncate_log(log_path, state.step)

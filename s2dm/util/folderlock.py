@@ -67,37 +67,42 @@ class FolderLock:
             raise RunError(f"cannot create output folder {self.folder}: {exc.strerror or exc}", key=self.key) from None
         self.created = missing[-1] if missing else None
         try:
-            while self.fd is None:
-                fd = self._open()
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-                    os.close(fd)
-                    raise RunError(f"{self.folder} is being written by another s2dm process ({holder}); wait for "
-                                   "it to end or stop it, or choose another output folder", key=self.key) from None
-                except OSError:  # a file system without flock (some network mounts): go on unlocked
-                    os.close(fd)
-                    return
-                # The holder before us may have removed the file between our open and flock: a
-                # lock on a removed file is no lock. Then try again with the file now there.
-                try:
-                    same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    self.fd = fd
-                    _HELD.add(fd)
-                    try:  # who holds it, for the error of the next one
-                        os.ftruncate(fd, 0)
-                        os.write(fd, f"pid {os.getpid()}, {self.what}".encode())
-                    except OSError:  # a lock file of another user's, opened read-only
-                        pass
-                else:
-                    os.close(fd)
+            self.fd = self._acquire()
         except OSError as exc:
             self.release()
             raise RunError(f"cannot write to output folder {self.folder}: {exc.strerror or exc}", key=self.key) from None
+        if self.fd is None:
+            return
+        _HELD.add(self.fd)
+        try:  # who holds it, for the error of the next one
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"pid {os.getpid()}, {self.what}".encode())
+        except OSError:  # a lock file of another user's, opened read-only
+            pass
+
+    def _acquire(self) -> Optional[int]:
+        """The locked descriptor of the lock file; None on a file system without flock (some
+        network mounts: s2dm goes on unlocked); a RunError naming the holder if it is held."""
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunError(f"{self.folder} is being written by another s2dm process ({holder}); wait for "
+                               "it to end or stop it, or choose another output folder", key=self.key) from None
+            except OSError:
+                os.close(fd)
+                return None
+            # The holder before us may have removed the file between our open and flock: a lock
+            # on a removed file is no lock. Then try again with the file now there.
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
     def _open(self) -> int:
         """The lock file, made as the umask says (a group's shared folder: group-writable); one
